@@ -1,0 +1,33 @@
+//! The one place that names concrete burn backends; everything else is generic over `Backend`.
+
+use burn::backend::Autodiff;
+
+/// The inference backend selected at compile time: LibTorch with `--features tch`, CUDA with
+/// `--features cuda`, otherwise burn's pure-Rust `Flex` CPU backend.
+#[cfg(feature = "cuda")]
+pub type Inference = burn::backend::Cuda;
+/// The inference backend selected at compile time.
+#[cfg(all(feature = "tch", not(feature = "cuda")))]
+pub type Inference = burn::backend::LibTorch;
+/// The inference backend selected at compile time.
+#[cfg(not(any(feature = "tch", feature = "cuda")))]
+pub type Inference = burn::backend::Flex;
+
+/// The training backend: the inference backend with automatic differentiation.
+pub type Training = Autodiff<Inference>;
+
+/// The default device of the selected backend.
+pub fn device() -> burn::tensor::Device<Inference> {
+    Default::default()
+}
+
+/// A human-readable name of the compiled-in backend, for logs and reports.
+pub fn name() -> &'static str {
+    if cfg!(feature = "cuda") {
+        "cuda"
+    } else if cfg!(feature = "tch") {
+        "tch"
+    } else {
+        "flex"
+    }
+}

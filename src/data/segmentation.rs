@@ -1,0 +1,253 @@
+//! Segmentation samples and batches, from image + label-map folders or the synthetic set.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
+use image::RgbImage;
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+
+use crate::data::images::{list_images, load_rgb};
+use crate::data::labelmap::{read_label_map, LabelMap};
+use crate::data::loader::Source;
+use crate::data::synth::{self, Split, SynthConfig};
+use crate::data::transforms::{
+    hflip_image, hflip_label, normalize, random_scale_crop, IMAGENET_MEAN, IMAGENET_STD,
+};
+use crate::error::{Error, Result};
+
+/// Segmentation augmentation (training); `None` in a source means evaluate at full size.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SegAugment {
+    /// Random scale factor range.
+    pub scale_range: (f64, f64),
+    /// Crop `(width, height)`.
+    pub crop: (u32, u32),
+    /// Probability of a horizontal flip.
+    pub hflip_prob: f64,
+}
+
+/// One image and its label map.
+#[derive(Debug, Clone)]
+pub struct SegSample {
+    /// The image.
+    pub image: RgbImage,
+    /// Its class map, the same size.
+    pub label: LabelMap,
+}
+
+/// Applies `aug` (if any) to an image/label pair.
+fn augment<R: Rng>(
+    image: RgbImage,
+    label: LabelMap,
+    aug: Option<&SegAugment>,
+    ignore_index: u8,
+    rng: &mut R,
+) -> SegSample {
+    let Some(aug) = aug else {
+        return SegSample { image, label };
+    };
+    let (mut image, mut label) =
+        random_scale_crop(&image, &label, aug.scale_range, aug.crop, ignore_index, rng);
+    if aug.hflip_prob > 0.0 && rng.random_bool(aug.hflip_prob.min(1.0)) {
+        image = hflip_image(&image);
+        hflip_label(&mut label);
+    }
+    SegSample { image, label }
+}
+
+/// Images and label maps from two folders, paired by file stem.
+pub struct LabelMapFolder {
+    /// `(image, label map)` paths.
+    pub pairs: Vec<(PathBuf, PathBuf)>,
+    /// Number of classes; ground-truth labels ≥ this (other than the ignore index) are an error.
+    pub num_classes: usize,
+    /// The ignore label.
+    pub ignore_index: u8,
+    /// Training augmentation, or `None` for evaluation.
+    pub augment: Option<SegAugment>,
+}
+
+impl LabelMapFolder {
+    /// Pairs every image in `images` with the PNG of the same stem in `labels`; an image without a
+    /// label map is an error naming it.
+    pub fn new(
+        images: &Path,
+        labels: &Path,
+        num_classes: usize,
+        ignore_index: u8,
+        augment: Option<SegAugment>,
+    ) -> Result<Self> {
+        let mut by_stem = BTreeMap::new();
+        for p in list_images(labels)? {
+            if let Some(stem) = p.file_stem() {
+                by_stem.insert(stem.to_os_string(), p);
+            }
+        }
+        let mut pairs = Vec::new();
+        for img in list_images(images)? {
+            let stem = img.file_stem().unwrap_or_default().to_os_string();
+            let label = by_stem.remove(&stem).ok_or_else(|| {
+                Error::invalid(
+                    &img,
+                    "label map",
+                    format!("no label map with this stem in {}", labels.display()),
+                )
+            })?;
+            pairs.push((img, label));
+        }
+        if pairs.is_empty() {
+            return Err(Error::invalid(images, "files", "no images found"));
+        }
+        Ok(LabelMapFolder {
+            pairs,
+            num_classes,
+            ignore_index,
+            augment,
+        })
+    }
+}
+
+impl Source for LabelMapFolder {
+    type Item = SegSample;
+
+    fn len(&self) -> usize {
+        self.pairs.len()
+    }
+
+    fn get(&self, index: usize, rng: &mut ChaCha8Rng) -> Result<SegSample> {
+        let (img_path, label_path) = &self.pairs[index];
+        let image = load_rgb(img_path)?;
+        let label = read_label_map(label_path)?;
+        if (label.width, label.height) != image.dimensions() {
+            return Err(Error::invalid(
+                label_path,
+                "size",
+                format!(
+                    "{}x{} but the image {} is {}x{}",
+                    label.width,
+                    label.height,
+                    img_path.display(),
+                    image.width(),
+                    image.height()
+                ),
+            ));
+        }
+        if let Some(i) = label
+            .data
+            .iter()
+            .position(|&l| l != self.ignore_index && l as usize >= self.num_classes)
+        {
+            return Err(Error::invalid(
+                label_path,
+                format!(
+                    "pixel ({}, {})",
+                    i % label.width as usize,
+                    i / label.width as usize
+                ),
+                format!(
+                    "label {} is out of range for {} classes (ignore index {})",
+                    label.data[i], self.num_classes, self.ignore_index
+                ),
+            ));
+        }
+        Ok(augment(
+            image,
+            label,
+            self.augment.as_ref(),
+            self.ignore_index,
+            rng,
+        ))
+    }
+}
+
+/// The built-in synthetic dataset's semantic maps, generated in memory.
+pub struct SynthSegSource {
+    /// Generator settings.
+    pub config: SynthConfig,
+    /// Which split.
+    pub split: Split,
+    /// Number of images.
+    pub len: usize,
+    /// Training augmentation, or `None` for evaluation.
+    pub augment: Option<SegAugment>,
+}
+
+impl Source for SynthSegSource {
+    type Item = SegSample;
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn get(&self, index: usize, rng: &mut ChaCha8Rng) -> Result<SegSample> {
+        let s = synth::generate(&self.config, self.split, index);
+        let label = LabelMap {
+            width: s.label.width(),
+            height: s.label.height(),
+            data: s.label.into_raw(),
+        };
+        Ok(augment(
+            s.image,
+            label,
+            self.augment.as_ref(),
+            synth::IGNORE_INDEX,
+            rng,
+        ))
+    }
+}
+
+/// A padded segmentation batch in host memory.
+#[derive(Debug, Clone)]
+pub struct SegBatch {
+    /// Normalised pixels `[N, 3, H, W]`, zero in the padding.
+    pub images: Vec<f32>,
+    /// Labels `[N, H, W]`, the ignore index in the padding.
+    pub labels: Vec<u8>,
+    /// `[N, 3, H, W]`.
+    pub shape: [usize; 4],
+}
+
+/// Pads samples bottom-right to a common size (images with 0, labels with `ignore_index`).
+pub fn collate_segmentation(samples: Vec<SegSample>, ignore_index: u8) -> Result<SegBatch> {
+    if samples.is_empty() {
+        return Err(Error::config("batch", "cannot collate an empty batch"));
+    }
+    let h = samples.iter().map(|s| s.image.height()).max().unwrap_or(1) as usize;
+    let w = samples.iter().map(|s| s.image.width()).max().unwrap_or(1) as usize;
+    let n = samples.len();
+    let mut images = vec![0f32; n * 3 * h * w];
+    let mut labels = vec![ignore_index; n * h * w];
+    for (i, s) in samples.iter().enumerate() {
+        let (sw, sh) = (s.image.width() as usize, s.image.height() as usize);
+        let planes = normalize(&s.image, IMAGENET_MEAN, IMAGENET_STD);
+        for y in 0..sh {
+            for c in 0..3 {
+                let dst = ((i * 3 + c) * h + y) * w;
+                images[dst..dst + sw].copy_from_slice(&planes[(c * sh + y) * sw..][..sw]);
+            }
+            let dst = (i * h + y) * w;
+            labels[dst..dst + sw].copy_from_slice(&s.label.data[y * sw..][..sw]);
+        }
+    }
+    Ok(SegBatch {
+        images,
+        labels,
+        shape: [n, 3, h, w],
+    })
+}
+
+impl SegBatch {
+    /// The images as a `[N, 3, H, W]` tensor.
+    pub fn images_tensor<B: Backend>(&self, device: &B::Device) -> Tensor<B, 4> {
+        Tensor::from_data(TensorData::new(self.images.clone(), self.shape), device)
+    }
+
+    /// The labels as a `[N, H, W]` integer tensor.
+    pub fn labels_tensor<B: Backend>(&self, device: &B::Device) -> Tensor<B, 3, Int> {
+        let [n, _, h, w] = self.shape;
+        let labels: Vec<i64> = self.labels.iter().map(|&l| l as i64).collect();
+        Tensor::from_data(TensorData::new(labels, [n, h, w]), device)
+    }
+}

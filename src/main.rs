@@ -1,0 +1,266 @@
+//! The `densekd` command line: a thin layer over the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use densekd::data::coco::{CocoDataset, InvalidPolicy};
+use densekd::data::export::{self_check, write_split};
+use densekd::data::images::load_rgb;
+use densekd::data::synth::{Split, SynthConfig};
+use densekd::eval::{coco, seg};
+use densekd::{Error, Result};
+
+/// Knowledge distillation for object detection and semantic segmentation.
+#[derive(Parser)]
+#[command(name = "densekd", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create, inspect and validate datasets.
+    #[command(subcommand)]
+    Data(DataCommand),
+    /// Evaluate predictions against ground truth.
+    #[command(subcommand)]
+    Eval(EvalCommand),
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Write the built-in synthetic "shapes" dataset (PNG images, COCO JSON, PNG label maps).
+    Synth(SynthArgs),
+    /// Validate a COCO instances file (and optionally decode every image it lists).
+    Check(CheckArgs),
+}
+
+#[derive(Args)]
+struct SynthArgs {
+    /// Output folder.
+    #[arg(long)]
+    out: PathBuf,
+    /// Number of training images.
+    #[arg(long, default_value_t = 800)]
+    train: usize,
+    /// Number of validation images.
+    #[arg(long, default_value_t = 200)]
+    val: usize,
+    /// Image side in pixels.
+    #[arg(long, default_value_t = 128)]
+    size: u32,
+    /// Random seed; the same seed gives the same dataset.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Read the written val split back and evaluate its ground truth against itself.
+    #[arg(long)]
+    check: bool,
+}
+
+#[derive(Args)]
+struct CheckArgs {
+    /// COCO instances JSON.
+    #[arg(long)]
+    coco: PathBuf,
+    /// Image folder the file names are relative to; every image is decoded and its size checked.
+    #[arg(long)]
+    images: Option<PathBuf>,
+    /// What to do with unusable annotations.
+    #[arg(long, value_enum, default_value_t = PolicyArg::Skip)]
+    policy: PolicyArg,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum PolicyArg {
+    /// Drop them with a warning.
+    Skip,
+    /// Fail on the first one.
+    Reject,
+}
+
+#[derive(Subcommand)]
+enum EvalCommand {
+    /// COCO bbox evaluation, exactly as pycocotools.
+    Coco {
+        /// Ground-truth COCO instances JSON.
+        #[arg(long)]
+        gt: PathBuf,
+        /// Detections: a COCO results JSON list.
+        #[arg(long)]
+        dt: PathBuf,
+        /// Print one JSON object instead of the 12-line summary.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Semantic segmentation mIoU, as mmsegmentation (files matched by stem).
+    Seg {
+        /// Folder of ground-truth label-map PNGs.
+        #[arg(long)]
+        gt: PathBuf,
+        /// Folder of predicted label-map PNGs.
+        #[arg(long)]
+        pred: PathBuf,
+        /// Number of classes K (labels 0..K-1).
+        #[arg(long)]
+        num_classes: usize,
+        /// Ground-truth label to ignore.
+        #[arg(long, default_value_t = 255)]
+        ignore_index: u8,
+        /// Print one JSON object instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> Result<String> {
+    serde_json::to_string(value).map_err(|e| Error::config("json", e.to_string()))
+}
+
+fn fmt_opt(v: Option<f64>) -> String {
+    v.map_or_else(|| "nan".to_string(), |v| format!("{:.2}", 100.0 * v))
+}
+
+fn synth(args: SynthArgs) -> Result<()> {
+    let config = SynthConfig {
+        size: args.size,
+        seed: args.seed,
+        ..SynthConfig::default()
+    };
+    config.validate().map_err(|m| Error::config("synth", m))?;
+    for (split, n) in [(Split::Train, args.train), (Split::Val, args.val)] {
+        let started = std::time::Instant::now();
+        let s = write_split(&args.out, &config, split, n)?;
+        println!(
+            "{}: {} images, {} objects (small {}, medium {}, large {}), per class {:?} in {:.1}s",
+            split.name(),
+            s.images,
+            s.objects,
+            s.small,
+            s.medium,
+            s.large,
+            s.per_class,
+            started.elapsed().as_secs_f64()
+        );
+    }
+    println!("wrote {}", args.out.display());
+    if args.check && args.val > 0 {
+        let (coco, seg) = self_check(&args.out, Split::Val)?;
+        println!("self-check on val (ground truth as predictions):");
+        for line in coco.summary_lines() {
+            println!("{line}");
+        }
+        println!("mIoU {} aAcc {}", fmt_opt(seg.mIoU), fmt_opt(seg.aAcc));
+        // pycocotools' precision is tp / (tp + fp + eps): within 1e-12 of 1 is perfect.
+        if (coco.AP - 1.0).abs() > 1e-12 || seg.mIoU != Some(1.0) {
+            return Err(Error::config(
+                "self-check",
+                "ground truth evaluated against itself is not perfect",
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn check(args: CheckArgs) -> Result<()> {
+    let policy = match args.policy {
+        PolicyArg::Skip => InvalidPolicy::Skip,
+        PolicyArg::Reject => InvalidPolicy::Reject,
+    };
+    let dataset = CocoDataset::load(&args.coco, policy)?;
+    for w in &dataset.warnings {
+        eprintln!("warning: {}: {w}", args.coco.display());
+    }
+    let objects: usize = dataset.images.iter().map(|i| i.objects.len()).sum();
+    println!(
+        "{}: {} images, {} usable annotations, {} categories, {} warnings",
+        args.coco.display(),
+        dataset.images.len(),
+        objects,
+        dataset.num_classes(),
+        dataset.warnings.len()
+    );
+    if let Some(root) = args.images {
+        for entry in &dataset.images {
+            let path = root.join(&entry.file_name);
+            let img = load_rgb(&path)?;
+            if img.dimensions() != (entry.width, entry.height) {
+                return Err(Error::invalid(
+                    &path,
+                    "size",
+                    format!(
+                        "{}x{} but the annotations say {}x{}",
+                        img.width(),
+                        img.height(),
+                        entry.width,
+                        entry.height
+                    ),
+                ));
+            }
+        }
+        println!(
+            "decoded {} images under {}",
+            dataset.images.len(),
+            root.display()
+        );
+    }
+    Ok(())
+}
+
+fn eval(cmd: EvalCommand) -> Result<()> {
+    match cmd {
+        EvalCommand::Coco { gt, dt, json } => {
+            let (stats, warnings) = coco::evaluate_files(&gt, &dt)?;
+            for w in warnings {
+                eprintln!("warning: {w}");
+            }
+            if json {
+                println!("{}", to_json(&stats)?);
+            } else {
+                for line in stats.summary_lines() {
+                    println!("{line}");
+                }
+            }
+        }
+        EvalCommand::Seg {
+            gt,
+            pred,
+            num_classes,
+            ignore_index,
+            json,
+        } => {
+            if num_classes == 0 {
+                return Err(Error::config("--num-classes", "must be at least 1"));
+            }
+            let stats = seg::evaluate_dirs(&gt, &pred, num_classes, ignore_index)?;
+            if json {
+                println!("{}", to_json(&stats)?);
+            } else {
+                println!("class   IoU");
+                for (c, iou) in stats.IoU.iter().enumerate() {
+                    println!("{c:>5} {:>6}", fmt_opt(*iou));
+                }
+                println!("mIoU {}  aAcc {}", fmt_opt(stats.mIoU), fmt_opt(stats.aAcc));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Data(DataCommand::Synth(args)) => synth(args),
+        Command::Data(DataCommand::Check(args)) => check(args),
+        Command::Eval(cmd) => eval(cmd),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

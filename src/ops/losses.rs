@@ -1,0 +1,31 @@
+//! Detection losses shared by every detector.
+
+use burn::tensor::{activation, backend::Backend, Tensor};
+
+/// Sigmoid focal loss (Lin et al., 2017), element-wise, as torchvision's `sigmoid_focal_loss`
+/// with `reduction="none"`: `ce(x, t) · (1 − p_t)^γ`, weighted by `α·t + (1 − α)(1 − t)` when
+/// `alpha ≥ 0`. The cross-entropy uses `log_sigmoid`, so extreme logits stay finite.
+pub fn sigmoid_focal_loss<B: Backend, const D: usize>(
+    logits: Tensor<B, D>,
+    targets: Tensor<B, D>,
+    alpha: f64,
+    gamma: f64,
+) -> Tensor<B, D> {
+    let p = activation::sigmoid(logits.clone());
+    let log_p = activation::log_sigmoid(logits.clone());
+    let log_not_p = activation::log_sigmoid(logits.neg());
+    let not_t = targets.clone().neg().add_scalar(1.0);
+    let ce = (targets.clone() * log_p + not_t.clone() * log_not_p).neg();
+    let p_t = p.clone() * targets.clone() + p.neg().add_scalar(1.0) * not_t.clone();
+    let modulating = if gamma == 0.0 {
+        p_t.ones_like()
+    } else {
+        p_t.neg().add_scalar(1.0).powf_scalar(gamma)
+    };
+    let loss = ce * modulating;
+    if alpha >= 0.0 {
+        loss * (targets.mul_scalar(alpha) + not_t.mul_scalar(1.0 - alpha))
+    } else {
+        loss
+    }
+}
