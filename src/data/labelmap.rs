@@ -72,13 +72,15 @@ pub fn read_label_map(path: &Path) -> Result<LabelMap> {
             })
             .collect()
         }
-        (other, _) => return Err(Error::invalid(
-            path,
-            "color type",
-            format!(
+        (other, _) => {
+            return Err(Error::invalid(
+                path,
+                "color type",
+                format!(
                 "{other:?} label map; class ids must be stored as 8-bit grayscale or palette PNG"
             ),
-        )),
+            ))
+        }
     };
     Ok(LabelMap {
         width: w,
