@@ -10,6 +10,8 @@ use densekd::data::export::{self_check, write_split};
 use densekd::data::images::load_rgb;
 use densekd::data::synth::{Split, SynthConfig};
 use densekd::eval::{coco, seg};
+use densekd::model::backbone::Arch;
+use densekd::model::classify::{classify_images, load_imagenet_model, top_k, ClassScore};
 use densekd::{Error, Result};
 
 /// Knowledge distillation for object detection and semantic segmentation.
@@ -28,6 +30,27 @@ enum Command {
     /// Evaluate predictions against ground truth.
     #[command(subcommand)]
     Eval(EvalCommand),
+    /// ImageNet classification with torchvision weights (checks architectures and weight import).
+    Classify(ClassifyArgs),
+}
+
+#[derive(Args)]
+struct ClassifyArgs {
+    /// Architecture of the checkpoint.
+    #[arg(long, value_enum)]
+    arch: Arch,
+    /// torchvision checkpoint: .pth (zip or legacy) or .safetensors.
+    #[arg(long)]
+    weights: PathBuf,
+    /// Classes to print per image.
+    #[arg(long, default_value_t = 5)]
+    top: usize,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+    /// Image files.
+    #[arg(required = true)]
+    images: Vec<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -249,12 +272,60 @@ fn eval(cmd: EvalCommand) -> Result<()> {
     Ok(())
 }
 
+fn classify(args: ClassifyArgs) -> Result<()> {
+    #[derive(serde::Serialize)]
+    struct Ranked {
+        image: String,
+        top: Vec<ClassScore>,
+    }
+    let device = densekd::backend::device();
+    let (model, report) =
+        load_imagenet_model::<densekd::backend::Inference>(args.arch, &args.weights, &device)?;
+    if !report.unused.is_empty() {
+        eprintln!(
+            "warning: {} tensors in {} were not used: {:?}",
+            report.unused.len(),
+            args.weights.display(),
+            report.unused
+        );
+    }
+    let mut ranked = Vec::with_capacity(args.images.len());
+    // Small batches keep memory flat for long image lists.
+    for chunk in args.images.chunks(8) {
+        let images = chunk
+            .iter()
+            .map(|p| load_rgb(p))
+            .collect::<Result<Vec<_>>>()?;
+        for (path, logits) in chunk.iter().zip(classify_images(&model, &images, &device)) {
+            ranked.push(Ranked {
+                image: path.display().to_string(),
+                top: top_k(&logits, args.top),
+            });
+        }
+    }
+    if args.json {
+        println!("{}", to_json(&ranked)?);
+    } else {
+        for r in &ranked {
+            println!("{}", r.image);
+            for s in &r.top {
+                println!(
+                    "  class {:>4}  logit {:>8.4}  prob {:.4}",
+                    s.class, s.logit, s.prob
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Data(DataCommand::Synth(args)) => synth(args),
         Command::Data(DataCommand::Check(args)) => check(args),
         Command::Eval(cmd) => eval(cmd),
+        Command::Classify(args) => classify(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -137,3 +137,135 @@ pub fn normalize(img: &RgbImage, mean: [f32; 3], std: [f32; 3]) -> Vec<f32> {
     }
     out
 }
+
+/// Fixed-point precision of Pillow's 8-bit resampling (`PRECISION_BITS` in `Resample.c`).
+const PIL_PRECISION_BITS: u32 = 32 - 8 - 2;
+
+/// Pillow's per-output-pixel window `(first input index, count)` and fixed-point weights for a
+/// bilinear (triangle) filter resampling `in_size` to `out_size` (`precompute_coeffs` followed
+/// by `normalize_coeffs_8bpc`).
+fn pil_bilinear_coeffs(in_size: usize, out_size: usize) -> Vec<(usize, Vec<i64>)> {
+    let scale = in_size as f64 / out_size as f64;
+    let filter_scale = scale.max(1.0);
+    // The bilinear filter's support is 1, widened by the downscale factor (antialiasing).
+    let support = filter_scale;
+    (0..out_size)
+        .map(|xx| {
+            let center = (xx as f64 + 0.5) * scale;
+            // C casts truncate toward zero, as `as i64` does.
+            let xmin = ((center - support + 0.5) as i64).max(0) as usize;
+            let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize;
+            let weights: Vec<f64> = (xmin..xmax)
+                .map(|x| {
+                    let t = ((x as f64 - center + 0.5) / filter_scale).abs();
+                    if t < 1.0 {
+                        1.0 - t
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            let total: f64 = weights.iter().sum();
+            let fixed = weights
+                .iter()
+                .map(|w| {
+                    let w = if total != 0.0 { w / total } else { *w };
+                    let v = w * (1u64 << PIL_PRECISION_BITS) as f64;
+                    (if v < 0.0 { v - 0.5 } else { v + 0.5 }) as i64
+                })
+                .collect();
+            (xmin, fixed)
+        })
+        .collect()
+}
+
+/// Rounds a fixed-point accumulator to a byte, as Pillow's `clip8`.
+fn pil_clip8(acc: i64) -> u8 {
+    (acc >> PIL_PRECISION_BITS).clamp(0, 255) as u8
+}
+
+/// One fixed-point resampling pass of an interleaved RGB buffer along one axis (Pillow's
+/// `ImagingResampleHorizontal/Vertical_8bpc`), rounding to bytes.
+fn pil_pass(src: &[u8], (w, h): (usize, usize), out_len: usize, horizontal: bool) -> Vec<u8> {
+    let half = 1i64 << (PIL_PRECISION_BITS - 1);
+    let coeffs = pil_bilinear_coeffs(if horizontal { w } else { h }, out_len);
+    let (ow, oh) = if horizontal {
+        (out_len, h)
+    } else {
+        (w, out_len)
+    };
+    let mut out = vec![0u8; ow * oh * 3];
+    for y in 0..oh {
+        for x in 0..ow {
+            let (start, k) = &coeffs[if horizontal { x } else { y }];
+            for c in 0..3 {
+                let acc = k.iter().enumerate().fold(half, |acc, (i, wgt)| {
+                    let (sx, sy) = if horizontal {
+                        (start + i, y)
+                    } else {
+                        (x, start + i)
+                    };
+                    acc + src[(sy * w + sx) * 3 + c] as i64 * wgt
+                });
+                out[(y * ow + x) * 3 + c] = pil_clip8(acc);
+            }
+        }
+    }
+    out
+}
+
+/// Resizes exactly as Pillow's `Image.resize(size, BILINEAR)` (antialiased when shrinking): two
+/// separable passes in 22-bit fixed point with rounding to bytes in between, an unchanged axis
+/// skipped, and Pillow's rule for which axis goes first. torchvision's `Resize` on PIL images is
+/// this function.
+pub fn pil_resize_bilinear(img: &RgbImage, width: u32, height: u32) -> RgbImage {
+    let (in_w, in_h) = (img.width() as usize, img.height() as usize);
+    let (out_w, out_h) = (width as usize, height as usize);
+    let (dw, dh) = (in_w as i64 - out_w as i64, in_h as i64 - out_h as i64);
+    // Pillow resamples vertically first only when that axis shrinks much more.
+    let horizontal_first = !(dh > 0 && dh > 2 * dw);
+    let mut buf = img.as_raw().clone();
+    let mut size = (in_w, in_h);
+    for horizontal in [horizontal_first, !horizontal_first] {
+        let (from, to) = if horizontal {
+            (size.0, out_w)
+        } else {
+            (size.1, out_h)
+        };
+        if from != to {
+            buf = pil_pass(&buf, size, to, horizontal);
+            size = if horizontal {
+                (to, size.1)
+            } else {
+                (size.0, to)
+            };
+        }
+    }
+    RgbImage::from_raw(width, height, buf)
+        .unwrap_or_else(|| unreachable!("both axes resampled to the target size"))
+}
+
+/// Python's `round` (half to even), which torchvision's `center_crop` uses for offsets.
+fn round_half_even(v: f64) -> i64 {
+    let r = v.round();
+    if (v - v.trunc()).abs() == 0.5 && (r as i64) % 2 != 0 {
+        (r - v.signum()) as i64
+    } else {
+        r as i64
+    }
+}
+
+/// torchvision's ImageNet evaluation preprocessing up to the tensor: `Resize(resize)` (shorter
+/// side to `resize`, the longer truncated), then `CenterCrop(crop)`.
+pub fn imagenet_eval_crop(img: &RgbImage, resize: u32, crop: u32) -> RgbImage {
+    let (w, h) = img.dimensions();
+    let (new_w, new_h) = if w <= h {
+        (resize, (resize as u64 * h as u64 / w as u64) as u32)
+    } else {
+        ((resize as u64 * w as u64 / h as u64) as u32, resize)
+    };
+    let resized = pil_resize_bilinear(img, new_w, new_h);
+    let top = round_half_even((new_h as f64 - crop as f64) / 2.0).max(0) as u32;
+    let left = round_half_even((new_w as f64 - crop as f64) / 2.0).max(0) as u32;
+    imageops::crop_imm(&resized, left, top, crop.min(new_w), crop.min(new_h)).to_image()
+}

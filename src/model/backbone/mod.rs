@@ -1,0 +1,125 @@
+//! Backbones returning typed multi-level features, with torchvision's parameter layout.
+
+pub mod mobilenet_v2;
+pub mod resnet;
+
+use burn::module::Module;
+use burn::tensor::{backend::Backend, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::model::norm::NormKind;
+
+pub use mobilenet_v2::MobileNetV2;
+pub use resnet::ResNet;
+
+/// Feature maps at strides 8, 16 and 32.
+#[derive(Debug, Clone)]
+pub struct BackboneFeatures<B: Backend> {
+    /// Stride-8 features `[N, C3, H/8, W/8]`.
+    pub c3: Tensor<B, 4>,
+    /// Stride-16 features `[N, C4, H/16, W/16]`.
+    pub c4: Tensor<B, 4>,
+    /// Stride-32 features `[N, C5, H/32, W/32]`.
+    pub c5: Tensor<B, 4>,
+}
+
+/// Which network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Arch {
+    /// ResNet-18 (basic blocks 2-2-2-2).
+    Resnet18,
+    /// ResNet-34 (basic blocks 3-4-6-3).
+    Resnet34,
+    /// ResNet-50 (bottlenecks 3-4-6-3).
+    Resnet50,
+    /// MobileNetV2 (inverted residuals).
+    MobilenetV2,
+}
+
+/// Backbone settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BackboneConfig {
+    /// The network.
+    pub arch: Arch,
+    /// Channel width multiplier (1.0 = torchvision's; smaller for tiny test models).
+    #[serde(default = "one")]
+    pub width: f64,
+    /// Normalisation kind.
+    #[serde(default)]
+    pub norm: NormKind,
+    /// ResNet blocks per stage, overriding the architecture's (tiny variants for tests).
+    #[serde(default)]
+    pub blocks: Option<[usize; 4]>,
+    /// Stages whose parameters are frozen: 0 = none, 1 = the stem, k = the stem and k − 1 stages.
+    #[serde(default)]
+    pub frozen_stages: usize,
+    /// Classes of an ImageNet-style classification head, if any.
+    #[serde(default)]
+    pub num_classes: Option<usize>,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+/// A backbone of any supported architecture.
+// Built once per model, so the variants' size difference costs nothing; burn modules can't be boxed.
+#[allow(clippy::large_enum_variant)]
+#[derive(Module, Debug)]
+pub enum Backbone<B: Backend> {
+    /// A ResNet.
+    ResNet(ResNet<B>),
+    /// A MobileNetV2.
+    MobileNetV2(MobileNetV2<B>),
+}
+
+impl BackboneConfig {
+    /// Builds the backbone with fresh weights.
+    pub fn init<B: Backend>(&self, device: &B::Device) -> crate::Result<Backbone<B>> {
+        if !(self.width > 0.0 && self.width <= 4.0) {
+            return Err(crate::Error::config(
+                "backbone.width",
+                format!("{} is not in (0, 4]", self.width),
+            ));
+        }
+        Ok(match self.arch {
+            Arch::MobilenetV2 => Backbone::MobileNetV2(MobileNetV2::new(self, device)),
+            _ => Backbone::ResNet(ResNet::new(self, device)),
+        })
+    }
+}
+
+impl<B: Backend> Backbone<B> {
+    /// Multi-level features of a normalised image batch `[N, 3, H, W]`.
+    pub fn features(&self, x: Tensor<B, 4>) -> BackboneFeatures<B> {
+        match self {
+            Backbone::ResNet(m) => m.features(x),
+            Backbone::MobileNetV2(m) => m.features(x),
+        }
+    }
+
+    /// Channels of `(c3, c4, c5)`.
+    pub fn channels(&self) -> [usize; 3] {
+        match self {
+            Backbone::ResNet(m) => m.channels(),
+            Backbone::MobileNetV2(m) => m.channels(),
+        }
+    }
+
+    /// Classification logits, if the backbone has a head.
+    pub fn classify(&self, x: Tensor<B, 4>) -> Option<Tensor<B, 2>> {
+        match self {
+            Backbone::ResNet(m) => m.classify(x),
+            Backbone::MobileNetV2(m) => m.classify(x),
+        }
+    }
+
+    /// Regex rules mapping torchvision's state-dict keys onto this module's paths.
+    pub fn torchvision_key_rules(&self) -> Vec<(String, String)> {
+        match self {
+            Backbone::ResNet(_) => resnet::torchvision_key_rules(),
+            Backbone::MobileNetV2(m) => m.torchvision_key_rules(),
+        }
+    }
+}

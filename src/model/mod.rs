@@ -1,0 +1,6 @@
+//! Networks: backbones with torchvision-compatible parameter names, and PyTorch weight import.
+
+pub mod backbone;
+pub mod classify;
+pub mod norm;
+pub mod weights;
