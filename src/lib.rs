@@ -8,6 +8,7 @@ pub mod backend;
 pub mod data;
 pub mod error;
 pub mod eval;
+pub mod loss;
 pub mod model;
 pub mod ops;
 

@@ -51,3 +51,93 @@ pub fn linear_sum_assignment<T: Copy + Into<f64>>(
     let total_cost = pairs.iter().map(|&(r, c)| costs[r * cols + c]).sum();
     Ok(Assignment { pairs, total_cost })
 }
+
+/// Weights of the DETR matching cost (Deformable-DETR / DAB-DETR defaults).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct MatchCosts {
+    /// Weight of the focal classification cost.
+    pub class: f64,
+    /// Weight of the L1 box cost.
+    pub bbox: f64,
+    /// Weight of the −GIoU cost.
+    pub giou: f64,
+    /// Focal α of the classification cost.
+    pub alpha: f64,
+    /// Focal γ of the classification cost.
+    pub gamma: f64,
+}
+
+impl Default for MatchCosts {
+    fn default() -> Self {
+        MatchCosts {
+            class: 2.0,
+            bbox: 5.0,
+            giou: 2.0,
+            alpha: 0.25,
+            gamma: 2.0,
+        }
+    }
+}
+
+/// GIoU of two `[cx, cy, w, h]` boxes, in f64.
+fn giou_cxcywh(a: [f64; 4], b: [f64; 4]) -> f64 {
+    use crate::ops::boxes::cxcywh_to_xyxy;
+    let (a, b) = (cxcywh_to_xyxy(a), cxcywh_to_xyxy(b));
+    let area = |r: [f64; 4]| (r[2] - r[0]) * (r[3] - r[1]);
+    let iw = (a[2].min(b[2]) - a[0].max(b[0])).max(0.0);
+    let ih = (a[3].min(b[3]) - a[1].max(b[1])).max(0.0);
+    let inter = iw * ih;
+    let union = area(a) + area(b) - inter;
+    let enclosing =
+        (a[2].max(b[2]) - a[0].min(b[0])).max(0.0) * (a[3].max(b[3]) - a[1].min(b[1])).max(0.0);
+    inter / union - (enclosing - union) / enclosing
+}
+
+/// Hungarian matching of one image's queries to its targets with DETR's cost
+/// `class·focal + bbox·L1 + giou·(−GIoU)` (the focal cost as in Deformable-DETR).
+///
+/// `logits` is `[Q, K]` row-major, `boxes` `[Q, 4]` (`cx, cy, w, h`, normalised); targets are
+/// class indices and boxes in the same format. Returns `(query, target)` pairs.
+pub fn match_queries(
+    logits: &[f32],
+    boxes: &[f32],
+    num_classes: usize,
+    target_classes: &[usize],
+    target_boxes: &[[f32; 4]],
+    costs: &MatchCosts,
+) -> Result<Assignment> {
+    let queries = boxes.len() / 4;
+    let targets = target_classes.len();
+    if logits.len() != queries * num_classes || target_boxes.len() != targets {
+        return Err(Error::config(
+            "match_queries",
+            format!(
+                "{} logits / {} box values for {queries} queries × {num_classes} classes, {} boxes for {targets} targets",
+                logits.len(),
+                boxes.len(),
+                target_boxes.len()
+            ),
+        ));
+    }
+    if let Some(&c) = target_classes.iter().find(|&&c| c >= num_classes) {
+        return Err(Error::config(
+            "target class",
+            format!("{c} >= {num_classes} classes"),
+        ));
+    }
+    let mut cost = Vec::with_capacity(queries * targets);
+    for q in 0..queries {
+        let qb = [0, 1, 2, 3].map(|i| boxes[q * 4 + i] as f64);
+        for (&class, tb) in target_classes.iter().zip(target_boxes) {
+            let tb = tb.map(|v| v as f64);
+            let p = 1.0 / (1.0 + (-(logits[q * num_classes + class] as f64)).exp());
+            let pos = costs.alpha * (1.0 - p).powf(costs.gamma) * -(p + 1e-8).ln();
+            let neg = (1.0 - costs.alpha) * p.powf(costs.gamma) * -(1.0 - p + 1e-8).ln();
+            let l1: f64 = qb.iter().zip(&tb).map(|(a, b)| (a - b).abs()).sum();
+            cost.push(
+                costs.class * (pos - neg) + costs.bbox * l1 - costs.giou * giou_cxcywh(qb, tb),
+            );
+        }
+    }
+    linear_sum_assignment(&cost, queries, targets)
+}

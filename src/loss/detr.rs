@@ -1,0 +1,142 @@
+//! DETR's set criterion with sigmoid focal classification (Deformable-DETR convention): after
+//! Hungarian matching, focal loss against one-hot targets of the matched queries, L1 and GIoU on
+//! the matched boxes, each summed and divided by the number of target boxes.
+
+use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
+use serde::{Deserialize, Serialize};
+
+use crate::data::detection::DetTarget;
+use crate::error::{Error, Result};
+use crate::ops::boxes::{box_cxcywh_to_xyxy, paired_generalized_box_iou};
+use crate::ops::losses::sigmoid_focal_loss;
+use crate::ops::matcher::{match_queries, Assignment, MatchCosts};
+
+/// Loss weights and focal parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct SetLossWeights {
+    /// Weight of the focal classification loss.
+    pub class: f64,
+    /// Weight of the L1 box loss.
+    pub bbox: f64,
+    /// Weight of the GIoU loss.
+    pub giou: f64,
+    /// Focal α.
+    pub alpha: f64,
+    /// Focal γ.
+    pub gamma: f64,
+}
+
+impl Default for SetLossWeights {
+    fn default() -> Self {
+        SetLossWeights {
+            class: 2.0,
+            bbox: 5.0,
+            giou: 2.0,
+            alpha: 0.25,
+            gamma: 2.0,
+        }
+    }
+}
+
+/// The three terms of one decoder layer's loss (unweighted).
+#[derive(Debug, Clone)]
+pub struct SetLosses<B: Backend> {
+    /// Focal classification loss.
+    pub class: Tensor<B, 1>,
+    /// L1 loss on matched boxes.
+    pub bbox: Tensor<B, 1>,
+    /// 1 − GIoU on matched boxes.
+    pub giou: Tensor<B, 1>,
+}
+
+impl<B: Backend> SetLosses<B> {
+    /// `class·w_class + bbox·w_bbox + giou·w_giou`.
+    pub fn weighted(&self, w: &SetLossWeights) -> Tensor<B, 1> {
+        self.class.clone().mul_scalar(w.class)
+            + self.bbox.clone().mul_scalar(w.bbox)
+            + self.giou.clone().mul_scalar(w.giou)
+    }
+}
+
+/// Matches every image of a batch: `logits [B, Q, K]`, `boxes [B, Q, 4]` (normalised cxcywh).
+pub fn match_batch<B: Backend>(
+    logits: &Tensor<B, 3>,
+    boxes: &Tensor<B, 3>,
+    targets: &[DetTarget],
+    costs: &MatchCosts,
+) -> Result<Vec<Assignment>> {
+    let [b, q, k] = logits.dims();
+    if targets.len() != b {
+        return Err(Error::config(
+            "targets",
+            format!("{} targets for a batch of {b}", targets.len()),
+        ));
+    }
+    let host = |t: Tensor<B, 3>| -> Result<Vec<f32>> {
+        t.into_data()
+            .convert::<f32>()
+            .to_vec()
+            .map_err(|e| Error::config("predictions", format!("{e:?}")))
+    };
+    let (logits, boxes) = (host(logits.clone())?, host(boxes.clone())?);
+    targets
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            match_queries(
+                &logits[i * q * k..(i + 1) * q * k],
+                &boxes[i * q * 4..(i + 1) * q * 4],
+                k,
+                &t.classes,
+                &t.boxes,
+                costs,
+            )
+        })
+        .collect()
+}
+
+/// The set losses of one decoder layer given its matches; `num_boxes` is the normaliser (the
+/// number of target boxes in the batch, at least 1).
+pub fn set_losses<B: Backend>(
+    logits: Tensor<B, 3>,
+    boxes: Tensor<B, 3>,
+    targets: &[DetTarget],
+    matches: &[Assignment],
+    num_boxes: f64,
+    weights: &SetLossWeights,
+) -> SetLosses<B> {
+    let [b, q, k] = logits.dims();
+    let device = logits.device();
+    let mut onehot = vec![0f32; b * q * k];
+    let (mut rows, mut target_boxes) = (Vec::new(), Vec::new());
+    for (i, (t, m)) in targets.iter().zip(matches).enumerate() {
+        for &(query, target) in &m.pairs {
+            onehot[(i * q + query) * k + t.classes[target]] = 1.0;
+            rows.push((i * q + query) as i64);
+            target_boxes.extend_from_slice(&t.boxes[target]);
+        }
+    }
+    let onehot = Tensor::<B, 3>::from_data(TensorData::new(onehot, [b, q, k]), &device);
+    let norm = num_boxes.max(1.0);
+    let class = sigmoid_focal_loss(logits, onehot, weights.alpha, weights.gamma)
+        .sum()
+        .div_scalar(norm);
+    let (bbox, giou) = if rows.is_empty() {
+        // Keep the boxes in the graph so every parameter still receives a (zero) gradient.
+        let zero = boxes.sum().mul_scalar(0.0);
+        (zero.clone(), zero)
+    } else {
+        let m = rows.len();
+        let index = Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [m]), &device);
+        let src = boxes.reshape([b * q, 4]).select(0, index);
+        let tgt = Tensor::<B, 2>::from_data(TensorData::new(target_boxes, [m, 4]), &device);
+        let bbox = (src.clone() - tgt.clone()).abs().sum().div_scalar(norm);
+        let giou = paired_generalized_box_iou(box_cxcywh_to_xyxy(src), box_cxcywh_to_xyxy(tgt))
+            .neg()
+            .add_scalar(1.0)
+            .sum()
+            .div_scalar(norm);
+        (bbox, giou)
+    };
+    SetLosses { class, bbox, giou }
+}

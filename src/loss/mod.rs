@@ -1,0 +1,3 @@
+//! Training losses built on the shared ops.
+
+pub mod detr;

@@ -1,0 +1,164 @@
+//! DETR matching and set losses against PyTorch (tests/fixtures/make_detr_fixtures.py, following
+//! Deformable-DETR's matcher and SetCriterion): matches, loss values and gradients.
+
+use burn::tensor::{Tensor, TensorData};
+use densekd::backend::Training;
+use densekd::data::detection::DetTarget;
+use densekd::loss::detr::{match_batch, set_losses, SetLossWeights};
+use densekd::ops::matcher::MatchCosts;
+use serde_json::Value;
+
+fn floats(v: &Value) -> Vec<f32> {
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_f64().expect("number") as f32)
+        .collect()
+}
+
+fn close(got: f32, want: f32, tol: f32, what: &str) {
+    assert!(
+        (got - want).abs() <= tol * want.abs().max(1.0),
+        "{what}: {got} vs {want}"
+    );
+}
+
+#[test]
+fn matcher_and_losses_match_pytorch() {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/detr_criterion.json"
+    );
+    let fixture: Value = serde_json::from_slice(&std::fs::read(path).expect("read")).expect("json");
+    let device = Default::default();
+    for case in fixture["cases"].as_array().expect("cases") {
+        let name = case["name"].as_str().expect("name");
+        let shape: Vec<usize> = case["shape"]
+            .as_array()
+            .expect("shape")
+            .iter()
+            .map(|d| d.as_u64().expect("dim") as usize)
+            .collect();
+        let (b, q, k) = (shape[0], shape[1], shape[2]);
+        let logits = Tensor::<Training, 3>::from_data(
+            TensorData::new(floats(&case["logits"]), [b, q, k]),
+            &device,
+        )
+        .require_grad();
+        let boxes = Tensor::<Training, 3>::from_data(
+            TensorData::new(floats(&case["boxes"]), [b, q, 4]),
+            &device,
+        )
+        .require_grad();
+        let targets: Vec<DetTarget> = case["targets"]
+            .as_array()
+            .expect("targets")
+            .iter()
+            .enumerate()
+            .map(|(i, t)| DetTarget {
+                image_id: i as u64,
+                classes: t["labels"]
+                    .as_array()
+                    .expect("labels")
+                    .iter()
+                    .map(|c| c.as_u64().expect("label") as usize)
+                    .collect(),
+                boxes: t["boxes"]
+                    .as_array()
+                    .expect("boxes")
+                    .iter()
+                    .map(|bx| floats(bx).try_into().expect("4 values"))
+                    .collect(),
+                size: (64, 64),
+                orig_size: (64, 64),
+            })
+            .collect();
+
+        let matches =
+            match_batch(&logits, &boxes, &targets, &MatchCosts::default()).expect("matches");
+        for (i, (m, want)) in matches
+            .iter()
+            .zip(case["matches"].as_array().expect("matches"))
+            .enumerate()
+        {
+            let rows: Vec<usize> = want["rows"]
+                .as_array()
+                .expect("rows")
+                .iter()
+                .map(|v| v.as_u64().expect("row") as usize)
+                .collect();
+            let cols: Vec<usize> = want["cols"]
+                .as_array()
+                .expect("cols")
+                .iter()
+                .map(|v| v.as_u64().expect("col") as usize)
+                .collect();
+            let expected: Vec<(usize, usize)> = rows.into_iter().zip(cols).collect();
+            assert_eq!(m.pairs, expected, "{name}: image {i} matching");
+            let want_cost = case["match_costs"][i].as_f64().expect("cost");
+            assert!(
+                (m.total_cost - want_cost).abs() <= 1e-4 * want_cost.abs().max(1.0),
+                "{name}: cost {} vs {want_cost}",
+                m.total_cost
+            );
+        }
+
+        let num_boxes = targets.iter().map(|t| t.boxes.len()).sum::<usize>() as f64;
+        let weights = SetLossWeights::default();
+        let losses = set_losses(
+            logits.clone(),
+            boxes.clone(),
+            &targets,
+            &matches,
+            num_boxes,
+            &weights,
+        );
+        let scalar = |t: Tensor<Training, 1>| {
+            t.into_data().convert::<f32>().to_vec::<f32>().expect("f32")[0]
+        };
+        close(
+            scalar(losses.class.clone()),
+            case["loss_class"].as_f64().expect("ce") as f32,
+            1e-5,
+            &format!("{name} class"),
+        );
+        close(
+            scalar(losses.bbox.clone()),
+            case["loss_bbox"].as_f64().expect("l1") as f32,
+            1e-5,
+            &format!("{name} bbox"),
+        );
+        close(
+            scalar(losses.giou.clone()),
+            case["loss_giou"].as_f64().expect("giou") as f32,
+            1e-5,
+            &format!("{name} giou"),
+        );
+        let total = losses.weighted(&weights);
+        close(
+            scalar(total.clone()),
+            case["weighted_total"].as_f64().expect("total") as f32,
+            1e-5,
+            &format!("{name} total"),
+        );
+
+        let grads = total.backward();
+        for (what, param, key) in [
+            ("logits", &logits, "grad_logits"),
+            ("boxes", &boxes, "grad_boxes"),
+        ] {
+            let got: Vec<f32> = param
+                .grad(&grads)
+                .expect("gradient")
+                .into_data()
+                .convert::<f32>()
+                .to_vec()
+                .expect("f32");
+            let want = floats(&case[key]);
+            assert_eq!(got.len(), want.len());
+            for (j, (g, w)) in got.iter().zip(&want).enumerate() {
+                close(*g, *w, 1e-4, &format!("{name} d{what}[{j}]"));
+            }
+        }
+    }
+}
