@@ -2,5 +2,8 @@
 
 pub mod backbone;
 pub mod classify;
+pub mod detr;
 pub mod norm;
+pub mod position;
+pub mod transformer;
 pub mod weights;

@@ -1,0 +1,190 @@
+//! DETR's post-norm transformer layers on burn's `MultiHeadAttention`, with positional inputs,
+//! key padding masks and a self-attention mask for query groups.
+
+use burn::module::Module;
+use burn::nn::attention::{MhaInput, MultiHeadAttention, MultiHeadAttentionConfig};
+use burn::nn::{Dropout, DropoutConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::tensor::{activation::relu, backend::Backend, Bool, Tensor, TensorData};
+
+/// Layer sizes shared by encoder and decoder layers.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LayerConfig {
+    /// Model width.
+    pub d_model: usize,
+    /// Attention heads.
+    pub heads: usize,
+    /// Hidden width of the feed-forward block.
+    pub ffn: usize,
+    /// Dropout probability (0 is best on CPU: dropout masks are costly on flex).
+    pub dropout: f64,
+}
+
+fn mha<B: Backend>(c: &LayerConfig, device: &B::Device) -> MultiHeadAttention<B> {
+    MultiHeadAttentionConfig::new(c.d_model, c.heads)
+        .with_dropout(c.dropout)
+        .init(device)
+}
+
+/// Linear → ReLU → dropout → Linear.
+#[derive(Module, Debug)]
+pub struct FeedForward<B: Backend> {
+    /// Expansion.
+    pub linear1: Linear<B>,
+    /// Projection back.
+    pub linear2: Linear<B>,
+    /// Dropout between them.
+    pub dropout: Dropout,
+}
+
+impl<B: Backend> FeedForward<B> {
+    fn new(c: &LayerConfig, device: &B::Device) -> Self {
+        FeedForward {
+            linear1: LinearConfig::new(c.d_model, c.ffn).init(device),
+            linear2: LinearConfig::new(c.ffn, c.d_model).init(device),
+            dropout: DropoutConfig::new(c.dropout).init(),
+        }
+    }
+
+    fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.linear2
+            .forward(self.dropout.forward(relu(self.linear1.forward(x))))
+    }
+}
+
+/// Encoder layer: self-attention over image tokens (position added to queries and keys), FFN.
+#[derive(Module, Debug)]
+pub struct EncoderLayer<B: Backend> {
+    /// Self-attention.
+    pub self_attn: MultiHeadAttention<B>,
+    /// Norm after attention.
+    pub norm1: LayerNorm<B>,
+    /// Feed-forward block.
+    pub ffn: FeedForward<B>,
+    /// Norm after the FFN.
+    pub norm2: LayerNorm<B>,
+}
+
+impl<B: Backend> EncoderLayer<B> {
+    /// A fresh layer.
+    pub fn new(c: &LayerConfig, device: &B::Device) -> Self {
+        EncoderLayer {
+            self_attn: mha(c, device),
+            norm1: LayerNormConfig::new(c.d_model).init(device),
+            ffn: FeedForward::new(c, device),
+            norm2: LayerNormConfig::new(c.d_model).init(device),
+        }
+    }
+
+    /// `src, pos: [B, L, D]`, `padding: [B, L]` (true = padding).
+    pub fn forward(
+        &self,
+        src: Tensor<B, 3>,
+        pos: Tensor<B, 3>,
+        padding: Tensor<B, 2, Bool>,
+    ) -> Tensor<B, 3> {
+        let qk = src.clone() + pos;
+        let attn = self
+            .self_attn
+            .forward(MhaInput::new(qk.clone(), qk, src.clone()).mask_pad(padding))
+            .context;
+        let src = self.norm1.forward(src + attn);
+        self.norm2.forward(src.clone() + self.ffn.forward(src))
+    }
+}
+
+/// Decoder layer: query self-attention (groups masked apart), cross-attention to the image,
+/// FFN; positions added to queries and keys as in DETR.
+#[derive(Module, Debug)]
+pub struct DecoderLayer<B: Backend> {
+    /// Self-attention among queries.
+    pub self_attn: MultiHeadAttention<B>,
+    /// Norm after self-attention.
+    pub norm1: LayerNorm<B>,
+    /// Cross-attention to the encoder memory.
+    pub cross_attn: MultiHeadAttention<B>,
+    /// Norm after cross-attention.
+    pub norm2: LayerNorm<B>,
+    /// Feed-forward block.
+    pub ffn: FeedForward<B>,
+    /// Norm after the FFN.
+    pub norm3: LayerNorm<B>,
+}
+
+/// Inputs of a decoder layer besides the queries.
+pub struct DecoderContext<B: Backend> {
+    /// Encoder output `[B, L, D]`.
+    pub memory: Tensor<B, 3>,
+    /// Its positional encoding `[B, L, D]`.
+    pub memory_pos: Tensor<B, 3>,
+    /// Memory padding `[B, L]` (true = padding).
+    pub memory_padding: Tensor<B, 2, Bool>,
+    /// Query self-attention mask `[B, Q, Q]` (true = blocked), e.g. between query groups.
+    pub self_attn_mask: Option<Tensor<B, 3, Bool>>,
+}
+
+impl<B: Backend> DecoderLayer<B> {
+    /// A fresh layer.
+    pub fn new(c: &LayerConfig, device: &B::Device) -> Self {
+        DecoderLayer {
+            self_attn: mha(c, device),
+            norm1: LayerNormConfig::new(c.d_model).init(device),
+            cross_attn: mha(c, device),
+            norm2: LayerNormConfig::new(c.d_model).init(device),
+            ffn: FeedForward::new(c, device),
+            norm3: LayerNormConfig::new(c.d_model).init(device),
+        }
+    }
+
+    /// `tgt, query_pos: [B, Q, D]`.
+    pub fn forward(
+        &self,
+        tgt: Tensor<B, 3>,
+        query_pos: Tensor<B, 3>,
+        ctx: &DecoderContext<B>,
+    ) -> Tensor<B, 3> {
+        let qk = tgt.clone() + query_pos.clone();
+        let mut input = MhaInput::new(qk.clone(), qk, tgt.clone());
+        if let Some(mask) = &ctx.self_attn_mask {
+            input = input.mask_attn(mask.clone());
+        }
+        let tgt = self
+            .norm1
+            .forward(tgt + self.self_attn.forward(input).context);
+        let cross = self
+            .cross_attn
+            .forward(
+                MhaInput::new(
+                    tgt.clone() + query_pos,
+                    ctx.memory.clone() + ctx.memory_pos.clone(),
+                    ctx.memory.clone(),
+                )
+                .mask_pad(ctx.memory_padding.clone()),
+            )
+            .context;
+        let tgt = self.norm2.forward(tgt + cross);
+        self.norm3.forward(tgt.clone() + self.ffn.forward(tgt))
+    }
+}
+
+/// Block-diagonal self-attention mask `[B, ΣQ, ΣQ]` (true = blocked) for consecutive query groups
+/// of the given sizes: a query attends only to queries of its own group, so groups train as
+/// independent decoders that share weights (Group-DETR, OD-DETR's extra groups, DN queries).
+pub fn group_attention_mask<B: Backend>(
+    group_sizes: &[usize],
+    batch: usize,
+    device: &B::Device,
+) -> Tensor<B, 3, Bool> {
+    let total: usize = group_sizes.iter().sum();
+    let mut group_of = Vec::with_capacity(total);
+    for (g, &n) in group_sizes.iter().enumerate() {
+        group_of.extend(std::iter::repeat_n(g, n));
+    }
+    let mask: Vec<bool> = (0..batch)
+        .flat_map(|_| {
+            group_of
+                .iter()
+                .flat_map(|&gi| group_of.iter().map(move |&gj| gi != gj))
+        })
+        .collect();
+    Tensor::from_data(TensorData::new(mask, [batch, total, total]), device)
+}

@@ -1,0 +1,208 @@
+//! DETR building blocks against PyTorch (tests/fixtures/make_detr_fixtures.py) and the model's
+//! structural guarantees.
+
+use burn::module::Param;
+use burn::nn::attention::{MhaInput, MultiHeadAttentionConfig};
+use burn::tensor::{Bool, Tensor, TensorData};
+use densekd::backend::Inference;
+use densekd::model::backbone::{Arch, BackboneConfig};
+use densekd::model::detr::DetrConfig;
+use densekd::model::norm::NormKind;
+use densekd::model::position::sine_position_encoding;
+use densekd::model::transformer::{group_attention_mask, LayerConfig};
+use serde_json::Value;
+
+fn fixture() -> Value {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/detr_criterion.json"
+    );
+    serde_json::from_slice(&std::fs::read(path).expect("read")).expect("json")
+}
+
+fn floats(v: &Value) -> Vec<f32> {
+    v.as_array()
+        .expect("array")
+        .iter()
+        .flat_map(|x| match x {
+            Value::Array(_) => floats(x),
+            _ => vec![x.as_f64().expect("number") as f32],
+        })
+        .collect()
+}
+
+fn bools(v: &Value) -> Vec<bool> {
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_bool().expect("bool"))
+        .collect()
+}
+
+fn assert_close(got: &[f32], want: &[f32], tol: f32, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (g - w).abs() <= tol * w.abs().max(1.0),
+            "{what}[{i}]: {g} vs {w}"
+        );
+    }
+}
+
+fn values<const D: usize>(t: Tensor<Inference, D>) -> Vec<f32> {
+    t.into_data().convert::<f32>().to_vec().expect("f32")
+}
+
+#[test]
+fn sine_position_encoding_matches_detr() {
+    let f = fixture();
+    let p = &f["position"];
+    let shape: Vec<usize> = p["mask_shape"]
+        .as_array()
+        .expect("shape")
+        .iter()
+        .map(|d| d.as_u64().expect("dim") as usize)
+        .collect();
+    let got = sine_position_encoding(
+        &bools(&p["mask"]),
+        [shape[0], shape[1], shape[2]],
+        p["channels"].as_u64().expect("c") as usize,
+    );
+    assert_close(&got, &floats(&p["pos"]), 1e-5, "pos");
+}
+
+#[test]
+fn masked_attention_matches_pytorch() {
+    let f = fixture();
+    let a = &f["attention"];
+    let d = a["d_model"].as_u64().expect("d") as usize;
+    let device = Default::default();
+    let mut mha = MultiHeadAttentionConfig::new(d, a["heads"].as_u64().expect("heads") as usize)
+        .with_dropout(0.0)
+        .init::<Inference>(&device);
+    // PyTorch stores `out = x W^T + b`; burn's Linear weight is `[in, out]`.
+    let weight = |k: &str| {
+        Param::from_tensor(
+            Tensor::<Inference, 2>::from_data(TensorData::new(floats(&a[k]), [d, d]), &device)
+                .transpose(),
+        )
+    };
+    let bias = |k: &str| {
+        Some(Param::from_tensor(Tensor::<Inference, 1>::from_data(
+            TensorData::new(floats(&a[k]), [d]),
+            &device,
+        )))
+    };
+    for (lin, w, b) in [
+        (&mut mha.query, "wq", "bq"),
+        (&mut mha.key, "wk", "bk"),
+        (&mut mha.value, "wv", "bv"),
+        (&mut mha.output, "wo", "bo"),
+    ] {
+        lin.weight = weight(w);
+        lin.bias = bias(b);
+    }
+    let groups: Vec<usize> = a["groups"]
+        .as_array()
+        .expect("groups")
+        .iter()
+        .map(|g| g.as_u64().expect("g") as usize)
+        .collect();
+    let total: usize = groups.iter().sum();
+    let t3 = |k: &str, l: usize| {
+        Tensor::<Inference, 3>::from_data(TensorData::new(floats(&a[k]), [2, l, d]), &device)
+    };
+    let (x, pos) = (t3("x", total), t3("pos", total));
+    let qk = x.clone() + pos;
+    let mask = group_attention_mask::<Inference>(&groups, 2, &device);
+    let out = mha
+        .forward(MhaInput::new(qk.clone(), qk, x.clone()).mask_attn(mask))
+        .context;
+    assert_close(
+        &values(out),
+        &floats(&a["self_out"]),
+        1e-5,
+        "grouped self-attention",
+    );
+
+    let memory = t3("memory", 6);
+    let pad = Tensor::<Inference, 2, Bool>::from_data(
+        TensorData::new(bools(&a["memory_padding"]), [2, 6]),
+        &device,
+    );
+    let cross = mha
+        .forward(MhaInput::new(x, memory.clone(), memory).mask_pad(pad))
+        .context;
+    assert_close(
+        &values(cross),
+        &floats(&a["cross_out"]),
+        1e-5,
+        "padded cross-attention",
+    );
+}
+
+fn tiny_detr(groups: usize) -> DetrConfig {
+    DetrConfig {
+        backbone: BackboneConfig {
+            arch: Arch::Resnet18,
+            width: 0.125,
+            norm: NormKind::Batch,
+            frozen_stages: 0,
+            blocks: Some([1, 1, 1, 1]),
+            num_classes: None,
+        },
+        num_classes: 3,
+        num_queries: 5,
+        groups,
+        layer: LayerConfig {
+            d_model: 32,
+            heads: 4,
+            ffn: 64,
+            dropout: 0.0,
+        },
+        encoder_layers: 1,
+        decoder_layers: 2,
+    }
+}
+
+#[test]
+fn query_groups_do_not_see_each_other() {
+    let device = Default::default();
+    let model = tiny_detr(3).init::<Inference>(&device).expect("builds");
+    let images = Tensor::<Inference, 4>::random(
+        [2, 3, 64, 96],
+        burn::tensor::Distribution::Normal(0.0, 1.0),
+        &device,
+    );
+    let mut padding = vec![false; 2 * 64 * 96];
+    padding[64 * 96..]
+        .iter_mut()
+        .enumerate()
+        .for_each(|(i, p)| *p = i % 96 >= 64);
+    let all = model.forward(images.clone(), &padding, 3);
+    let one = model.forward(images, &padding, 1);
+    assert_eq!(all.group_sizes, vec![5, 5, 5]);
+    assert_eq!(all.layers.len(), 2);
+    let last = all.last();
+    assert_eq!(last.logits.dims(), [2, 15, 3]);
+    assert_eq!(last.boxes.dims(), [2, 15, 4]);
+    // Group 1 decoded alongside groups 2 and 3 equals group 1 decoded alone.
+    let first = |t: Tensor<Inference, 3>| values(t.narrow(1, 0, 5));
+    assert_close(
+        &first(last.boxes.clone()),
+        &values(one.last().boxes.clone()),
+        1e-5,
+        "group 1 boxes",
+    );
+    assert_close(
+        &first(last.logits.clone()),
+        &values(one.last().logits.clone()),
+        1e-5,
+        "group 1 logits",
+    );
+    let boxes = values(last.boxes.clone());
+    assert!(
+        boxes.iter().all(|v| (0.0..=1.0).contains(v)),
+        "boxes are normalised"
+    );
+}
