@@ -151,6 +151,7 @@ fn tiny_detr(groups: usize) -> DetrConfig {
             blocks: Some([1, 1, 1, 1]),
             num_classes: None,
         },
+        feature_stride: 32,
         num_classes: 3,
         num_queries: 5,
         groups,

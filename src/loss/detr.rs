@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::detection::DetTarget;
 use crate::error::{Error, Result};
+use crate::model::detr::DetrOutput;
 use crate::ops::boxes::{box_cxcywh_to_xyxy, paired_generalized_box_iou};
 use crate::ops::losses::sigmoid_focal_loss;
 use crate::ops::matcher::{match_queries, Assignment, MatchCosts};
@@ -139,4 +140,55 @@ pub fn set_losses<B: Backend>(
         (bbox, giou)
     };
     SetLosses { class, bbox, giou }
+}
+
+/// The DETR training loss and its unweighted terms, summed over decoder layers and groups.
+#[derive(Debug, Clone)]
+pub struct DetrLoss<B: Backend> {
+    /// The weighted total to back-propagate.
+    pub total: Tensor<B, 1>,
+    /// Sum of the focal terms.
+    pub class: Tensor<B, 1>,
+    /// Sum of the L1 terms.
+    pub bbox: Tensor<B, 1>,
+    /// Sum of the GIoU terms.
+    pub giou: Tensor<B, 1>,
+}
+
+/// DETR's loss on every decoder layer (auxiliary losses) and every query group: each group of
+/// each layer is matched to the targets on its own (one-to-one within a group, one-to-many
+/// across groups, as Group-DETR), normalised by the number of target boxes.
+pub fn detr_loss<B: Backend>(
+    output: &DetrOutput<B>,
+    targets: &[DetTarget],
+    weights: &SetLossWeights,
+    costs: &MatchCosts,
+) -> Result<DetrLoss<B>> {
+    let num_boxes = targets.iter().map(|t| t.boxes.len()).sum::<usize>() as f64;
+    let mut terms: Option<[Tensor<B, 1>; 3]> = None;
+    for layer in &output.layers {
+        let mut start = 0;
+        for &size in &output.group_sizes {
+            let logits = layer.logits.clone().narrow(1, start, size);
+            let boxes = layer.boxes.clone().narrow(1, start, size);
+            start += size;
+            let matches = match_batch(&logits, &boxes, targets, costs)?;
+            let l = set_losses(logits, boxes, targets, &matches, num_boxes, weights);
+            terms = Some(match terms {
+                None => [l.class, l.bbox, l.giou],
+                Some([c, b, g]) => [c + l.class, b + l.bbox, g + l.giou],
+            });
+        }
+    }
+    let [class, bbox, giou] =
+        terms.ok_or_else(|| Error::config("detr_loss", "the output has no decoder layers"))?;
+    let total = class.clone().mul_scalar(weights.class)
+        + bbox.clone().mul_scalar(weights.bbox)
+        + giou.clone().mul_scalar(weights.giou);
+    Ok(DetrLoss {
+        total,
+        class,
+        bbox,
+        giou,
+    })
 }

@@ -24,8 +24,11 @@ use crate::model::transformer::{
 /// DETR settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DetrConfig {
-    /// The backbone (its stride-32 features feed the transformer).
+    /// The backbone.
     pub backbone: BackboneConfig,
+    /// Backbone level fed to the transformer: 16 (C4, finer, better for small images) or 32 (C5).
+    #[serde(default = "stride32")]
+    pub feature_stride: usize,
     /// Number of object classes.
     pub num_classes: usize,
     /// Queries per group.
@@ -44,6 +47,10 @@ pub struct DetrConfig {
 
 fn one() -> usize {
     1
+}
+
+fn stride32() -> usize {
+    32
 }
 
 /// A small MLP (ReLU between layers), as DETR's box head.
@@ -135,6 +142,8 @@ pub struct Detr<B: Backend> {
     pub groups: usize,
     /// Model width.
     pub d_model: usize,
+    /// Stride of the backbone level the transformer reads.
+    pub feature_stride: usize,
 }
 
 /// `log(x / (1 − x))`, clamped as Deformable-DETR does.
@@ -170,7 +179,17 @@ impl DetrConfig {
         }
         let backbone = self.backbone.init::<B>(device)?;
         let d = self.layer.d_model;
-        let [_, _, c5] = backbone.channels();
+        let [_, c4, c5] = backbone.channels();
+        let c_in = match self.feature_stride {
+            16 => c4,
+            32 => c5,
+            s => {
+                return Err(crate::Error::config(
+                    "detr.feature_stride",
+                    format!("{s} is not 16 or 32"),
+                ))
+            }
+        };
         let total = self.num_queries * self.groups;
         // Anchors start spread uniformly over the image with random sizes, in logit space.
         let anchors = inverse_sigmoid(Tensor::<B, 2>::random(
@@ -200,7 +219,7 @@ impl DetrConfig {
             .collect();
         Ok(Detr {
             backbone,
-            input_proj: Conv2dConfig::new([c5, d], [1, 1]).init(device),
+            input_proj: Conv2dConfig::new([c_in, d], [1, 1]).init(device),
             encoder: (0..self.encoder_layers)
                 .map(|_| EncoderLayer::new(&self.layer, device))
                 .collect(),
@@ -220,6 +239,7 @@ impl DetrConfig {
             num_queries: self.num_queries,
             groups: self.groups,
             d_model: d,
+            feature_stride: self.feature_stride,
         })
     }
 }
@@ -232,7 +252,12 @@ impl<B: Backend> Detr<B> {
         let device = images.device();
         let [b, _, h, w] = images.dims();
         let features = self.backbone.features(images);
-        let src = self.input_proj.forward(features.c5.clone());
+        let level = if self.feature_stride == 16 {
+            &features.c4
+        } else {
+            &features.c5
+        };
+        let src = self.input_proj.forward(level.clone());
         let [_, d, fh, fw] = src.dims();
         let mask = downsample_padding(padding, [b, h, w], (fh, fw));
         let pos = sine_position_encoding(&mask, [b, fh, fw], d);
@@ -280,4 +305,49 @@ impl<B: Backend> Detr<B> {
             features,
         }
     }
+}
+
+/// Turns the first query group's final predictions into detections in original-image pixels:
+/// the `max_dets` highest (query, class) sigmoid scores over all queries and classes
+/// (Deformable-DETR's post-processing). `orig_sizes` are `(width, height)` per image; boxes are
+/// normalised to each image's unpadded extent, which scales uniformly to the original.
+pub fn postprocess<B: Backend>(
+    prediction: &LayerPrediction<B>,
+    num_queries: usize,
+    orig_sizes: &[(u32, u32)],
+    max_dets: usize,
+) -> Vec<Vec<crate::eval::coco::Detection>> {
+    let [b, _, k] = prediction.logits.dims();
+    let host = |t: Tensor<B, 3>| -> Vec<f32> {
+        t.into_data().convert::<f32>().to_vec().unwrap_or_default()
+    };
+    let scores = host(sigmoid(prediction.logits.clone().narrow(1, 0, num_queries)));
+    let boxes = host(prediction.boxes.clone().narrow(1, 0, num_queries));
+    (0..b.min(orig_sizes.len()))
+        .map(|i| {
+            let (w, h) = (orig_sizes[i].0 as f64, orig_sizes[i].1 as f64);
+            let s = &scores[i * num_queries * k..(i + 1) * num_queries * k];
+            let mut order: Vec<usize> = (0..s.len()).collect();
+            order.sort_by(|&a, &c| s[c].total_cmp(&s[a]));
+            order
+                .into_iter()
+                .take(max_dets)
+                .map(|j| {
+                    let q = j / k;
+                    let bx = &boxes[(i * num_queries + q) * 4..][..4];
+                    let (cx, cy, bw, bh) = (
+                        bx[0] as f64 * w,
+                        bx[1] as f64 * h,
+                        bx[2] as f64 * w,
+                        bx[3] as f64 * h,
+                    );
+                    crate::eval::coco::Detection {
+                        class: j % k,
+                        bbox: [cx - bw / 2.0, cy - bh / 2.0, bw, bh],
+                        score: s[j] as f64,
+                    }
+                })
+                .collect()
+        })
+        .collect()
 }
