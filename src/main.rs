@@ -296,7 +296,7 @@ fn classify(args: ClassifyArgs) -> Result<()> {
             .iter()
             .map(|p| load_rgb(p))
             .collect::<Result<Vec<_>>>()?;
-        for (path, logits) in chunk.iter().zip(classify_images(&model, &images, &device)) {
+        for (path, logits) in chunk.iter().zip(classify_images(&model, &images, &device)?) {
             ranked.push(Ranked {
                 image: path.display().to_string(),
                 top: top_k(&logits, args.top),

@@ -124,7 +124,7 @@ fn mobilenet_v2_logits_match_torchvision() {
         .iter()
         .map(|c| load_rgb(&fixtures().join(c["file"].as_str().expect("file"))).expect("image"))
         .collect();
-    let logits = classify_images(&model, &images, &device);
+    let logits = classify_images(&model, &images, &device).expect("logits");
     for (case, got) in cases.iter().zip(&logits) {
         let name = case["file"].as_str().unwrap_or("?");
         let want: Vec<f32> = case["logits"]

@@ -8,7 +8,7 @@ use image::RgbImage;
 use serde::Serialize;
 
 use crate::data::transforms::{imagenet_eval_crop, normalize, IMAGENET_MEAN, IMAGENET_STD};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::model::backbone::{Arch, Backbone, BackboneConfig};
 use crate::model::norm::NormKind;
 use crate::model::weights::{load_pytorch, LoadOptions, LoadReport};
@@ -59,24 +59,27 @@ pub fn imagenet_input(img: &RgbImage) -> Vec<f32> {
     )
 }
 
-/// Logits `[N, classes]` for a batch of images.
+/// Logits `[N, classes]` for a batch of images; an error if the model has no classifier head.
 pub fn classify_images<B: Backend>(
     model: &Backbone<B>,
     images: &[RgbImage],
     device: &B::Device,
-) -> Vec<Vec<f32>> {
+) -> Result<Vec<Vec<f32>>> {
     let data: Vec<f32> = images.iter().flat_map(imagenet_input).collect();
     let x = Tensor::<B, 4>::from_data(TensorData::new(data, [images.len(), 3, 224, 224]), device);
-    let Some(logits) = model.classify(x) else {
-        return Vec::new();
-    };
+    let logits = model.classify(x).ok_or_else(|| {
+        Error::config(
+            "backbone.num_classes",
+            "the model has no classification head",
+        )
+    })?;
     let [n, k] = logits.dims();
     let flat: Vec<f32> = logits
         .into_data()
         .convert::<f32>()
         .to_vec()
-        .unwrap_or_default();
-    (0..n).map(|i| flat[i * k..(i + 1) * k].to_vec()).collect()
+        .map_err(|e| Error::config("logits", format!("{e:?}")))?;
+    Ok((0..n).map(|i| flat[i * k..(i + 1) * k].to_vec()).collect())
 }
 
 /// The `k` highest logits with their softmax probabilities (computed in f64).
