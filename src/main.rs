@@ -5,10 +5,12 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
+use densekd::backend::{Inference, Training};
 use densekd::data::coco::{CocoDataset, InvalidPolicy};
 use densekd::data::export::{self_check, write_split};
 use densekd::data::images::load_rgb;
 use densekd::data::synth::{Split, SynthConfig};
+use densekd::distill::NoDistill;
 use densekd::eval::{coco, seg};
 use densekd::model::backbone::Arch;
 use densekd::model::classify::{classify_images, load_imagenet_model, top_k, ClassScore};
@@ -32,6 +34,50 @@ enum Command {
     Eval(EvalCommand),
     /// ImageNet classification with torchvision weights (checks architectures and weight import).
     Classify(ClassifyArgs),
+    /// Train a detector from a TOML config; resumable.
+    Train(TrainArgs),
+    /// Detect objects with an exported model: COCO results JSON and drawn PNGs.
+    Predict(PredictArgs),
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    /// TOML config (see configs/).
+    config: PathBuf,
+    /// Override a config value, e.g. `--set optim.lr=1e-4` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Run folder (default: runs/<config name>).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Continue the run in the folder from its latest checkpoint.
+    #[arg(long)]
+    resume: bool,
+}
+
+#[derive(Args)]
+struct PredictArgs {
+    /// Exported model (a run's model.safetensors).
+    #[arg(long)]
+    weights: PathBuf,
+    /// Image files and/or folders of images.
+    #[arg(long, required = true, num_args = 1..)]
+    images: Vec<PathBuf>,
+    /// Output folder: detections.json and vis/*.png.
+    #[arg(long)]
+    out: PathBuf,
+    /// Keep detections scoring at least this (use 0 to evaluate AP with the results).
+    #[arg(long, default_value_t = 0.3)]
+    score_thr: f64,
+    /// Detections per image before the threshold.
+    #[arg(long, default_value_t = 100)]
+    max_dets: usize,
+    /// COCO ground truth whose image ids the results use (images matched by file name).
+    #[arg(long)]
+    gt: Option<PathBuf>,
+    /// Skip drawing PNGs.
+    #[arg(long)]
+    no_draw: bool,
 }
 
 #[derive(Args)]
@@ -319,6 +365,98 @@ fn classify(args: ClassifyArgs) -> Result<()> {
     Ok(())
 }
 
+fn train(args: TrainArgs) -> Result<()> {
+    use densekd::train::config::{differing_keys, TrainConfig};
+    use densekd::train::{detr::DetrTask, fit, LoopConfig, RunOptions};
+    let config = TrainConfig::load(&args.config, &args.set)?;
+    let run_dir = args.out.unwrap_or_else(|| {
+        let stem = args.config.file_stem().unwrap_or_default();
+        PathBuf::from("runs").join(stem)
+    });
+    let saved_path = run_dir.join("config.toml");
+    let has_checkpoint = run_dir.join("checkpoints").join("latest.json").exists();
+    if args.resume && saved_path.exists() {
+        let saved = TrainConfig::load(&saved_path, &[])?;
+        let changed = differing_keys(&saved, &config)?;
+        if !changed.is_empty() {
+            return Err(Error::config(
+                "--resume",
+                format!(
+                    "the config differs from {} in: {}; resume with the same config and overrides",
+                    saved_path.display(),
+                    changed.join(", ")
+                ),
+            ));
+        }
+    } else if has_checkpoint && !args.resume {
+        return Err(Error::config(
+            "--out",
+            format!(
+                "{} already holds a run with checkpoints; pass --resume to continue it or choose another --out",
+                run_dir.display()
+            ),
+        ));
+    }
+    densekd::error::write_atomic(&saved_path, config.to_toml()?.as_bytes())?;
+    let device = densekd::backend::device();
+    eprintln!("backend: {}", densekd::backend::name());
+    let task = DetrTask::new(&config)?;
+    let model = task.init_model::<Training>(&device)?;
+    let loop_config = LoopConfig {
+        seed: config.seed,
+        optim: config.optim.clone(),
+        eval: config.eval.clone(),
+        checkpoint: config.checkpoint.clone(),
+    };
+    let options = RunOptions {
+        run_dir: run_dir.clone(),
+        resume: args.resume,
+        stop_after: None,
+        progress: true,
+    };
+    let summary = fit(
+        &task,
+        &mut NoDistill,
+        model,
+        &loop_config,
+        &options,
+        &device,
+    )?;
+    for (name, stats) in &summary.final_eval {
+        println!("{name}:");
+        for (k, v) in stats {
+            println!("  {k:<5} {v:.4}");
+        }
+    }
+    println!(
+        "{} steps in {:.1} s; run folder {} (model.safetensors, metrics.jsonl, summary.json, *.png)",
+        summary.steps,
+        summary.wall_s,
+        run_dir.display()
+    );
+    Ok(())
+}
+
+fn predict(args: PredictArgs) -> Result<()> {
+    use densekd::predict::{collect_images, predict, PredictOptions};
+    let images = collect_images(&args.images)?;
+    let options = PredictOptions {
+        score_thr: args.score_thr,
+        max_dets: args.max_dets,
+        gt: args.gt,
+        draw: !args.no_draw,
+    };
+    let device = densekd::backend::device();
+    let summary = predict::<Inference>(&args.weights, &images, &args.out, &options, &device)?;
+    println!(
+        "{} detections on {} images -> {}",
+        summary.detections,
+        summary.images,
+        summary.results.display()
+    );
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -326,6 +464,8 @@ fn main() -> ExitCode {
         Command::Data(DataCommand::Check(args)) => check(args),
         Command::Eval(cmd) => eval(cmd),
         Command::Classify(args) => classify(args),
+        Command::Train(args) => train(args),
+        Command::Predict(args) => predict(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

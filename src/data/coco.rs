@@ -24,7 +24,7 @@ pub enum InvalidPolicy {
 }
 
 /// A category with its original COCO id.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Category {
     /// The id used in the JSON file.
     pub id: u64,

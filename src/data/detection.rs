@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use burn::tensor::{backend::Backend, Bool, Tensor, TensorData};
 use image::RgbImage;
-use rand::Rng;
+use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::data::coco::CocoDataset;
@@ -19,6 +19,7 @@ use crate::error::{Error, Result};
 
 /// Detection augmentation: resize keeping aspect, then an optional horizontal flip.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct DetAugment {
     /// Target length of the shorter side.
     pub shorter: u32,
@@ -56,7 +57,7 @@ pub struct DetSample {
 }
 
 /// Resizes and maybe flips an image with its boxes.
-fn augment<R: Rng>(
+fn augment_sample<R: Rng>(
     image_id: u64,
     image: &RgbImage,
     mut boxes: Vec<[f32; 4]>,
@@ -133,7 +134,7 @@ impl Source for CocoSource {
                 )
             })
             .unzip();
-        Ok(augment(
+        Ok(augment_sample(
             entry.id,
             &image,
             boxes,
@@ -176,7 +177,7 @@ impl Source for SynthDetSource {
                 )
             })
             .unzip();
-        Ok(augment(
+        Ok(augment_sample(
             crate::data::export::synth_image_id(index),
             &s.image,
             boxes,
@@ -290,4 +291,43 @@ impl DetBatch {
         let [n, _, h, w] = self.shape;
         Tensor::from_data(TensorData::new(self.padding.clone(), [n, h, w]), device)
     }
+}
+
+/// Either detection source, so one loader type serves both.
+pub enum DetSource {
+    /// A COCO dataset on disk.
+    Coco(CocoSource),
+    /// The built-in synthetic shapes.
+    Synth(SynthDetSource),
+}
+
+impl Source for DetSource {
+    type Item = DetSample;
+
+    fn len(&self) -> usize {
+        match self {
+            DetSource::Coco(s) => s.len(),
+            DetSource::Synth(s) => s.len(),
+        }
+    }
+
+    fn get(&self, index: usize, rng: &mut ChaCha8Rng) -> Result<DetSample> {
+        match self {
+            DetSource::Coco(s) => s.get(index, rng),
+            DetSource::Synth(s) => s.get(index, rng),
+        }
+    }
+}
+
+/// Evaluation preprocessing of a single image without annotations (prediction).
+pub fn prepare_image(image_id: u64, image: &RgbImage, augment: &DetAugment) -> DetSample {
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    augment_sample(
+        image_id,
+        image,
+        Vec::new(),
+        Vec::new(),
+        &augment.eval(),
+        &mut rng,
+    )
 }

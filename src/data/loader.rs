@@ -124,7 +124,15 @@ impl<S: Source, T: Send + 'static> Loader<S, T> {
 
     /// Iterates over the batches of `epoch`, loading ahead on the worker threads.
     pub fn epoch(&self, epoch: usize) -> EpochIter<T> {
-        let plan = Arc::new(self.plan(epoch));
+        self.epoch_from(epoch, 0)
+    }
+
+    /// The batches of `epoch` from batch `skip` on: exactly the tail of [`Loader::epoch`],
+    /// without loading the skipped batches (resuming mid-epoch).
+    pub fn epoch_from(&self, epoch: usize, skip: usize) -> EpochIter<T> {
+        let mut plan = self.plan(epoch);
+        plan.drain(..skip.min(plan.len()));
+        let plan = Arc::new(plan);
         let seed = self.config.seed;
         let build = {
             let (source, collate, plan) = (self.source.clone(), self.collate.clone(), plan.clone());

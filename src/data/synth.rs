@@ -105,7 +105,8 @@ impl Split {
 }
 
 /// Generator settings; call [`SynthConfig::validate`] before use.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct SynthConfig {
     /// Image side in pixels (square images), 32..=2048.
     pub size: u32,

@@ -14,6 +14,7 @@ use crate::ops::matcher::{match_queries, Assignment, MatchCosts};
 
 /// Loss weights and focal parameters.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct SetLossWeights {
     /// Weight of the focal classification loss.
     pub class: f64,

@@ -23,6 +23,7 @@ use crate::model::transformer::{
 
 /// DETR settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct DetrConfig {
     /// The backbone.
     pub backbone: BackboneConfig,

@@ -8,6 +8,7 @@ use burn::tensor::{activation::relu, backend::Backend, Bool, Tensor, TensorData}
 
 /// Layer sizes shared by encoder and decoder layers.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct LayerConfig {
     /// Model width.
     pub d_model: usize,

@@ -119,3 +119,67 @@ pub fn load_pytorch<B: Backend, M: Module<B> + ModuleSnapshot<B>>(
     }
     Ok((module, report))
 }
+
+/// Writes `module` as `.safetensors` in burn's own layout (no PyTorch renaming), with `metadata`
+/// in the header, atomically.
+pub fn save_native<B: Backend, M: Module<B> + ModuleSnapshot<B>>(
+    module: &M,
+    path: &Path,
+    metadata: &[(&str, String)],
+) -> Result<()> {
+    let mut store = SafetensorsStore::from_bytes(None).skip_enum_variants(true);
+    for (k, v) in metadata {
+        store = store.metadata(*k, v.clone());
+    }
+    module
+        .save_into(&mut store)
+        .map_err(|e| Error::invalid(path, "tensors", e.to_string()))?;
+    let bytes = store
+        .get_bytes()
+        .map_err(|e| Error::invalid(path, "tensors", e.to_string()))?;
+    crate::error::write_atomic(path, &bytes)
+}
+
+/// Loads weights written by [`save_native`]; every module tensor must be present.
+pub fn load_native<B: Backend, M: Module<B> + ModuleSnapshot<B>>(
+    mut module: M,
+    path: &Path,
+) -> Result<M> {
+    let mut store = SafetensorsStore::from_file(path).skip_enum_variants(true);
+    module
+        .load_from(&mut store)
+        .map_err(|e| Error::invalid(path, "tensors", e.to_string()))?;
+    Ok(module)
+}
+
+/// The string metadata of a `.safetensors` file's header.
+pub fn safetensors_metadata(path: &Path) -> Result<std::collections::HashMap<String, String>> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len).map_err(|e| Error::io(path, e))?;
+    let len = u64::from_le_bytes(len);
+    if len > 100 << 20 {
+        return Err(Error::invalid(
+            path,
+            "header",
+            "not a safetensors file (header too large)",
+        ));
+    }
+    let mut header = vec![0u8; len as usize];
+    file.read_exact(&mut header)
+        .map_err(|e| Error::io(path, e))?;
+    let header: serde_json::Value = serde_json::from_slice(&header).map_err(|e| Error::Json {
+        path: path.to_path_buf(),
+        source: e,
+    })?;
+    Ok(header
+        .get("__metadata__")
+        .and_then(|m| m.as_object())
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                .collect()
+        })
+        .unwrap_or_default())
+}

@@ -54,6 +54,7 @@ pub fn linear_sum_assignment<T: Copy + Into<f64>>(
 
 /// Weights of the DETR matching cost (Deformable-DETR / DAB-DETR defaults).
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct MatchCosts {
     /// Weight of the focal classification cost.
     pub class: f64,

@@ -39,6 +39,7 @@ pub enum Arch {
 
 /// Backbone settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct BackboneConfig {
     /// The network.
     pub arch: Arch,

@@ -1,0 +1,394 @@
+//! The training loop, independent of the model kind ([`Task`]) and of the distillation method
+//! ([`crate::distill::Distiller`]): AdamW with a backbone learning-rate multiplier, warm-up and
+//! decay, global gradient clipping, periodic evaluation, `metrics.jsonl`, plots, atomic
+//! checkpoints with exact resume, and the exported inference weights.
+
+pub mod checkpoint;
+pub mod config;
+pub mod detr;
+pub mod metrics;
+pub mod optim;
+pub mod schedule;
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::module::{AutodiffModule, Module};
+use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{ElementConversion, Tensor};
+use serde_json::Value;
+
+use crate::data::derive_seed;
+use crate::data::loader::EpochIter;
+use crate::distill::{Distiller, InnerModel};
+use crate::error::{Error, Result};
+use checkpoint::{load_record, record_bytes, Checkpoints, LoopState, Saved};
+use config::{CheckpointConfig, EvalConfig, OptimConfig};
+use metrics::{number, MetricsLog};
+use optim::{clip_global_norm, step_groups, ParamGroup};
+use schedule::LrSchedule;
+
+/// A scalar loss and its named, weighted terms (the terms are for logging).
+pub struct Losses<B: AutodiffBackend> {
+    /// What is back-propagated.
+    pub total: Tensor<B, 1>,
+    /// Named parts, e.g. `loss_class`.
+    pub terms: Vec<(String, Tensor<B, 1>)>,
+}
+
+/// A model kind with its data, loss, evaluation and export.
+pub trait Task<B: AutodiffBackend> {
+    /// The trained model.
+    type Model: AutodiffModule<B> + Clone;
+    /// One training batch.
+    type Batch: Send + 'static;
+
+    /// Training batches per epoch.
+    fn batches_per_epoch(&self) -> usize;
+    /// The training batches of `epoch`, starting at batch `skip`.
+    fn train_batches(&self, epoch: usize, skip: usize) -> EpochIter<Self::Batch>;
+    /// The supervised loss of one batch.
+    fn loss(&self, model: &Self::Model, batch: &Self::Batch) -> Result<Losses<B>>;
+    /// Moves the backbone's gradients out of `grads` (they get `backbone_lr_mult`).
+    fn backbone_grads(&self, model: &Self::Model, grads: &mut B::Gradients) -> GradientsParams;
+    /// Evaluates an inference model on the validation split: named stats in report order.
+    fn evaluate(&self, model: &InnerModel<B, Self>) -> Result<Vec<(String, f64)>>
+    where
+        Self: Sized;
+    /// Writes inference weights to `path`.
+    fn export(&self, model: &InnerModel<B, Self>, path: &Path) -> Result<()>
+    where
+        Self: Sized;
+}
+
+/// The task-independent settings of a run.
+#[derive(Debug, Clone)]
+pub struct LoopConfig {
+    /// Run seed.
+    pub seed: u64,
+    /// Optimiser and schedule.
+    pub optim: OptimConfig,
+    /// Evaluation cadence.
+    pub eval: EvalConfig,
+    /// Checkpoint and logging cadence.
+    pub checkpoint: CheckpointConfig,
+}
+
+/// Where a run writes and how it starts.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// The run folder.
+    pub run_dir: PathBuf,
+    /// Continue from the latest checkpoint in `run_dir`.
+    pub resume: bool,
+    /// Stop (after checkpointing) once this many steps are done, as if killed; for tests.
+    pub stop_after: Option<usize>,
+    /// Draw a progress bar (when stderr is a terminal).
+    pub progress: bool,
+}
+
+/// What a finished run reports.
+#[derive(Debug, Clone)]
+pub struct RunSummary {
+    /// Optimiser steps done.
+    pub steps: usize,
+    /// Final evaluation per model label (`student`, then the distiller's).
+    pub final_eval: Vec<(String, Vec<(String, f64)>)>,
+    /// Seconds spent in this invocation.
+    pub wall_s: f64,
+    /// Whether training reached its last step (false when stopped by `stop_after`).
+    pub finished: bool,
+}
+
+fn loss_values<B: AutodiffBackend>(losses: &Losses<B>) -> Vec<(String, f64)> {
+    std::iter::once(("loss".to_string(), losses.total.clone()))
+        .chain(losses.terms.iter().cloned())
+        .map(|(k, t)| (k, t.into_scalar().elem::<f64>()))
+        .collect()
+}
+
+fn stats_json(stats: &[(String, f64)]) -> Vec<(&str, Value)> {
+    stats
+        .iter()
+        .map(|(k, v)| (k.as_str(), number(*v)))
+        .collect()
+}
+
+/// Trains `model` on `task` with `distiller` and writes the run folder.
+pub fn fit<B, T, D>(
+    task: &T,
+    distiller: &mut D,
+    mut model: T::Model,
+    config: &LoopConfig,
+    options: &RunOptions,
+    device: &B::Device,
+) -> Result<RunSummary>
+where
+    B: AutodiffBackend,
+    T: Task<B>,
+    D: Distiller<B, T>,
+{
+    let start = Instant::now();
+    let run_dir = &options.run_dir;
+    let per_epoch = task.batches_per_epoch();
+    if per_epoch == 0 {
+        return Err(Error::config("data", "the training split has no batches"));
+    }
+    let schedule = LrSchedule::new(&config.optim, per_epoch);
+    let total = schedule.total_steps();
+    let mut optim = AdamWConfig::new()
+        .with_weight_decay(config.optim.weight_decay as f32)
+        .init::<B, T::Model>();
+    let checkpoints = Checkpoints::new(run_dir);
+
+    let mut state = LoopState {
+        step: 0,
+        epoch: 0,
+        batch: 0,
+        next_lr: schedule.lr(0),
+        seed: config.seed,
+    };
+    let mut resumed = None;
+    if options.resume {
+        let mut names = vec!["model", "optim"];
+        names.extend(distiller.state_names());
+        if let Some(saved) = checkpoints.load_latest(&names)? {
+            let dir = checkpoints.root().to_path_buf();
+            let mut parts = saved.parts.into_iter();
+            let mut next = |name: &str| -> Result<Vec<u8>> {
+                parts
+                    .next()
+                    .map(|(_, bytes)| bytes)
+                    .ok_or_else(|| Error::invalid(&dir, name, "missing from the checkpoint"))
+            };
+            model = model.load_record(load_record(next("model")?, &dir.join("model.bin"), device)?);
+            optim = optim.load_record(load_record(next("optim")?, &dir.join("optim.bin"), device)?);
+            let rest: Vec<(String, Vec<u8>)> = distiller
+                .state_names()
+                .into_iter()
+                .map(|n| Ok((n.to_string(), next(n)?)))
+                .collect::<Result<_>>()?;
+            distiller.load_state(&rest, device)?;
+            state = saved.state;
+            resumed = Some(state.step);
+        }
+    }
+    let mut log = MetricsLog::open(&run_dir.join("metrics.jsonl"), resumed)?;
+    match resumed {
+        Some(step) => eprintln!("resuming {} at step {step}/{total}", run_dir.display()),
+        None => eprintln!("training {total} steps into {}", run_dir.display()),
+    }
+
+    let bar = if options.progress {
+        let bar = indicatif::ProgressBar::new(total as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{elapsed_precise} [{bar:30}] {pos}/{len} ETA {eta} {msg}",
+            )
+            .map_err(|e| Error::config("progress", e.to_string()))?
+            .progress_chars("=> "),
+        );
+        bar.set_position(state.step as u64);
+        bar
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+
+    let save = |model: &T::Model,
+                optim: &dyn Fn() -> Result<Vec<u8>>,
+                distiller: &D,
+                state: LoopState|
+     -> Result<()> {
+        let mut parts = vec![
+            (
+                "model".to_string(),
+                record_bytes::<B, _>(model.clone().into_record())?,
+            ),
+            ("optim".to_string(), optim()?),
+        ];
+        parts.extend(distiller.state()?);
+        checkpoints.save(&Saved { state, parts })
+    };
+
+    let mut final_eval = Vec::new();
+    let mut finished = true;
+    'epochs: while state.epoch < config.optim.epochs {
+        let epoch = state.epoch;
+        for batch in task.train_batches(epoch, state.batch) {
+            let batch = batch?;
+            // Dropout and any other backend randomness restart from (seed, step), so a resumed
+            // run draws exactly what the uninterrupted run would have.
+            B::seed(device, derive_seed(&[config.seed, state.step as u64, 0xd0]));
+            let lr = schedule.lr(state.step);
+            let losses = distiller.loss(task, &model, &batch)?;
+            let log_now = state.step.is_multiple_of(config.checkpoint.log_every_steps);
+            let total_loss = losses.total.clone().into_scalar().elem::<f64>();
+            if !total_loss.is_finite() {
+                let terms = loss_values(&losses)
+                    .iter()
+                    .map(|(k, v)| format!("{k} = {v}"))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                return Err(Error::config(
+                    "training",
+                    format!(
+                        "step {}: the loss is not finite ({terms}); the last checkpoint in {} \
+                         is intact — lower optim.lr or raise optim.warmup_steps and resume",
+                        state.step,
+                        checkpoints.root().display()
+                    ),
+                ));
+            }
+            let values = log_now.then(|| loss_values(&losses));
+            let mut grads = losses.total.backward();
+            let backbone = task.backbone_grads(&model, &mut grads);
+            let rest = GradientsParams::from_grads(grads, &model);
+            let mut groups = vec![
+                ParamGroup {
+                    lr_mult: config.optim.backbone_lr_mult,
+                    grads: backbone,
+                },
+                ParamGroup {
+                    lr_mult: 1.0,
+                    grads: rest,
+                },
+            ];
+            let grad_norm = clip_global_norm(&model, &mut groups, config.optim.clip_norm);
+            model = step_groups(&mut optim, model, groups, lr);
+            distiller.after_step(&model, state.step);
+            state.step += 1;
+            state.batch += 1;
+            state.next_lr = schedule.lr(state.step);
+            bar.set_position(state.step as u64);
+            if let Some(values) = values {
+                bar.set_message(format!("loss {total_loss:.3} lr {lr:.2e}"));
+                let mut fields = vec![
+                    ("epoch", Value::from(epoch)),
+                    ("step", Value::from(state.step)),
+                    ("lr", number(lr)),
+                    ("grad_norm", number(grad_norm)),
+                ];
+                fields.extend(values.iter().map(|(k, v)| (k.as_str(), number(*v))));
+                log.write("train", &fields)?;
+            }
+            let every = config.checkpoint.every_steps;
+            let stop = options.stop_after.is_some_and(|s| state.step >= s);
+            if state.batch < per_epoch && ((every > 0 && state.step.is_multiple_of(every)) || stop)
+            {
+                save(
+                    &model,
+                    &|| record_bytes::<B, _>(optim.to_record()),
+                    distiller,
+                    state,
+                )?;
+            }
+            if stop && state.batch < per_epoch {
+                finished = false;
+                break 'epochs;
+            }
+        }
+        state.epoch += 1;
+        state.batch = 0;
+        let last = state.epoch == config.optim.epochs;
+        if last || state.epoch.is_multiple_of(config.eval.every_epochs) {
+            final_eval = evaluate_all(task, distiller, &model, &mut log, state)?;
+            bar.suspend(|| {
+                for (name, stats) in &final_eval {
+                    let shown: Vec<String> = stats
+                        .iter()
+                        .take(3)
+                        .map(|(k, v)| format!("{k} {v:.3}"))
+                        .collect();
+                    eprintln!(
+                        "epoch {}/{} step {} {name}: {}",
+                        state.epoch,
+                        config.optim.epochs,
+                        state.step,
+                        shown.join(", ")
+                    );
+                }
+            });
+            plot(&log);
+        }
+        save(
+            &model,
+            &|| record_bytes::<B, _>(optim.to_record()),
+            distiller,
+            state,
+        )?;
+        if options.stop_after.is_some_and(|s| state.step >= s) && !last {
+            finished = false;
+            break;
+        }
+    }
+    bar.finish_and_clear();
+
+    if finished {
+        if final_eval.is_empty() {
+            // Resumed after the last epoch's checkpoint: the eval ran, but recompute for the summary.
+            final_eval = evaluate_all(task, distiller, &model, &mut log, state)?;
+        }
+        task.export(&model.valid(), &run_dir.join("model.safetensors"))?;
+        for (name, extra) in distiller.extra_models() {
+            task.export(&extra, &run_dir.join(format!("model-{name}.safetensors")))?;
+        }
+        let summary = serde_json::json!({
+            "steps": state.step,
+            "epochs": state.epoch,
+            "wall_s": start.elapsed().as_secs_f64(),
+            "final": final_eval
+                .iter()
+                .map(|(name, stats)| (name.clone(), Value::Object(
+                    stats.iter().map(|(k, v)| (k.clone(), number(*v))).collect(),
+                )))
+                .collect::<serde_json::Map<String, Value>>(),
+        });
+        crate::data::coco::write_json(&run_dir.join("summary.json"), &summary)?;
+        plot(&log);
+    }
+    Ok(RunSummary {
+        steps: state.step,
+        final_eval,
+        wall_s: start.elapsed().as_secs_f64(),
+        finished,
+    })
+}
+
+/// Evaluates the student and the distiller's extra models, logging one line each.
+fn evaluate_all<B, T, D>(
+    task: &T,
+    distiller: &D,
+    model: &T::Model,
+    log: &mut MetricsLog,
+    state: LoopState,
+) -> Result<Vec<(String, Vec<(String, f64)>)>>
+where
+    B: AutodiffBackend,
+    T: Task<B>,
+    D: Distiller<B, T>,
+{
+    let mut out = Vec::new();
+    let models =
+        std::iter::once(("student".to_string(), model.valid())).chain(distiller.extra_models());
+    for (name, m) in models {
+        let stats = task.evaluate(&m)?;
+        let mut fields = vec![
+            ("epoch", Value::from(state.epoch)),
+            ("step", Value::from(state.step)),
+            ("model", Value::from(name.as_str())),
+        ];
+        fields.extend(stats_json(&stats));
+        log.write("eval", &fields)?;
+        out.push((name, stats));
+    }
+    Ok(out)
+}
+
+/// Redraws the run's plots; a plotting failure is reported, not fatal.
+fn plot(log: &MetricsLog) {
+    let dir = log.path().parent().unwrap_or(Path::new("."));
+    if let Err(e) = crate::viz::plot::plot_run(log.path(), dir) {
+        eprintln!("warning: could not draw plots: {e}");
+    }
+}
