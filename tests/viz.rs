@@ -195,6 +195,11 @@ fn grey(width: u32, height: u32) -> RgbImage {
     RgbImage::from_pixel(width, height, Rgb([90, 160, 200]))
 }
 
+/// Near-white: the core of an anti-aliased white glyph (small text rarely covers a pixel fully).
+fn is_white(p: &Rgb<u8>) -> bool {
+    p.0.iter().all(|&c| c >= 200)
+}
+
 #[test]
 fn draw_detections_draws_class_coloured_boxes() {
     let image = grey(320, 240);
@@ -234,10 +239,7 @@ fn draw_detections_draws_class_coloured_boxes() {
         .map(|(x, y)| *out.get_pixel(x, y))
         .collect::<Vec<_>>();
     assert!(label.iter().filter(|p| **p == car).count() > 100);
-    assert!(
-        label.iter().any(|p| p.0 == [255, 255, 255]),
-        "no white text"
-    );
+    assert!(label.iter().any(is_white), "no white text");
     // The second box touches the top edge: its label (unknown class 7) lies inside the image,
     // within the box.
     let unknown = Rgb(palette(7));
@@ -247,7 +249,7 @@ fn draw_detections_draws_class_coloured_boxes() {
         .map(|(x, y)| *out.get_pixel(x, y))
         .collect();
     assert!(inside.iter().filter(|p| **p == unknown).count() > 50);
-    assert!(inside.iter().any(|p| p.0 == [255, 255, 255]));
+    assert!(inside.iter().any(|p| is_white(p)), "no white text");
 }
 
 #[test]
@@ -304,85 +306,4 @@ fn draw_detections_clips_boxes_outside_the_image() {
     assert_eq!(*out.get_pixel(110, 100), Rgb(palette(3)));
     assert_eq!(count_color(&out, palette(4)), 0);
     assert_eq!(count_color(&out, palette(5)), 0);
-}
-
-#[test]
-fn tmp_dump_for_inspection() {
-    let image = grey(320, 240);
-    let detections = [
-        Detection {
-            class: 1,
-            bbox: [50.0, 60.0, 100.0, 80.0],
-            score: 0.87,
-        },
-        Detection {
-            class: 7,
-            bbox: [200.0, 0.0, 60.0, 50.0],
-            score: 0.5,
-        },
-        Detection {
-            class: 0,
-            bbox: [20.0, 150.0, 60.0, 50.0],
-            score: 0.5,
-        },
-        Detection {
-            class: 3,
-            bbox: [150.0, 150.0, 60.0, 50.0],
-            score: 0.5,
-        },
-    ];
-    let names = vec!["person".to_string(), "car".to_string()];
-    draw_detections(&image, &detections, &names)
-        .save("/tmp/viz_det.png")
-        .unwrap();
-    let big = grey(1280, 960);
-    let d2: Vec<_> = detections
-        .iter()
-        .map(|d| Detection {
-            class: d.class,
-            bbox: d.bbox.map(|v| v * 4.0),
-            score: d.score,
-        })
-        .collect();
-    draw_detections(&big, &d2, &names)
-        .save("/tmp/viz_det_big.png")
-        .unwrap();
-    let d3: Vec<_> = detections
-        .iter()
-        .map(|d| Detection {
-            class: d.class,
-            bbox: d.bbox.map(|v| v * 0.4),
-            score: d.score,
-        })
-        .collect();
-    draw_detections(&grey(128, 96), &d3, &names)
-        .save("/tmp/viz_det_small.png")
-        .unwrap();
-    let dir = std::path::PathBuf::from("/tmp/viz_run");
-    let metrics = dir.join("metrics.jsonl");
-    std::fs::create_dir_all(&dir).unwrap();
-    let mut text = String::new();
-    for i in 0..300 {
-        let l = 10.0 * (-(i as f64) / 80.0).exp() + 0.3 * ((i * 7919 % 13) as f64 / 13.0);
-        text += &format!(
-            "{{\"kind\":\"train\",\"step\":{},\"loss\":{},\"loss_class\":{},\"loss_bbox\":{}}}\n",
-            i * 10,
-            l,
-            l / 3.0,
-            l / 5.0
-        );
-    }
-    for e in 0..6 {
-        text += &format!(
-            "{{\"kind\":\"eval\",\"step\":{},\"AP\":{},\"AP50\":{},\"AP75\":{}}}\n",
-            e * 500,
-            0.05 * e as f64,
-            0.1 * e as f64,
-            0.04 * e as f64
-        );
-        text += &format!("{{\"kind\":\"instability\",\"epoch\":{},\"step\":{},\"model\":\"student\",\"changed\":{}}}\n", e, e*500, 0.2 / (1.0 + e as f64));
-    }
-    std::fs::write(&metrics, text).unwrap();
-    plot_run(&metrics, &dir).unwrap();
-    line_plot(&dir.join("nodata.png"), "Nothing", "x", "y", &[], false).unwrap();
 }

@@ -72,6 +72,7 @@ pub fn line_plot(
                     title,
                     x: x_label,
                     y: y_label,
+                    legend: legend_corner(&drawable, &xs, &ys, log_y),
                 };
                 if log_y {
                     let ys = pad_log(ys);
@@ -193,12 +194,22 @@ pub fn plot_run(metrics_jsonl: &Path, out_dir: &Path) -> Result<Vec<PathBuf>> {
 
     if has_instability {
         let path = out_dir.join("instability.png");
+        let only_changed = instability
+            .series
+            .iter()
+            .all(|s| s.name.ends_with(" changed"));
+        let y_label = if only_changed {
+            "fraction changed"
+        } else {
+            "value"
+        };
+        let series = &instability.series;
         line_plot(
             &path,
             "Prediction instability",
             "epoch",
-            "fraction changed",
-            &instability.series,
+            y_label,
+            series,
             false,
         )?;
         written.push(path);
@@ -247,11 +258,39 @@ fn ema(series: &Series) -> Series {
     }
 }
 
-/// Title and axis labels of a chart.
+/// Title, axis labels and legend corner of a chart.
 struct Labels<'a> {
     title: &'a str,
     x: &'a str,
     y: &'a str,
+    legend: SeriesLabelPosition,
+}
+
+/// The chart corner holding the fewest points, so the legend hides as little of the curves as
+/// possible (falling losses leave the upper right free, rising AP the lower right).
+fn legend_corner(
+    series: &[(usize, &str, Vec<(f64, f64)>)],
+    xs: &Range<f64>,
+    ys: &Range<f64>,
+    log_y: bool,
+) -> SeriesLabelPosition {
+    let y_axis = |y: f64| if log_y { y.log10() } else { y };
+    let (y0, y1) = (y_axis(ys.start), y_axis(ys.end));
+    let right = |x: f64| x - xs.start > 0.5 * (xs.end - xs.start);
+    let upper = |y: f64| y_axis(y) - y0 > 0.5 * (y1 - y0);
+    let mut counts = [0usize; 4];
+    for &(x, y) in series.iter().flat_map(|(_, _, p)| p.iter()) {
+        counts[usize::from(!upper(y)) * 2 + usize::from(!right(x))] += 1;
+    }
+    let corners = [
+        SeriesLabelPosition::UpperRight,
+        SeriesLabelPosition::UpperLeft,
+        SeriesLabelPosition::LowerRight,
+        SeriesLabelPosition::LowerLeft,
+    ];
+    // `min_by_key` keeps the first minimum, so ties prefer the upper right.
+    let best = (0..4).min_by_key(|&i| counts[i]).unwrap_or(0);
+    corners[best].clone()
 }
 
 /// The x and y extents over all points, or `None` when there are none.
@@ -343,7 +382,7 @@ where
     }
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
+        .position(labels.legend.clone())
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
         .label_font(("sans-serif", 14))

@@ -1,0 +1,227 @@
+//! The training loop's contracts: a run stopped mid-epoch and resumed from its checkpoint ends
+//! bit-identical to an uninterrupted run; the run folder holds what the docs promise; the CLI
+//! trains, refuses to overwrite a run, names bad config keys, and its predictions evaluate.
+
+use std::path::Path;
+use std::process::Command;
+
+use densekd::backend::{Inference, Training};
+use densekd::distill::NoDistill;
+use densekd::train::config::TrainConfig;
+use densekd::train::detr::{load_detector, DetrTask};
+use densekd::train::{fit, LoopConfig, RunOptions, RunSummary};
+
+/// A tiny run: 16 synthetic 64 px images, batches of 4, 2 epochs = 8 steps.
+const TINY: &[&str] = &[
+    "data.synthetic.train_images=16",
+    "data.synthetic.val_images=8",
+    "data.synthetic.generator.size=64",
+    "data.augment.shorter=64",
+    "data.augment.max_size=64",
+    "data.workers=1",
+    "optim.batch_size=4",
+    "optim.epochs=2",
+    "optim.warmup_steps=2",
+    "eval.every_epochs=1",
+    "checkpoint.log_every_steps=1",
+    "model.backbone.width=0.25",
+    "model.layer.d_model=32",
+    "model.layer.ffn=64",
+    "model.num_queries=10",
+];
+
+fn config(extra: &[&str]) -> TrainConfig {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/detr_shapes.toml");
+    let sets: Vec<String> = TINY.iter().chain(extra).map(|s| s.to_string()).collect();
+    TrainConfig::load(&path, &sets).expect("config")
+}
+
+fn run(config: &TrainConfig, dir: &Path, resume: bool, stop_after: Option<usize>) -> RunSummary {
+    let device = Default::default();
+    let task = DetrTask::new(config).expect("task");
+    let model = task.init_model::<Training>(&device).expect("model");
+    let loop_config = LoopConfig {
+        seed: config.seed,
+        optim: config.optim.clone(),
+        eval: config.eval.clone(),
+        checkpoint: config.checkpoint.clone(),
+    };
+    let options = RunOptions {
+        run_dir: dir.to_path_buf(),
+        resume,
+        stop_after,
+        progress: false,
+    };
+    fit(&task, &mut NoDistill, model, &loop_config, &options, &device).expect("fit")
+}
+
+fn lines(dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .expect("metrics")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect()
+}
+
+fn tensor(model: &densekd::model::detr::Detr<Inference>) -> Vec<f32> {
+    let mut v = model.query_anchors.val().into_data().to_vec::<f32>().expect("f32");
+    v.extend(model.class_head.weight.val().into_data().to_vec::<f32>().expect("f32"));
+    v
+}
+
+#[test]
+fn resumed_run_matches_uninterrupted_run() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    let cfg = config(&[]);
+    let full = run(&cfg, &a, false, None);
+    assert!(full.finished);
+    assert_eq!(full.steps, 8);
+
+    // Stop mid-epoch (step 3 of 4 in epoch 0), as if killed, then resume to the end.
+    let part = run(&cfg, &b, false, Some(3));
+    assert!(!part.finished);
+    assert_eq!(part.steps, 3);
+    assert!(!b.join("model.safetensors").exists());
+    let rest = run(&cfg, &b, true, None);
+    assert!(rest.finished);
+    assert_eq!(rest.steps, 8);
+
+    assert_eq!(lines(&a), lines(&b), "metrics differ after resume");
+    assert_eq!(full.final_eval, rest.final_eval);
+    let device = Default::default();
+    let (ma, info) = load_detector::<Inference>(&a.join("model.safetensors"), &device).expect("a");
+    let (mb, _) = load_detector::<Inference>(&b.join("model.safetensors"), &device).expect("b");
+    assert_eq!(tensor(&ma), tensor(&mb));
+    assert_eq!(info.model, cfg.model);
+    assert_eq!(info.categories.len(), 8);
+
+    // The run folder's promised contents.
+    let metrics = lines(&a);
+    let train: Vec<_> = metrics.iter().filter(|l| l["kind"] == "train").collect();
+    assert_eq!(train.len(), 8);
+    for key in ["step", "lr", "loss", "loss_class", "loss_bbox", "loss_giou"] {
+        assert!(train[0][key].is_number(), "train line lacks {key}");
+    }
+    assert!(train[0]["lr"].as_f64() < train[1]["lr"].as_f64(), "warm-up");
+    let evals: Vec<_> = metrics.iter().filter(|l| l["kind"] == "eval").collect();
+    assert_eq!(evals.len(), 2);
+    for key in densekd::eval::coco::STAT_KEYS {
+        assert!(evals[1][key].is_number(), "eval line lacks {key}");
+    }
+    assert_eq!(evals[1]["epoch"], 2);
+    assert_eq!(evals[1]["step"], 8);
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(a.join("summary.json")).expect("summary"))
+            .expect("json");
+    assert_eq!(summary["final"]["student"]["AP"], evals[1]["AP"]);
+    for plot in ["loss.png", "ap.png"] {
+        let img = image::open(a.join(plot)).expect("plot decodes");
+        assert!(img.width() > 100 && img.height() > 100);
+    }
+    // Only the latest checkpoint is kept.
+    let kept: Vec<_> = std::fs::read_dir(a.join("checkpoints"))
+        .expect("checkpoints")
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("step-"))
+        .collect();
+    assert_eq!(kept.len(), 1);
+}
+
+fn densekd(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_densekd"))
+        .args(args)
+        .output()
+        .expect("binary runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn cli_trains_predicts_and_guards_runs() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let run_dir = tmp.path().join("run");
+    let run_s = run_dir.to_str().expect("utf8");
+    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/detr_shapes.toml");
+    let config = config.to_str().expect("utf8");
+    let mut args = vec!["train", config, "--out", run_s];
+    for s in TINY {
+        args.extend(["--set", s]);
+    }
+    args.extend(["--set", "optim.epochs=1"]);
+
+    let mut bad = args.clone();
+    bad.extend(["--set", "optim.learning_rate=1"]);
+    let (ok, _, stderr) = densekd(&bad);
+    assert!(!ok);
+    assert!(stderr.contains("learning_rate"), "{stderr}");
+
+    let (ok, stdout, stderr) = densekd(&args);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("AP50"), "{stdout}");
+    let saved = std::fs::read_to_string(run_dir.join("config.toml")).expect("resolved config");
+    assert!(saved.contains("train_images = 16"), "{saved}");
+
+    // A second run into the same folder must not clobber it; a resume with other values must
+    // name them.
+    let (ok, _, stderr) = densekd(&args);
+    assert!(!ok && stderr.contains("--resume"), "{stderr}");
+    let mut changed = args.clone();
+    changed.extend(["--resume", "--set", "optim.lr=0.5"]);
+    let (ok, _, stderr) = densekd(&changed);
+    assert!(!ok && stderr.contains("optim.lr"), "{stderr}");
+
+    let data = tmp.path().join("shapes");
+    let data_s = data.to_str().expect("utf8");
+    let (ok, _, stderr) = densekd(&[
+        "data", "synth", "--out", data_s, "--train", "1", "--val", "8", "--size", "64",
+    ]);
+    assert!(ok, "{stderr}");
+    let gt = data.join("annotations/instances_val.json");
+    let pred = tmp.path().join("pred");
+    let weights = run_dir.join("model.safetensors");
+    let (ok, stdout, stderr) = densekd(&[
+        "predict",
+        "--weights",
+        weights.to_str().expect("utf8"),
+        "--images",
+        data.join("images/val").to_str().expect("utf8"),
+        "--out",
+        pred.to_str().expect("utf8"),
+        "--score-thr",
+        "0",
+        "--gt",
+        gt.to_str().expect("utf8"),
+    ]);
+    assert!(ok, "{stderr}");
+    // 10 queries × 8 classes = 80 candidates per image, all kept at threshold 0.
+    assert!(stdout.contains("640 detections on 8 images"), "{stdout}");
+    let drawn = std::fs::read_dir(pred.join("vis")).expect("vis").count();
+    assert_eq!(drawn, 8);
+    let (ok, stdout, stderr) = densekd(&[
+        "eval",
+        "coco",
+        "--gt",
+        gt.to_str().expect("utf8"),
+        "--dt",
+        pred.join("detections.json").to_str().expect("utf8"),
+        "--json",
+    ]);
+    assert!(ok, "{stderr}");
+    let stats: serde_json::Value = serde_json::from_str(stdout.trim()).expect("json");
+    assert!(stats["AP"].is_number());
+
+    let (ok, _, stderr) = densekd(&[
+        "predict",
+        "--weights",
+        gt.to_str().expect("utf8"),
+        "--images",
+        data_s,
+        "--out",
+        pred.to_str().expect("utf8"),
+    ]);
+    assert!(!ok && stderr.contains("instances_val.json"), "{stderr}");
+}
