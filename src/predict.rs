@@ -43,7 +43,15 @@ pub fn collect_images(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     for p in inputs {
         if p.is_dir() {
-            out.extend(list_images(p)?);
+            let found = list_images(p)?;
+            if found.is_empty() {
+                return Err(Error::invalid(
+                    p,
+                    "--images",
+                    "the folder holds no PNG or JPEG images",
+                ));
+            }
+            out.extend(found);
         } else {
             out.push(p.clone());
         }

@@ -52,7 +52,15 @@ fn run(config: &TrainConfig, dir: &Path, resume: bool, stop_after: Option<usize>
         stop_after,
         progress: false,
     };
-    fit(&task, &mut NoDistill, model, &loop_config, &options, &device).expect("fit")
+    fit(
+        &task,
+        &mut NoDistill,
+        model,
+        &loop_config,
+        &options,
+        &device,
+    )
+    .expect("fit")
 }
 
 fn lines(dir: &Path) -> Vec<serde_json::Value> {
@@ -64,8 +72,21 @@ fn lines(dir: &Path) -> Vec<serde_json::Value> {
 }
 
 fn tensor(model: &densekd::model::detr::Detr<Inference>) -> Vec<f32> {
-    let mut v = model.query_anchors.val().into_data().to_vec::<f32>().expect("f32");
-    v.extend(model.class_head.weight.val().into_data().to_vec::<f32>().expect("f32"));
+    let mut v = model
+        .query_anchors
+        .val()
+        .into_data()
+        .to_vec::<f32>()
+        .expect("f32");
+    v.extend(
+        model
+            .class_head
+            .weight
+            .val()
+            .into_data()
+            .to_vec::<f32>()
+            .expect("f32"),
+    );
     v
 }
 
@@ -219,9 +240,19 @@ fn cli_trains_predicts_and_guards_runs() {
         "--weights",
         gt.to_str().expect("utf8"),
         "--images",
-        data_s,
+        data.join("images/val").to_str().expect("utf8"),
         "--out",
         pred.to_str().expect("utf8"),
     ]);
     assert!(!ok && stderr.contains("instances_val.json"), "{stderr}");
+    let (ok, _, stderr) = densekd(&[
+        "predict",
+        "--weights",
+        weights.to_str().expect("utf8"),
+        "--images",
+        data_s,
+        "--out",
+        pred.to_str().expect("utf8"),
+    ]);
+    assert!(!ok && stderr.contains("no PNG or JPEG"), "{stderr}");
 }

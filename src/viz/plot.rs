@@ -47,7 +47,7 @@ pub fn line_plot(
     log_y: bool,
 ) -> Result<()> {
     register_plot_font();
-    let drawable: Vec<(usize, &str, Vec<(f64, f64)>)> = series
+    let drawable: Vec<Drawable<'_>> = series
         .iter()
         .enumerate()
         .map(|(i, s)| {
@@ -57,9 +57,13 @@ pub fn line_plot(
                 .copied()
                 .filter(|&(x, y)| x.is_finite() && y.is_finite() && (!log_y || y > 0.0))
                 .collect();
-            (i, s.name.as_str(), points)
+            Drawable {
+                color: i,
+                name: &s.name,
+                points,
+            }
         })
-        .filter(|(_, _, points)| !points.is_empty())
+        .filter(|d| !d.points.is_empty())
         .collect();
 
     let mut buf = vec![0u8; WIDTH as usize * HEIGHT as usize * 3];
@@ -137,8 +141,8 @@ pub fn plot_run(metrics_jsonl: &Path, out_dir: &Path) -> Result<Vec<PathBuf>> {
         match kind {
             "train" => {
                 let step = number("step")?;
-                for (key, value) in &record {
-                    if let (true, Some(y)) = (key.starts_with("loss"), value.as_f64()) {
+                for (key, y) in numeric_fields(&record) {
+                    if key.starts_with("loss") {
                         losses.push(key, (step, y));
                     }
                 }
@@ -154,8 +158,8 @@ pub fn plot_run(metrics_jsonl: &Path, out_dir: &Path) -> Result<Vec<PathBuf>> {
             "instability" => {
                 has_instability = true;
                 let (epoch, model) = (number("epoch")?, model()?);
-                for (key, value) in &record {
-                    if let (false, Some(y)) = (key == "epoch" || key == "step", value.as_f64()) {
+                for (key, y) in numeric_fields(&record) {
+                    if key != "epoch" && key != "step" {
                         instability.push(&format!("{model} {key}"), (epoch, y));
                     }
                 }
@@ -168,14 +172,8 @@ pub fn plot_run(metrics_jsonl: &Path, out_dir: &Path) -> Result<Vec<PathBuf>> {
     let mut written = Vec::new();
     let loss_path = out_dir.join("loss.png");
     let smoothed: Vec<Series> = losses.series.iter().map(ema).collect();
-    line_plot(
-        &loss_path,
-        "Training loss (EMA 0.1)",
-        "step",
-        "loss",
-        &smoothed,
-        true,
-    )?;
+    let title = format!("Training loss (EMA, alpha = {LOSS_EMA_ALPHA})");
+    line_plot(&loss_path, &title, "step", "loss", &smoothed, true)?;
     written.push(loss_path);
 
     let ap_path = out_dir.join("ap.png");
@@ -215,6 +213,13 @@ pub fn plot_run(metrics_jsonl: &Path, out_dir: &Path) -> Result<Vec<PathBuf>> {
         written.push(path);
     }
     Ok(written)
+}
+
+/// The fields of a metrics record whose values are numbers.
+fn numeric_fields(record: &Map<String, Value>) -> impl Iterator<Item = (&str, f64)> {
+    record
+        .iter()
+        .filter_map(|(key, value)| Some((key.as_str(), value.as_f64()?)))
 }
 
 /// Series built up line by line, in the order their names first appear.
@@ -258,6 +263,14 @@ fn ema(series: &Series) -> Series {
     }
 }
 
+/// A series ready to draw: its palette index (its position in the caller's list, so colours
+/// stay put when other series are skipped), legend name and drawable points.
+struct Drawable<'a> {
+    color: usize,
+    name: &'a str,
+    points: Vec<(f64, f64)>,
+}
+
 /// Title, axis labels and legend corner of a chart.
 struct Labels<'a> {
     title: &'a str,
@@ -269,7 +282,7 @@ struct Labels<'a> {
 /// The chart corner holding the fewest points, so the legend hides as little of the curves as
 /// possible (falling losses leave the upper right free, rising AP the lower right).
 fn legend_corner(
-    series: &[(usize, &str, Vec<(f64, f64)>)],
+    series: &[Drawable<'_>],
     xs: &Range<f64>,
     ys: &Range<f64>,
     log_y: bool,
@@ -279,7 +292,7 @@ fn legend_corner(
     let right = |x: f64| x - xs.start > 0.5 * (xs.end - xs.start);
     let upper = |y: f64| y_axis(y) - y0 > 0.5 * (y1 - y0);
     let mut counts = [0usize; 4];
-    for &(x, y) in series.iter().flat_map(|(_, _, p)| p.iter()) {
+    for &(x, y) in series.iter().flat_map(|d| d.points.iter()) {
         counts[usize::from(!upper(y)) * 2 + usize::from(!right(x))] += 1;
     }
     let corners = [
@@ -294,8 +307,8 @@ fn legend_corner(
 }
 
 /// The x and y extents over all points, or `None` when there are none.
-fn bounds(series: &[(usize, &str, Vec<(f64, f64)>)]) -> Option<(Range<f64>, Range<f64>)> {
-    let mut points = series.iter().flat_map(|(_, _, p)| p.iter());
+fn bounds(series: &[Drawable<'_>]) -> Option<(Range<f64>, Range<f64>)> {
+    let mut points = series.iter().flat_map(|d| d.points.iter());
     let &(x, y) = points.next()?;
     let (mut xs, mut ys) = (x..x, y..y);
     for &(x, y) in points {
@@ -344,7 +357,7 @@ fn draw_chart<Y>(
     labels: &Labels<'_>,
     x_range: Range<f64>,
     y_range: Y,
-    series: &[(usize, &str, Vec<(f64, f64)>)],
+    series: &[Drawable<'_>],
 ) -> std::result::Result<(), Box<dyn std::error::Error>>
 where
     Y: AsRangedCoord<Value = f64>,
@@ -366,8 +379,13 @@ where
         .label_style(("sans-serif", 13))
         .axis_desc_style(("sans-serif", 15))
         .draw()?;
-    for (index, name, points) in series {
-        let [r, g, b] = palette(*index);
+    for Drawable {
+        color,
+        name,
+        points,
+    } in series
+    {
+        let [r, g, b] = palette(*color);
         let color = RGBColor(r, g, b);
         chart
             .draw_series(LineSeries::new(
