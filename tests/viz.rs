@@ -249,7 +249,7 @@ fn draw_detections_draws_class_coloured_boxes() {
         .map(|(x, y)| *out.get_pixel(x, y))
         .collect();
     assert!(inside.iter().filter(|p| **p == unknown).count() > 50);
-    assert!(inside.iter().any(|p| is_white(p)), "no white text");
+    assert!(inside.iter().any(is_white), "no white text");
 }
 
 #[test]

@@ -20,7 +20,7 @@ use crate::eval::coco::{CocoEvaluator, STAT_KEYS};
 use crate::model::detr::{postprocess, Detr, DetrConfig};
 use crate::model::weights::{load_native, load_pytorch, safetensors_metadata, save_native};
 use crate::train::config::TrainConfig;
-use crate::train::{Losses, Task};
+use crate::train::{Losses, Stats, Task};
 
 /// Metadata key of the exported model's description.
 const META_KEY: &str = "densekd.detector";
@@ -217,7 +217,7 @@ impl<B: AutodiffBackend> Task<B> for DetrTask {
         GradientsParams::from_module(grads, &model.backbone)
     }
 
-    fn evaluate(&self, model: &Detr<B::InnerBackend>) -> Result<Vec<(String, f64)>> {
+    fn evaluate(&self, model: &Detr<B::InnerBackend>) -> Result<Stats> {
         let stats = evaluate_detr(
             model,
             &self.val,

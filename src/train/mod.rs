@@ -37,6 +37,12 @@ pub struct Losses<B: AutodiffBackend> {
     pub terms: Vec<(String, Tensor<B, 1>)>,
 }
 
+/// Named evaluation statistics, in report order (e.g. the 12 COCO stats).
+pub type Stats = Vec<(String, f64)>;
+
+/// Statistics per evaluated model label (`student`, then the distiller's models).
+pub type ModelStats = Vec<(String, Stats)>;
+
 /// A model kind with its data, loss, evaluation and export.
 pub trait Task<B: AutodiffBackend> {
     /// The trained model.
@@ -53,7 +59,7 @@ pub trait Task<B: AutodiffBackend> {
     /// Moves the backbone's gradients out of `grads` (they get `backbone_lr_mult`).
     fn backbone_grads(&self, model: &Self::Model, grads: &mut B::Gradients) -> GradientsParams;
     /// Evaluates an inference model on the validation split: named stats in report order.
-    fn evaluate(&self, model: &InnerModel<B, Self>) -> Result<Vec<(String, f64)>>
+    fn evaluate(&self, model: &InnerModel<B, Self>) -> Result<Stats>
     where
         Self: Sized;
     /// Writes inference weights to `path`.
@@ -94,14 +100,14 @@ pub struct RunSummary {
     /// Optimiser steps done.
     pub steps: usize,
     /// Final evaluation per model label (`student`, then the distiller's).
-    pub final_eval: Vec<(String, Vec<(String, f64)>)>,
+    pub final_eval: ModelStats,
     /// Seconds spent in this invocation.
     pub wall_s: f64,
     /// Whether training reached its last step (false when stopped by `stop_after`).
     pub finished: bool,
 }
 
-fn loss_values<B: AutodiffBackend>(losses: &Losses<B>) -> Vec<(String, f64)> {
+fn loss_values<B: AutodiffBackend>(losses: &Losses<B>) -> Stats {
     std::iter::once(("loss".to_string(), losses.total.clone()))
         .chain(losses.terms.iter().cloned())
         .map(|(k, t)| (k, t.into_scalar().elem::<f64>()))
@@ -362,7 +368,7 @@ fn evaluate_all<B, T, D>(
     model: &T::Model,
     log: &mut MetricsLog,
     state: LoopState,
-) -> Result<Vec<(String, Vec<(String, f64)>)>>
+) -> Result<ModelStats>
 where
     B: AutodiffBackend,
     T: Task<B>,

@@ -100,6 +100,7 @@ pub fn step_groups<B: AutodiffBackend, M: AutodiffModule<B>, O: Optimizer<M, B>>
 mod tests {
     use super::*;
     use crate::backend::Training;
+    use burn::module::Module;
     use burn::nn::{Linear, LinearConfig};
     use burn::tensor::TensorData;
 
