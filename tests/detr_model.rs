@@ -151,7 +151,7 @@ fn tiny_detr(groups: usize) -> DetrConfig {
             blocks: Some([1, 1, 1, 1]),
             num_classes: None,
         },
-        feature_stride: 32,
+        feature_strides: vec![8, 32],
         num_classes: 3,
         num_queries: 5,
         groups,
@@ -206,4 +206,23 @@ fn query_groups_do_not_see_each_other() {
         boxes.iter().all(|v| (0.0..=1.0).contains(v)),
         "boxes are normalised"
     );
+}
+
+#[test]
+fn feature_strides_accept_the_former_single_stride() {
+    let mut json = serde_json::to_value(tiny_detr(1)).expect("serialise");
+    let obj = json.as_object_mut().expect("object");
+    obj.remove("feature_strides");
+    let parse = |v: &serde_json::Value| -> DetrConfig {
+        serde_json::from_value(v.clone()).expect("deserialise")
+    };
+    assert_eq!(parse(&json).feature_strides, vec![32]);
+    json["feature_stride"] = 16.into();
+    assert_eq!(parse(&json).feature_strides, vec![16]);
+    let obj = json.as_object_mut().expect("object");
+    obj.remove("feature_stride");
+    obj.insert("feature_strides".into(), serde_json::json!([8, 16, 32]));
+    assert_eq!(parse(&json).feature_strides, vec![8, 16, 32]);
+    json["feature_strides"] = serde_json::json!([4]);
+    assert!(parse(&json).init::<Inference>(&Default::default()).is_err());
 }

@@ -59,7 +59,7 @@ fn tiny_detr_learns_eight_images() {
             blocks: Some([1, 1, 1, 1]),
             num_classes: None,
         },
-        feature_stride: 32,
+        feature_strides: vec![32],
         num_classes: NUM_CLASSES,
         num_queries: 10,
         groups: 1,

@@ -27,9 +27,16 @@ use crate::model::transformer::{
 pub struct DetrConfig {
     /// The backbone.
     pub backbone: BackboneConfig,
-    /// Backbone level fed to the transformer: 16 (C4, finer, better for small images) or 32 (C5).
-    #[serde(default = "stride32")]
-    pub feature_stride: usize,
+    /// Backbone levels fed to the transformer, by stride: any of 8 (C3), 16 (C4) and 32 (C5).
+    /// Each level gets its own 1×1 projection and a learned level embedding; their tokens are
+    /// concatenated into one memory. Fine levels matter for localising small objects. Older
+    /// configs with a single `feature_stride` number still load.
+    #[serde(
+        default = "stride32",
+        alias = "feature_stride",
+        deserialize_with = "one_or_many"
+    )]
+    pub feature_strides: Vec<usize>,
     /// Number of object classes.
     pub num_classes: usize,
     /// Queries per group.
@@ -50,8 +57,22 @@ fn one() -> usize {
     1
 }
 
-fn stride32() -> usize {
-    32
+fn stride32() -> Vec<usize> {
+    vec![32]
+}
+
+/// Accepts a single stride (the former `feature_stride`) or a list.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<usize>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(usize),
+        Many(Vec<usize>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => vec![s],
+        OneOrMany::Many(v) => v,
+    })
 }
 
 /// A small MLP (ReLU between layers), as DETR's box head.
@@ -119,8 +140,10 @@ impl<B: Backend> DetrOutput<B> {
 pub struct Detr<B: Backend> {
     /// Feature extractor.
     pub backbone: Backbone<B>,
-    /// 1×1 projection of C5 to the model width.
-    pub input_proj: Conv2d<B>,
+    /// 1×1 projection of each level to the model width, in `feature_strides` order.
+    pub input_proj: Vec<Conv2d<B>>,
+    /// Learned embedding of each level `[L, D]`, added to its sine position.
+    pub level_embed: Param<Tensor<B, 2>>,
     /// Encoder layers.
     pub encoder: Vec<EncoderLayer<B>>,
     /// Decoder layers.
@@ -143,8 +166,8 @@ pub struct Detr<B: Backend> {
     pub groups: usize,
     /// Model width.
     pub d_model: usize,
-    /// Stride of the backbone level the transformer reads.
-    pub feature_stride: usize,
+    /// Strides of the backbone levels the transformer reads.
+    pub feature_strides: Vec<usize>,
 }
 
 /// `log(x / (1 − x))`, clamped as Deformable-DETR does.
@@ -180,17 +203,31 @@ impl DetrConfig {
         }
         let backbone = self.backbone.init::<B>(device)?;
         let d = self.layer.d_model;
-        let [_, c4, c5] = backbone.channels();
-        let c_in = match self.feature_stride {
-            16 => c4,
-            32 => c5,
-            s => {
-                return Err(crate::Error::config(
-                    "detr.feature_stride",
-                    format!("{s} is not 16 or 32"),
-                ))
-            }
-        };
+        let [c3, c4, c5] = backbone.channels();
+        if self.feature_strides.is_empty() {
+            return Err(crate::Error::config(
+                "detr.feature_strides",
+                "needs at least one level",
+            ));
+        }
+        let input_proj = self
+            .feature_strides
+            .iter()
+            .map(|&s| {
+                let c_in = match s {
+                    8 => c3,
+                    16 => c4,
+                    32 => c5,
+                    s => {
+                        return Err(crate::Error::config(
+                            "detr.feature_strides",
+                            format!("{s} is not 8, 16 or 32"),
+                        ))
+                    }
+                };
+                Ok(Conv2dConfig::new([c_in, d], [1, 1]).init(device))
+            })
+            .collect::<crate::Result<Vec<_>>>()?;
         let total = self.num_queries * self.groups;
         // Anchors start spread uniformly over the image with random sizes, in logit space.
         let anchors = inverse_sigmoid(Tensor::<B, 2>::random(
@@ -220,7 +257,12 @@ impl DetrConfig {
             .collect();
         Ok(Detr {
             backbone,
-            input_proj: Conv2dConfig::new([c_in, d], [1, 1]).init(device),
+            input_proj,
+            level_embed: Param::from_tensor(Tensor::random(
+                [self.feature_strides.len(), d],
+                Distribution::Normal(0.0, 1.0),
+                device,
+            )),
             encoder: (0..self.encoder_layers)
                 .map(|_| EncoderLayer::new(&self.layer, device))
                 .collect(),
@@ -240,7 +282,7 @@ impl DetrConfig {
             num_queries: self.num_queries,
             groups: self.groups,
             d_model: d,
-            feature_stride: self.feature_stride,
+            feature_strides: self.feature_strides.clone(),
         })
     }
 }
@@ -253,19 +295,32 @@ impl<B: Backend> Detr<B> {
         let device = images.device();
         let [b, _, h, w] = images.dims();
         let features = self.backbone.features(images);
-        let level = if self.feature_stride == 16 {
-            &features.c4
-        } else {
-            &features.c5
-        };
-        let src = self.input_proj.forward(level.clone());
-        let [_, d, fh, fw] = src.dims();
-        let mask = downsample_padding(padding, [b, h, w], (fh, fw));
-        let pos = sine_position_encoding(&mask, [b, fh, fw], d);
-        let pos = Tensor::<B, 4>::from_data(TensorData::new(pos, [b, d, fh, fw]), &device);
         let tokens = |t: Tensor<B, 4>| t.flatten::<3>(2, 3).swap_dims(1, 2);
-        let (mut memory, memory_pos) = (tokens(src), tokens(pos));
-        let memory_padding: Tensor<B, 2, Bool> = padding_tensor(mask, [b, fh, fw], &device);
+        let (mut srcs, mut poss, mut pads) = (Vec::new(), Vec::new(), Vec::new());
+        for (l, (proj, &stride)) in self
+            .input_proj
+            .iter()
+            .zip(&self.feature_strides)
+            .enumerate()
+        {
+            let level = match stride {
+                8 => &features.c3,
+                16 => &features.c4,
+                _ => &features.c5,
+            };
+            let src = proj.forward(level.clone());
+            let [_, d, fh, fw] = src.dims();
+            let mask = downsample_padding(padding, [b, h, w], (fh, fw));
+            let pos = sine_position_encoding(&mask, [b, fh, fw], d);
+            let pos = Tensor::<B, 4>::from_data(TensorData::new(pos, [b, d, fh, fw]), &device);
+            let level_embed = self.level_embed.val().narrow(0, l, 1).unsqueeze_dim::<3>(0);
+            srcs.push(tokens(src));
+            poss.push(tokens(pos) + level_embed);
+            pads.push(padding_tensor(mask, [b, fh, fw], &device));
+        }
+        let mut memory = Tensor::cat(srcs, 1);
+        let memory_pos = Tensor::cat(poss, 1);
+        let memory_padding: Tensor<B, 2, Bool> = Tensor::cat(pads, 1);
         for layer in &self.encoder {
             memory = layer.forward(memory, memory_pos.clone(), memory_padding.clone());
         }
