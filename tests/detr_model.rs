@@ -8,8 +8,8 @@ use densekd::backend::Inference;
 use densekd::model::backbone::{Arch, BackboneConfig};
 use densekd::model::detr::DetrConfig;
 use densekd::model::norm::NormKind;
-use densekd::model::position::sine_position_encoding;
-use densekd::model::transformer::{group_attention_mask, LayerConfig};
+use densekd::model::position::{box_gaussian_prior, cell_centres, sine_position_encoding};
+use densekd::model::transformer::{biased_attention, group_attention_mask, LayerConfig};
 use serde_json::Value;
 
 fn fixture() -> Value {
@@ -131,7 +131,7 @@ fn masked_attention_matches_pytorch() {
         &device,
     );
     let cross = mha
-        .forward(MhaInput::new(x, memory.clone(), memory).mask_pad(pad))
+        .forward(MhaInput::new(x.clone(), memory.clone(), memory.clone()).mask_pad(pad.clone()))
         .context;
     assert_close(
         &values(cross),
@@ -139,6 +139,59 @@ fn masked_attention_matches_pytorch() {
         1e-5,
         "padded cross-attention",
     );
+    // The decoder's own attention (which can take a spatial prior) is the same computation.
+    let decoder_path = biased_attention(
+        &mha,
+        x.clone(),
+        memory.clone(),
+        memory.clone(),
+        pad.clone(),
+        None,
+    );
+    assert_close(
+        &values(decoder_path),
+        &floats(&a["cross_out"]),
+        1e-5,
+        "biased_attention without bias",
+    );
+    // A bias of −∞ on all keys but one makes every query read exactly that key's value.
+    let mut bias = vec![-1e9f32; 2 * total * 6];
+    for row in bias.chunks_mut(6) {
+        row[1] = 0.0;
+    }
+    let bias = Tensor::<Inference, 3>::from_data(TensorData::new(bias, [2, total, 6]), &device);
+    let focused = biased_attention(&mha, x, memory.clone(), memory.clone(), pad, Some(bias));
+    let key1 = mha
+        .output
+        .forward(mha.value.forward(memory.narrow(1, 1, 1)))
+        .repeat_dim(1, total);
+    assert_close(
+        &values(focused),
+        &values(key1),
+        1e-5,
+        "attention focused by the bias",
+    );
+}
+
+#[test]
+fn gaussian_prior_peaks_at_the_box_centre_and_scales_with_its_size() {
+    let device = Default::default();
+    // One query box centred at (0.25, 0.5), 0.2 wide and 0.4 tall; σ = 0.5 × size.
+    let boxes = Tensor::<Inference, 3>::from_data(
+        TensorData::new(vec![0.25f32, 0.5, 0.2, 0.4], [1, 1, 4]),
+        &device,
+    );
+    let centres = Tensor::<Inference, 3>::from_data(
+        TensorData::new(vec![0.25f32, 0.5, 0.35, 0.5, 0.25, 0.7], [1, 3, 2]),
+        &device,
+    );
+    let prior = values(box_gaussian_prior(boxes, centres, 0.5));
+    // Δx = 0.1 = one σ (0.1) → −0.5; Δy = 0.2 = one σ (0.2) → −0.5.
+    assert_close(&prior, &[0.0, -0.5, -0.5], 1e-6, "prior");
+    // Cell centres are normalised to the unpadded region: a 2×4 map whose last column is padding.
+    let pad = [false, false, false, true, false, false, false, true];
+    let xy = cell_centres(&pad, [1, 2, 4]);
+    assert_eq!(&xy[..4], &[1.0 / 6.0, 0.25, 0.5, 0.25]);
 }
 
 fn tiny_detr(groups: usize) -> DetrConfig {
@@ -152,6 +205,7 @@ fn tiny_detr(groups: usize) -> DetrConfig {
             num_classes: None,
         },
         feature_strides: vec![8, 32],
+        spatial_prior: 0.5,
         num_classes: 3,
         num_queries: 5,
         groups,

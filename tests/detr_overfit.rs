@@ -1,8 +1,8 @@
 //! End-to-end learning check of the DETR path (data → model → matching → losses → AdamW →
-//! post-processing → COCO evaluation): a tiny seeded DETR fitting 8 synthetic images must
-//! localise them (AP50) and cut its loss. The stricter memorisation target (AP ≥ 0.9 within
-//! two minutes) is tracked with the trainer; box regression from the coarse stride-32 memory
-//! is what limits it today.
+//! post-processing → COCO evaluation): a tiny seeded DETR (50 queries, spatial prior) fitting 8
+//! synthetic images must memorise them: 300 steps at lr 1e-2 (~70 s) reach AP 0.85 / AP50 0.93.
+//! The project's target, AP ≥ 0.9 within two minutes, is not reached yet (AP 0.87 at 400
+//! steps, 100 s).
 
 use burn::module::AutodiffModule;
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
@@ -61,7 +61,8 @@ fn tiny_detr_learns_eight_images() {
         },
         feature_strides: vec![32],
         num_classes: NUM_CLASSES,
-        num_queries: 10,
+        spatial_prior: 0.5,
+        num_queries: 50,
         groups: 1,
         layer: LayerConfig {
             d_model: 64,
@@ -98,7 +99,9 @@ fn tiny_detr_learns_eight_images() {
     };
     let before = evaluate(&model.valid());
     let mut losses = Vec::new();
-    for _ in 0..150 {
+    let (steps, lr) = (300, 1e-2);
+    let t0 = std::time::Instant::now();
+    for _ in 0..steps {
         let out = model.forward(images.clone(), &batch.padding, cfg.groups);
         let loss = detr_loss(&out, &batch.targets, &weights, &costs).expect("loss");
         losses.push(loss.total.clone().into_scalar());
@@ -107,18 +110,20 @@ fn tiny_detr_learns_eight_images() {
             "loss diverged: {losses:?}"
         );
         let grads = GradientsParams::from_grads(loss.total.backward(), &model);
-        model = optim.step(5e-3, model, grads);
+        model = optim.step(lr, model, grads);
     }
     let after = evaluate(&model.valid());
+    eprintln!("{steps} steps in {:.1}s", t0.elapsed().as_secs_f64());
     let (first, last) = (losses[0], losses[losses.len() - 1]);
     eprintln!(
         "loss {first:.3} -> {last:.3}; AP50 {:.3} -> {:.3}, AP {:.3}",
         before.AP50, after.AP50, after.AP
     );
-    assert!(last < 0.6 * first, "loss {first} -> {last}");
+    assert!(last < 0.2 * first, "loss {first} -> {last}");
     assert!(
-        after.AP50 >= 0.3,
-        "AP50 {} after 150 steps (was {})",
+        after.AP >= 0.75 && after.AP50 >= 0.85,
+        "AP {} / AP50 {} after {steps} steps (AP50 was {})",
+        after.AP,
         after.AP50,
         before.AP50
     );

@@ -15,7 +15,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::backbone::{Backbone, BackboneConfig, BackboneFeatures};
 use crate::model::position::{
-    downsample_padding, padding_tensor, sine_box_embedding, sine_position_encoding,
+    box_gaussian_prior, cell_centres, downsample_padding, padding_tensor, sine_box_embedding,
+    sine_position_encoding,
 };
 use crate::model::transformer::{
     group_attention_mask, DecoderContext, DecoderLayer, EncoderLayer, LayerConfig,
@@ -45,6 +46,12 @@ pub struct DetrConfig {
     /// the first group only.
     #[serde(default = "one")]
     pub groups: usize,
+    /// Spatial prior of the decoder's cross-attention: each query's attention logits get a
+    /// Gaussian around its current box, of standard deviation `spatial_prior` × the box size
+    /// (SMCA-style; 0 disables it, giving DETR's plain cross-attention). It lets queries pool
+    /// their own region from the first step, which is what makes DETR learn in minutes.
+    #[serde(default)]
+    pub spatial_prior: f64,
     /// Transformer layer sizes.
     pub layer: LayerConfig,
     /// Encoder layers (may be 0).
@@ -168,6 +175,8 @@ pub struct Detr<B: Backend> {
     pub d_model: usize,
     /// Strides of the backbone levels the transformer reads.
     pub feature_strides: Vec<usize>,
+    /// σ of the cross-attention's spatial prior relative to the box size (0 = none).
+    pub spatial_prior: f64,
 }
 
 /// `log(x / (1 − x))`, clamped as Deformable-DETR does.
@@ -199,6 +208,12 @@ impl DetrConfig {
             return Err(crate::Error::config(
                 "detr.layer.d_model",
                 "must be a multiple of 8 and of heads",
+            ));
+        }
+        if !(self.spatial_prior.is_finite() && self.spatial_prior >= 0.0) {
+            return Err(crate::Error::config(
+                "detr.spatial_prior",
+                format!("must be ≥ 0, got {}", self.spatial_prior),
             ));
         }
         let backbone = self.backbone.init::<B>(device)?;
@@ -283,6 +298,7 @@ impl DetrConfig {
             groups: self.groups,
             d_model: d,
             feature_strides: self.feature_strides.clone(),
+            spatial_prior: self.spatial_prior,
         })
     }
 }
@@ -296,7 +312,8 @@ impl<B: Backend> Detr<B> {
         let [b, _, h, w] = images.dims();
         let features = self.backbone.features(images);
         let tokens = |t: Tensor<B, 4>| t.flatten::<3>(2, 3).swap_dims(1, 2);
-        let (mut srcs, mut poss, mut pads) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut srcs, mut poss, mut pads, mut centres) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for (l, (proj, &stride)) in self
             .input_proj
             .iter()
@@ -316,8 +333,16 @@ impl<B: Backend> Detr<B> {
             let level_embed = self.level_embed.val().narrow(0, l, 1).unsqueeze_dim::<3>(0);
             srcs.push(tokens(src));
             poss.push(tokens(pos) + level_embed);
+            if self.spatial_prior > 0.0 {
+                let xy = cell_centres(&mask, [b, fh, fw]);
+                centres.push(Tensor::<B, 3>::from_data(
+                    TensorData::new(xy, [b, fh * fw, 2]),
+                    &device,
+                ));
+            }
             pads.push(padding_tensor(mask, [b, fh, fw], &device));
         }
+        let centres = (!centres.is_empty()).then(|| Tensor::cat(centres, 1));
         let mut memory = Tensor::cat(srcs, 1);
         let memory_pos = Tensor::cat(poss, 1);
         let memory_padding: Tensor<B, 2, Bool> = Tensor::cat(pads, 1);
@@ -342,7 +367,10 @@ impl<B: Backend> Detr<B> {
             let query_pos = self
                 .anchor_pos
                 .forward(sine_box_embedding(reference.clone(), self.d_model / 2));
-            tgt = layer.forward(tgt, query_pos, &ctx);
+            let prior = centres
+                .as_ref()
+                .map(|c| box_gaussian_prior(reference.clone(), c.clone(), self.spatial_prior));
+            tgt = layer.forward(tgt, query_pos, &ctx, prior);
             let hidden = self.decoder_norm.forward(tgt.clone());
             let boxes =
                 sigmoid(box_head.forward(hidden.clone()) + inverse_sigmoid(reference.clone()));

@@ -88,3 +88,48 @@ pub fn sine_box_embedding<B: Backend>(boxes: Tensor<B, 3>, f: usize) -> Tensor<B
     let phase = boxes.unsqueeze_dim::<4>(3) * inv;
     Tensor::cat(vec![phase.clone().sin(), phase.cos()], 3).reshape([b, q, c * 2 * half])
 }
+
+/// Normalised `(x, y)` centres `[B, H·W, 2]` of a feature map's cells within each image's valid
+/// (unpadded) region, for a padding mask `[B, H, W]` of host booleans (true = padding); the same
+/// normalisation as [`sine_position_encoding`]. Padded cells get coordinates beyond 1.
+pub fn cell_centres(padding: &[bool], [b, h, w]: [usize; 3]) -> Vec<f32> {
+    let mut out = Vec::with_capacity(b * h * w * 2);
+    for n in 0..b {
+        let valid = |y: usize, x: usize| !padding[(n * h + y) * w + x];
+        let valid_w = (0..w).filter(|&x| valid(0, x)).count().max(1) as f32;
+        let valid_h = (0..h).filter(|&y| valid(y, 0)).count().max(1) as f32;
+        for y in 0..h {
+            for x in 0..w {
+                out.push((x as f32 + 0.5) / valid_w);
+                out.push((y as f32 + 0.5) / valid_h);
+            }
+        }
+    }
+    out
+}
+
+/// Log-domain Gaussian prior `[B, Q, L]` of attending from queries with boxes `[B, Q, 4]`
+/// (`cx, cy, w, h`) to memory cells at `centres` `[B, L, 2]`:
+/// `−(Δx² / 2(σw)² + Δy² / 2(σh)²)` (SMCA's spatially modulated co-attention, with the box as
+/// the Gaussian's extent), so each query starts by pooling its own box.
+pub fn box_gaussian_prior<B: Backend>(
+    boxes: Tensor<B, 3>,
+    centres: Tensor<B, 3>,
+    sigma: f64,
+) -> Tensor<B, 3> {
+    let coord = |t: &Tensor<B, 3>, i: usize| t.clone().narrow(2, i, 1);
+    // Boxes narrower than 2% of the image would make the prior a needle.
+    let spread = |i: usize| {
+        coord(&boxes, i)
+            .clamp_min(0.02)
+            .mul_scalar(sigma)
+            .powi_scalar(2)
+            .mul_scalar(2.0)
+    };
+    let (cx, cy, sx, sy) = (coord(&boxes, 0), coord(&boxes, 1), spread(2), spread(3));
+    let px = coord(&centres, 0).swap_dims(1, 2);
+    let py = coord(&centres, 1).swap_dims(1, 2);
+    let dx = (px - cx).powi_scalar(2) / sx;
+    let dy = (py - cy).powi_scalar(2) / sy;
+    (dx + dy).neg()
+}

@@ -4,7 +4,11 @@
 use burn::module::Module;
 use burn::nn::attention::{MhaInput, MultiHeadAttention, MultiHeadAttentionConfig};
 use burn::nn::{Dropout, DropoutConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
-use burn::tensor::{activation::relu, backend::Backend, Bool, Tensor, TensorData};
+use burn::tensor::{
+    activation::{relu, softmax},
+    backend::Backend,
+    Bool, Tensor, TensorData,
+};
 
 /// Layer sizes shared by encoder and decoder layers.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -123,6 +127,39 @@ pub struct DecoderContext<B: Backend> {
     pub self_attn_mask: Option<Tensor<B, 3, Bool>>,
 }
 
+/// Multi-head attention with burn's projections and an optional additive bias `[B, Lq, Lk]` on
+/// the logits (shared by all heads); `key_padding` `[B, Lk]` (true = ignored) is filled with
+/// burn's `-1e4`, so without a bias this equals `MultiHeadAttention::forward`.
+pub fn biased_attention<B: Backend>(
+    mha: &MultiHeadAttention<B>,
+    query: Tensor<B, 3>,
+    key: Tensor<B, 3>,
+    value: Tensor<B, 3>,
+    key_padding: Tensor<B, 2, Bool>,
+    bias: Option<Tensor<B, 3>>,
+) -> Tensor<B, 3> {
+    let [b, lq, d] = query.dims();
+    let lk = key.dims()[1];
+    let heads = mha.n_heads;
+    let dh = d / heads;
+    let split = |t: Tensor<B, 3>, l: usize| t.reshape([b, l, heads, dh]).swap_dims(1, 2);
+    let q = split(mha.query.forward(query), lq);
+    let k = split(mha.key.forward(key), lk);
+    let v = split(mha.value.forward(value), lk);
+    let mut scores = q.matmul(k.swap_dims(2, 3)).div_scalar((dh as f64).sqrt());
+    if let Some(bias) = bias {
+        scores = scores + bias.unsqueeze_dim::<4>(1);
+    }
+    let pad = key_padding
+        .unsqueeze_dim::<3>(1)
+        .unsqueeze_dim::<4>(1)
+        .expand([b, heads, lq, lk]);
+    let weights = softmax(scores.mask_fill(pad, -1.0e4), 3);
+    let context = mha.dropout.forward(weights).matmul(v);
+    mha.output
+        .forward(context.swap_dims(1, 2).reshape([b, lq, d]))
+}
+
 impl<B: Backend> DecoderLayer<B> {
     /// A fresh layer.
     pub fn new(c: &LayerConfig, device: &B::Device) -> Self {
@@ -136,12 +173,14 @@ impl<B: Backend> DecoderLayer<B> {
         }
     }
 
-    /// `tgt, query_pos: [B, Q, D]`.
+    /// `tgt, query_pos: [B, Q, D]`; `cross_bias` `[B, Q, L]` is added to the cross-attention
+    /// logits (e.g. a spatial prior around each query's box).
     pub fn forward(
         &self,
         tgt: Tensor<B, 3>,
         query_pos: Tensor<B, 3>,
         ctx: &DecoderContext<B>,
+        cross_bias: Option<Tensor<B, 3>>,
     ) -> Tensor<B, 3> {
         let qk = tgt.clone() + query_pos.clone();
         let mut input = MhaInput::new(qk.clone(), qk, tgt.clone());
@@ -151,17 +190,14 @@ impl<B: Backend> DecoderLayer<B> {
         let tgt = self
             .norm1
             .forward(tgt + self.self_attn.forward(input).context);
-        let cross = self
-            .cross_attn
-            .forward(
-                MhaInput::new(
-                    tgt.clone() + query_pos,
-                    ctx.memory.clone() + ctx.memory_pos.clone(),
-                    ctx.memory.clone(),
-                )
-                .mask_pad(ctx.memory_padding.clone()),
-            )
-            .context;
+        let cross = biased_attention(
+            &self.cross_attn,
+            tgt.clone() + query_pos,
+            ctx.memory.clone() + ctx.memory_pos.clone(),
+            ctx.memory.clone(),
+            ctx.memory_padding.clone(),
+            cross_bias,
+        );
         let tgt = self.norm2.forward(tgt + cross);
         self.norm3.forward(tgt.clone() + self.ffn.forward(tgt))
     }
