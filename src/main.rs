@@ -367,7 +367,7 @@ fn classify(args: ClassifyArgs) -> Result<()> {
 
 fn train(args: TrainArgs) -> Result<()> {
     use densekd::train::config::{differing_keys, TrainConfig};
-    use densekd::train::{detr::DetrTask, fit, LoopConfig, RunOptions};
+    use densekd::train::{detr::DetrTask, fit, RunOptions};
     let config = TrainConfig::load(&args.config, &args.set)?;
     let run_dir = args.out.unwrap_or_else(|| {
         let stem = args.config.file_stem().unwrap_or_default();
@@ -402,12 +402,7 @@ fn train(args: TrainArgs) -> Result<()> {
     eprintln!("backend: {}", densekd::backend::name());
     let task = DetrTask::new(&config)?;
     let model = task.init_model::<Training>(&device)?;
-    let loop_config = LoopConfig {
-        seed: config.seed,
-        optim: config.optim.clone(),
-        eval: config.eval.clone(),
-        checkpoint: config.checkpoint.clone(),
-    };
+    let loop_config = config.loop_config();
     let options = RunOptions {
         run_dir: run_dir.clone(),
         resume: args.resume,

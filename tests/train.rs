@@ -2,14 +2,16 @@
 //! bit-identical to an uninterrupted run; the run folder holds what the docs promise; the CLI
 //! trains, refuses to overwrite a run, names bad config keys, and its predictions evaluate.
 
+mod common;
+
+use common::densekd;
 use std::path::Path;
-use std::process::Command;
 
 use densekd::backend::{Inference, Training};
 use densekd::distill::NoDistill;
 use densekd::train::config::TrainConfig;
 use densekd::train::detr::{load_detector, DetrTask};
-use densekd::train::{fit, LoopConfig, RunOptions, RunSummary};
+use densekd::train::{fit, RunOptions, RunSummary};
 
 /// A tiny run: 16 synthetic 64 px images, batches of 4, 2 epochs = 8 steps.
 const TINY: &[&str] = &[
@@ -40,12 +42,7 @@ fn run(config: &TrainConfig, dir: &Path, resume: bool, stop_after: Option<usize>
     let device = Default::default();
     let task = DetrTask::new(config).expect("task");
     let model = task.init_model::<Training>(&device).expect("model");
-    let loop_config = LoopConfig {
-        seed: config.seed,
-        optim: config.optim.clone(),
-        eval: config.eval.clone(),
-        checkpoint: config.checkpoint.clone(),
-    };
+    let loop_config = config.loop_config();
     let options = RunOptions {
         run_dir: dir.to_path_buf(),
         resume,
@@ -147,18 +144,6 @@ fn resumed_run_matches_uninterrupted_run() {
         .filter(|e| e.file_name().to_string_lossy().starts_with("step-"))
         .collect();
     assert_eq!(kept.len(), 1);
-}
-
-fn densekd(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_densekd"))
-        .args(args)
-        .output()
-        .expect("binary runs");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 #[test]

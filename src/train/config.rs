@@ -304,6 +304,16 @@ impl TrainConfig {
         from_table(&table, path)
     }
 
+    /// The task-independent part the training loop reads.
+    pub fn loop_config(&self) -> crate::train::LoopConfig {
+        crate::train::LoopConfig {
+            seed: self.seed,
+            optim: self.optim.clone(),
+            eval: self.eval.clone(),
+            checkpoint: self.checkpoint.clone(),
+        }
+    }
+
     /// The config as TOML text (what the run folder keeps as `config.toml`).
     pub fn to_toml(&self) -> Result<String> {
         toml::to_string(self).map_err(|e| Error::config("config", e.to_string()))

@@ -201,17 +201,13 @@ where
         indicatif::ProgressBar::hidden()
     };
 
-    let save = |model: &T::Model,
-                optim: &dyn Fn() -> Result<Vec<u8>>,
-                distiller: &D,
-                state: LoopState|
-     -> Result<()> {
+    let save = |model: &T::Model, optim: Vec<u8>, distiller: &D, state: LoopState| -> Result<()> {
         let mut parts = vec![
             (
                 "model".to_string(),
                 record_bytes::<B, _>(model.clone().into_record())?,
             ),
-            ("optim".to_string(), optim()?),
+            ("optim".to_string(), optim),
         ];
         parts.extend(distiller.state()?);
         checkpoints.save(&Saved { state, parts })
@@ -284,7 +280,7 @@ where
             {
                 save(
                     &model,
-                    &|| record_bytes::<B, _>(optim.to_record()),
+                    record_bytes::<B, _>(optim.to_record())?,
                     distiller,
                     state,
                 )?;
@@ -319,7 +315,7 @@ where
         }
         save(
             &model,
-            &|| record_bytes::<B, _>(optim.to_record()),
+            record_bytes::<B, _>(optim.to_record())?,
             distiller,
             state,
         )?;
