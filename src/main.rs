@@ -5,12 +5,11 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
-use densekd::backend::{Inference, Training};
+use densekd::backend::Inference;
 use densekd::data::coco::{CocoDataset, InvalidPolicy};
 use densekd::data::export::{self_check, write_split};
 use densekd::data::images::load_rgb;
 use densekd::data::synth::{Split, SynthConfig};
-use densekd::distill::NoDistill;
 use densekd::eval::{coco, seg};
 use densekd::model::backbone::Arch;
 use densekd::model::classify::{classify_images, load_imagenet_model, top_k, ClassScore};
@@ -366,57 +365,14 @@ fn classify(args: ClassifyArgs) -> Result<()> {
 }
 
 fn train(args: TrainArgs) -> Result<()> {
-    use densekd::train::config::{differing_keys, TrainConfig};
-    use densekd::train::{detr::DetrTask, fit, RunOptions};
+    use densekd::train::config::TrainConfig;
     let config = TrainConfig::load(&args.config, &args.set)?;
     let run_dir = args.out.unwrap_or_else(|| {
         let stem = args.config.file_stem().unwrap_or_default();
         PathBuf::from("runs").join(stem)
     });
-    let saved_path = run_dir.join("config.toml");
-    let has_checkpoint = run_dir.join("checkpoints").join("latest.json").exists();
-    if args.resume && saved_path.exists() {
-        let saved = TrainConfig::load(&saved_path, &[])?;
-        let changed = differing_keys(&saved, &config)?;
-        if !changed.is_empty() {
-            return Err(Error::config(
-                "--resume",
-                format!(
-                    "the config differs from {} in: {}; resume with the same config and overrides",
-                    saved_path.display(),
-                    changed.join(", ")
-                ),
-            ));
-        }
-    } else if has_checkpoint && !args.resume {
-        return Err(Error::config(
-            "--out",
-            format!(
-                "{} already holds a run with checkpoints; pass --resume to continue it or choose another --out",
-                run_dir.display()
-            ),
-        ));
-    }
-    densekd::error::write_atomic(&saved_path, config.to_toml()?.as_bytes())?;
-    let device = densekd::backend::device();
     eprintln!("backend: {}", densekd::backend::name());
-    let task = DetrTask::new(&config)?;
-    let model = task.init_model::<Training>(&device)?;
-    let loop_config = config.loop_config();
-    let options = RunOptions {
-        run_dir: run_dir.clone(),
-        resume: args.resume,
-        stop_after: None,
-        progress: true,
-    };
-    let summary = fit(
-        &task,
-        &mut NoDistill,
-        model,
-        &loop_config,
-        &options,
-        &device,
-    )?;
+    let summary = densekd::train::run::train_run(&config, &run_dir, args.resume, true)?;
     for (name, stats) in &summary.final_eval {
         println!("{name}:");
         for (k, v) in stats {

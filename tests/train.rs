@@ -70,7 +70,7 @@ fn lines(dir: &Path) -> Vec<serde_json::Value> {
 
 fn tensor(model: &densekd::model::detr::Detr<Inference>) -> Vec<f32> {
     let mut v = model
-        .query_anchors
+        .query_content
         .val()
         .into_data()
         .to_vec::<f32>()

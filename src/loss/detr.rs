@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::detection::DetTarget;
 use crate::error::{Error, Result};
-use crate::model::detr::DetrOutput;
+use crate::model::detr::{DetrOutput, LayerPrediction};
 use crate::ops::boxes::{box_cxcywh_to_xyxy, paired_generalized_box_iou};
 use crate::ops::losses::sigmoid_focal_loss;
 use crate::ops::matcher::{match_queries, Assignment, MatchCosts};
@@ -26,6 +26,9 @@ pub struct SetLossWeights {
     pub alpha: f64,
     /// Focal γ.
     pub gamma: f64,
+    /// Two-stage models: each target is matched to this many encoder proposals (one-to-many
+    /// supervision of the dense head, as H-DETR's hybrid matching; 1 = DINO's one-to-one).
+    pub proposal_repeats: usize,
 }
 
 impl Default for SetLossWeights {
@@ -36,6 +39,7 @@ impl Default for SetLossWeights {
             giou: 2.0,
             alpha: 0.25,
             gamma: 2.0,
+            proposal_repeats: 4,
         }
     }
 }
@@ -156,6 +160,42 @@ pub struct DetrLoss<B: Backend> {
     pub giou: Tensor<B, 1>,
 }
 
+/// The dense loss of a two-stage model's encoder proposals: every target is repeated
+/// `proposal_repeats` times and Hungarian-matched to the tokens, so each object trains several
+/// nearby tokens; normalised by the number of matches.
+pub fn proposal_losses<B: Backend>(
+    prediction: &LayerPrediction<B>,
+    targets: &[DetTarget],
+    weights: &SetLossWeights,
+    costs: &MatchCosts,
+) -> Result<SetLosses<B>> {
+    let r = weights.proposal_repeats.max(1);
+    let repeated: Vec<DetTarget> = targets
+        .iter()
+        .map(|t| DetTarget {
+            classes: t.classes.repeat(r),
+            boxes: t.boxes.repeat(r),
+            ..t.clone()
+        })
+        .collect();
+    let mut matches = match_batch(&prediction.logits, &prediction.boxes, &repeated, costs)?;
+    let n = targets.iter().map(|t| t.boxes.len()).collect::<Vec<_>>();
+    for (m, &n) in matches.iter_mut().zip(&n) {
+        for pair in &mut m.pairs {
+            pair.1 %= n.max(1);
+        }
+    }
+    let num = matches.iter().map(|m| m.pairs.len()).sum::<usize>() as f64;
+    Ok(set_losses(
+        prediction.logits.clone(),
+        prediction.boxes.clone(),
+        targets,
+        &matches,
+        num,
+        weights,
+    ))
+}
+
 /// DETR's loss on every decoder layer (auxiliary losses) and every query group: each group of
 /// each layer is matched to the targets on its own (one-to-one within a group, one-to-many
 /// across groups, as Group-DETR), normalised by the number of target boxes.
@@ -180,6 +220,10 @@ pub fn detr_loss<B: Backend>(
                 Some([c, b, g]) => [c + l.class, b + l.bbox, g + l.giou],
             });
         }
+    }
+    if let Some(p) = &output.proposals {
+        let l = proposal_losses(&p.prediction, targets, weights, costs)?;
+        terms = terms.map(|[c, b, g]| [c + l.class, b + l.bbox, g + l.giou]);
     }
     let [class, bbox, giou] =
         terms.ok_or_else(|| Error::config("detr_loss", "the output has no decoder layers"))?;

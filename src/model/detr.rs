@@ -9,7 +9,7 @@ use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::tensor::{
     activation::{relu, sigmoid},
     backend::Backend,
-    Bool, Distribution, Tensor, TensorData,
+    Bool, Distribution, Int, Tensor, TensorData,
 };
 use serde::{Deserialize, Serialize};
 
@@ -38,6 +38,11 @@ pub struct DetrConfig {
         deserialize_with = "one_or_many"
     )]
     pub feature_strides: Vec<usize>,
+    /// Levels (strides) whose tokens the encoder's self-attention runs over; empty = all. The
+    /// other levels join the memory unencoded. Self-attention is quadratic in the tokens, so
+    /// leaving the fine level out (RT-DETR encodes only the coarsest) keeps it cheap.
+    #[serde(default)]
+    pub encoder_strides: Vec<usize>,
     /// Number of object classes.
     pub num_classes: usize,
     /// Queries per group.
@@ -52,6 +57,12 @@ pub struct DetrConfig {
     /// their own region from the first step, which is what makes DETR learn in minutes.
     #[serde(default)]
     pub spatial_prior: f64,
+    /// Two-stage queries (Deformable-DETR two-stage, DINO's mixed query selection): every encoder
+    /// token predicts classes and a box around its own cell, trained densely; the decoder's
+    /// queries start from the `num_queries` best-scoring tokens' boxes (content embeddings stay
+    /// learned). Without it, query anchors are learned parameters.
+    #[serde(default)]
+    pub two_stage: bool,
     /// Transformer layer sizes.
     pub layer: LayerConfig,
     /// Encoder layers (may be 0).
@@ -129,6 +140,10 @@ pub struct DetrOutput<B: Backend> {
     pub layers: Vec<LayerPrediction<B>>,
     /// Sizes of the query groups, in query order.
     pub group_sizes: Vec<usize>,
+    /// The initial queries the decoder started from.
+    pub queries: InitialQueries<B>,
+    /// Two-stage models' per-token predictions.
+    pub proposals: Option<Proposals<B>>,
     /// The backbone's features.
     pub features: BackboneFeatures<B>,
 }
@@ -159,8 +174,11 @@ pub struct Detr<B: Backend> {
     pub decoder_norm: LayerNorm<B>,
     /// Content embeddings of all groups' queries `[G·Q, D]`.
     pub query_content: Param<Tensor<B, 2>>,
-    /// Anchor boxes of all groups' queries in logit space `[G·Q, 4]`.
-    pub query_anchors: Param<Tensor<B, 2>>,
+    /// Learned anchor boxes of all groups' queries in logit space `[G·Q, 4]` (none when the
+    /// anchors come from the encoder's proposals).
+    pub query_anchors: Option<Param<Tensor<B, 2>>>,
+    /// Dense per-token head of two-stage models.
+    pub proposal_head: Option<ProposalHead<B>>,
     /// Query position from the sine embedding of the current anchor.
     pub anchor_pos: Mlp<B>,
     /// Shared classifier.
@@ -175,8 +193,47 @@ pub struct Detr<B: Backend> {
     pub d_model: usize,
     /// Strides of the backbone levels the transformer reads.
     pub feature_strides: Vec<usize>,
+    /// Whether the encoder reads each level, in `feature_strides` order.
+    pub encoded_levels: Vec<bool>,
     /// σ of the cross-attention's spatial prior relative to the box size (0 = none).
     pub spatial_prior: f64,
+}
+
+/// Two-stage models' per-token head on the encoder memory: class logits and a box refined
+/// from the token's own anchor (its cell centre, side `0.05 · stride / 8` of the image).
+#[derive(Module, Debug)]
+pub struct ProposalHead<B: Backend> {
+    /// Projection of the memory before the heads (Deformable-DETR's `enc_output`).
+    pub proj: Linear<B>,
+    /// Its norm.
+    pub norm: LayerNorm<B>,
+    /// Class logits per token.
+    pub class: Linear<B>,
+    /// Box refinement of the token's anchor.
+    pub boxes: Mlp<B>,
+}
+
+/// Focal-loss prior bias: every class starts at probability 0.01, so the many negatives don't
+/// swamp the first steps.
+fn focal_classifier<B: Backend>(d: usize, classes: usize, device: &B::Device) -> Linear<B> {
+    let prior = -((1.0 - 0.01f64) / 0.01).ln();
+    let mut head = LinearConfig::new(d, classes).init(device);
+    if let Some(bias) = head.bias.take() {
+        head.bias = Some(bias.map(|b| b.zeros_like().add_scalar(prior)));
+    }
+    head
+}
+
+/// A box-refinement MLP whose last layer starts at zero, so it first keeps its input anchor.
+fn refinement_mlp<B: Backend>(d: usize, device: &B::Device) -> Mlp<B> {
+    let mut mlp = Mlp::new(&[d, d, d, 4], device);
+    if let Some(last) = mlp.layers.last_mut() {
+        last.weight = last.weight.clone().map(|w| w.zeros_like());
+        if let Some(bias) = last.bias.take() {
+            last.bias = Some(bias.map(|b| b.zeros_like()));
+        }
+    }
+    mlp
 }
 
 /// `log(x / (1 − x))`, clamped as Deformable-DETR does.
@@ -225,6 +282,19 @@ impl DetrConfig {
                 "needs at least one level",
             ));
         }
+        if let Some(s) = self
+            .encoder_strides
+            .iter()
+            .find(|s| !self.feature_strides.contains(s))
+        {
+            return Err(crate::Error::config(
+                "detr.encoder_strides",
+                format!(
+                    "{s} is not one of feature_strides {:?}",
+                    self.feature_strides
+                ),
+            ));
+        }
         let input_proj = self
             .feature_strides
             .iter()
@@ -244,32 +314,20 @@ impl DetrConfig {
             })
             .collect::<crate::Result<Vec<_>>>()?;
         let total = self.num_queries * self.groups;
-        // Anchors start spread uniformly over the image with random sizes, in logit space.
-        let anchors = inverse_sigmoid(Tensor::<B, 2>::random(
-            [total, 4],
-            Distribution::Uniform(0.05, 0.95),
-            device,
-        ));
-        // Focal-loss prior: every class starts at probability 0.01, so the many negatives don't
-        // swamp the first steps.
-        let prior = -((1.0 - 0.01f64) / 0.01).ln();
-        let mut class_head = LinearConfig::new(d, self.num_classes).init(device);
-        if let Some(bias) = class_head.bias.take() {
-            class_head.bias = Some(bias.map(|b| b.zeros_like().add_scalar(prior)));
-        }
-        let box_heads = (0..self.decoder_layers)
-            .map(|_| {
-                let mut mlp = Mlp::new(&[d, d, d, 4], device);
-                // Zero last layer: each layer starts by keeping its input anchor.
-                if let Some(last) = mlp.layers.last_mut() {
-                    last.weight = last.weight.clone().map(|w| w.zeros_like());
-                    if let Some(bias) = last.bias.take() {
-                        last.bias = Some(bias.map(|b| b.zeros_like()));
-                    }
-                }
-                mlp
-            })
-            .collect();
+        // Learned anchors start spread uniformly over the image with random sizes, in logit space.
+        let query_anchors = (!self.two_stage).then(|| {
+            Param::from_tensor(inverse_sigmoid(Tensor::<B, 2>::random(
+                [total, 4],
+                Distribution::Uniform(0.05, 0.95),
+                device,
+            )))
+        });
+        let proposal_head = self.two_stage.then(|| ProposalHead {
+            proj: LinearConfig::new(d, d).init(device),
+            norm: LayerNormConfig::new(d).init(device),
+            class: focal_classifier(d, self.num_classes, device),
+            boxes: refinement_mlp(d, device),
+        });
         Ok(Detr {
             backbone,
             input_proj,
@@ -290,17 +348,115 @@ impl DetrConfig {
                 Distribution::Normal(0.0, 1.0),
                 device,
             )),
-            query_anchors: Param::from_tensor(anchors),
+            query_anchors,
+            proposal_head,
             anchor_pos: Mlp::new(&[2 * d, d, d], device),
-            class_head,
-            box_heads,
+            class_head: focal_classifier(d, self.num_classes, device),
+            box_heads: (0..self.decoder_layers)
+                .map(|_| refinement_mlp(d, device))
+                .collect(),
             num_queries: self.num_queries,
             groups: self.groups,
             d_model: d,
             feature_strides: self.feature_strides.clone(),
+            encoded_levels: self
+                .feature_strides
+                .iter()
+                .map(|s| self.encoder_strides.is_empty() || self.encoder_strides.contains(s))
+                .collect(),
             spatial_prior: self.spatial_prior,
         })
     }
+}
+
+/// The encoder's half of a forward pass: the memory and what the decoder needs to read it.
+#[derive(Debug, Clone)]
+pub struct Encoded<B: Backend> {
+    /// Encoder output `[B, T, D]` over the tokens of every level.
+    pub memory: Tensor<B, 3>,
+    /// Position (sine + level embedding) of each token `[B, T, D]`.
+    pub memory_pos: Tensor<B, 3>,
+    /// Token padding `[B, T]` (true = padding).
+    pub memory_padding: Tensor<B, 2, Bool>,
+    /// The same padding on the host, `B·T` values.
+    pub padding: Vec<bool>,
+    /// Normalised cell centres of the tokens `[B, T, 2]`.
+    pub centres: Tensor<B, 3>,
+    /// Dense per-token predictions of two-stage models.
+    pub proposals: Option<Proposals<B>>,
+    /// The backbone's features.
+    pub features: BackboneFeatures<B>,
+}
+
+/// Two-stage models' per-token predictions and the tokens chosen as queries.
+#[derive(Debug, Clone)]
+pub struct Proposals<B: Backend> {
+    /// Class logits `[B, T, K]` and boxes `[B, T, 4]` of every token.
+    pub prediction: LayerPrediction<B>,
+    /// Token index of each selected query, `B·Q` values (query order within each image), the
+    /// correspondence between two models' queries on the same image.
+    pub selected: Vec<usize>,
+}
+
+/// The decoder's starting point for a set of queries.
+#[derive(Debug, Clone)]
+pub struct InitialQueries<B: Backend> {
+    /// Content embeddings `[B, Q, D]`.
+    pub content: Tensor<B, 3>,
+    /// Reference boxes `[B, Q, 4]` (normalised `cx, cy, w, h`, no gradient).
+    pub reference: Tensor<B, 3>,
+}
+
+impl<B: Backend> InitialQueries<B> {
+    /// Query groups placed one after the other along the query axis.
+    pub fn cat(groups: Vec<Self>) -> Self {
+        let (content, reference) = groups.into_iter().map(|g| (g.content, g.reference)).unzip();
+        InitialQueries {
+            content: Tensor::cat(content, 1),
+            reference: Tensor::cat(reference, 1),
+        }
+    }
+
+    /// Number of queries.
+    pub fn len(&self) -> usize {
+        self.content.dims()[1]
+    }
+
+    /// Whether there are no queries.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Concatenates per-level host values (each level image-major, `B·n_l·c` values) into
+/// image-major order over all levels, as the token axis is laid out.
+fn image_major<T: Copy>(levels: &[Vec<T>], b: usize) -> Vec<T> {
+    (0..b)
+        .flat_map(|n| {
+            levels.iter().flat_map(move |lvl| {
+                let per = lvl.len() / b;
+                lvl[n * per..(n + 1) * per].iter().copied()
+            })
+        })
+        .collect()
+}
+
+/// Indices of the `k` highest of each row of `scores` (`rows × cols`), skipping entries marked
+/// in `skip`; rows with fewer than `k` usable entries repeat their best ones.
+fn top_k_rows(scores: &[f32], skip: &[bool], cols: usize, k: usize) -> Vec<usize> {
+    scores
+        .chunks(cols)
+        .zip(skip.chunks(cols))
+        .flat_map(|(row, skip)| {
+            let mut order: Vec<usize> = (0..cols).filter(|&j| !skip[j]).collect();
+            if order.is_empty() {
+                order = (0..cols).collect();
+            }
+            order.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
+            let n = order.len();
+            (0..k).map(move |i| order[i % n])
+        })
+        .collect()
 }
 
 impl<B: Backend> Detr<B> {
@@ -308,12 +464,29 @@ impl<B: Backend> Detr<B> {
     /// booleans, `[B, H, W]`, true = padding). `groups` query groups are decoded (the training
     /// value, or 1 at inference).
     pub fn forward(&self, images: Tensor<B, 4>, padding: &[bool], groups: usize) -> DetrOutput<B> {
+        let encoded = self.encode(images, padding);
+        let groups = groups.clamp(1, self.groups);
+        let queries = self.initial_queries(&encoded, groups);
+        let group_sizes = vec![self.num_queries; groups];
+        let layers = self.decode(&encoded, queries.clone(), &group_sizes);
+        DetrOutput {
+            layers,
+            group_sizes,
+            queries,
+            proposals: encoded.proposals,
+            features: encoded.features,
+        }
+    }
+
+    /// Backbone, projections, encoder and (two-stage) the per-token proposals.
+    pub fn encode(&self, images: Tensor<B, 4>, padding: &[bool]) -> Encoded<B> {
         let device = images.device();
         let [b, _, h, w] = images.dims();
         let features = self.backbone.features(images);
         let tokens = |t: Tensor<B, 4>| t.flatten::<3>(2, 3).swap_dims(1, 2);
-        let (mut srcs, mut poss, mut pads, mut centres) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut srcs, mut poss, mut pads, mut centres, mut anchors) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut host_pads: Vec<Vec<bool>> = Vec::new();
         for (l, (proj, &stride)) in self
             .input_proj
             .iter()
@@ -333,43 +506,160 @@ impl<B: Backend> Detr<B> {
             let level_embed = self.level_embed.val().narrow(0, l, 1).unsqueeze_dim::<3>(0);
             srcs.push(tokens(src));
             poss.push(tokens(pos) + level_embed);
-            if self.spatial_prior > 0.0 {
-                let xy = cell_centres(&mask, [b, fh, fw]);
-                centres.push(Tensor::<B, 3>::from_data(
-                    TensorData::new(xy, [b, fh * fw, 2]),
-                    &device,
-                ));
-            }
+            let xy = cell_centres(&mask, [b, fh, fw]);
+            // Proposal anchors: the cell centre with a side that grows with the stride.
+            let side = 0.05 * stride as f32 / 8.0;
+            anchors.push(
+                xy.chunks(2)
+                    .flat_map(|c| [c[0], c[1], side, side])
+                    .collect::<Vec<_>>(),
+            );
+            centres.push(Tensor::<B, 3>::from_data(
+                TensorData::new(xy, [b, fh * fw, 2]),
+                &device,
+            ));
+            host_pads.push(mask.clone());
             pads.push(padding_tensor(mask, [b, fh, fw], &device));
         }
-        let centres = (!centres.is_empty()).then(|| Tensor::cat(centres, 1));
-        let mut memory = Tensor::cat(srcs, 1);
+        let memory = self.encode_levels(srcs, &poss, &pads);
         let memory_pos = Tensor::cat(poss, 1);
         let memory_padding: Tensor<B, 2, Bool> = Tensor::cat(pads, 1);
-        for layer in &self.encoder {
-            memory = layer.forward(memory, memory_pos.clone(), memory_padding.clone());
-        }
-
-        let groups = groups.clamp(1, self.groups);
-        let q = self.num_queries * groups;
-        let group_sizes = vec![self.num_queries; groups];
-        let ctx = DecoderContext {
+        let t = memory.dims()[1];
+        let padding = image_major(&host_pads, b);
+        let proposals = self.proposal_head.as_ref().map(|head| {
+            let anchors = image_major(&anchors, b);
+            let anchors = Tensor::<B, 3>::from_data(TensorData::new(anchors, [b, t, 4]), &device);
+            let hidden = head.norm.forward(head.proj.forward(memory.clone()));
+            let logits = head.class.forward(hidden.clone());
+            let boxes = sigmoid(head.boxes.forward(hidden.clone()) + inverse_sigmoid(anchors));
+            let best: Vec<f32> = logits
+                .clone()
+                .max_dim(2)
+                .into_data()
+                .convert::<f32>()
+                .to_vec()
+                .unwrap_or_default();
+            let selected = top_k_rows(&best, &padding, t, self.num_queries);
+            Proposals {
+                prediction: LayerPrediction {
+                    logits,
+                    boxes,
+                    hidden,
+                },
+                selected,
+            }
+        });
+        Encoded {
             memory,
             memory_pos,
             memory_padding,
-            self_attn_mask: (groups > 1).then(|| group_attention_mask(&group_sizes, b, &device)),
-        };
+            padding,
+            centres: Tensor::cat(centres, 1),
+            proposals,
+            features,
+        }
+    }
+
+    /// Runs the encoder over the tokens of the encoded levels and concatenates all levels.
+    fn encode_levels(
+        &self,
+        mut srcs: Vec<Tensor<B, 3>>,
+        poss: &[Tensor<B, 3>],
+        pads: &[Tensor<B, 2, Bool>],
+    ) -> Tensor<B, 3> {
+        let chosen: Vec<usize> = (0..srcs.len())
+            .filter(|&l| self.encoded_levels.get(l).copied().unwrap_or(true))
+            .collect();
+        if self.encoder.is_empty() || chosen.is_empty() {
+            return Tensor::cat(srcs, 1);
+        }
+        let pick =
+            |v: &[Tensor<B, 3>]| Tensor::cat(chosen.iter().map(|&l| v[l].clone()).collect(), 1);
+        let mut x = pick(&srcs);
+        let pos = pick(poss);
+        let pad: Tensor<B, 2, Bool> =
+            Tensor::cat(chosen.iter().map(|&l| pads[l].clone()).collect(), 1);
+        for layer in &self.encoder {
+            x = layer.forward(x, pos.clone(), pad.clone());
+        }
+        let mut start = 0;
+        for &l in &chosen {
+            let n = srcs[l].dims()[1];
+            srcs[l] = x.clone().narrow(1, start, n);
+            start += n;
+        }
+        Tensor::cat(srcs, 1)
+    }
+
+    /// The model's own initial queries for `groups` groups: the learned content embeddings with
+    /// either the learned anchors or (two-stage) the selected tokens' boxes.
+    pub fn initial_queries(&self, encoded: &Encoded<B>, groups: usize) -> InitialQueries<B> {
+        let b = encoded.memory.dims()[0];
+        let q = self.num_queries * groups;
         let batch = |t: Tensor<B, 2>| t.narrow(0, 0, q).unsqueeze_dim::<3>(0).repeat_dim(0, b);
-        let mut tgt = batch(self.query_content.val());
-        let mut reference = sigmoid(batch(self.query_anchors.val()));
+        let content = batch(self.query_content.val());
+        let reference = match (&self.query_anchors, &encoded.proposals) {
+            (Some(anchors), _) => sigmoid(batch(anchors.val())),
+            (None, Some(p)) => {
+                let t = encoded.memory.dims()[1];
+                let rows: Vec<i64> = p
+                    .selected
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &tok)| ((i / self.num_queries) * t + tok) as i64)
+                    .collect();
+                let index = Tensor::<B, 1, Int>::from_data(
+                    TensorData::new(rows, [b * self.num_queries]),
+                    &encoded.memory.device(),
+                );
+                let boxes = p
+                    .prediction
+                    .boxes
+                    .clone()
+                    .reshape([b * t, 4])
+                    .select(0, index)
+                    .reshape([b, self.num_queries, 4])
+                    .detach();
+                boxes.repeat_dim(1, groups)
+            }
+            (None, None) => unreachable!("a DETR has learned anchors or a proposal head"),
+        };
+        InitialQueries { content, reference }
+    }
+
+    /// Runs the decoder on `queries` (consecutive groups of `group_sizes`, masked apart) and
+    /// returns every layer's predictions.
+    pub fn decode(
+        &self,
+        encoded: &Encoded<B>,
+        queries: InitialQueries<B>,
+        group_sizes: &[usize],
+    ) -> Vec<LayerPrediction<B>> {
+        let b = encoded.memory.dims()[0];
+        let device = encoded.memory.device();
+        let ctx = DecoderContext {
+            memory: encoded.memory.clone(),
+            memory_pos: encoded.memory_pos.clone(),
+            memory_padding: encoded.memory_padding.clone(),
+            self_attn_mask: (group_sizes.len() > 1)
+                .then(|| group_attention_mask(group_sizes, b, &device)),
+        };
+        let InitialQueries {
+            content: mut tgt,
+            mut reference,
+        } = queries;
         let mut layers = Vec::with_capacity(self.decoder.len());
         for (layer, box_head) in self.decoder.iter().zip(&self.box_heads) {
             let query_pos = self
                 .anchor_pos
                 .forward(sine_box_embedding(reference.clone(), self.d_model / 2));
-            let prior = centres
-                .as_ref()
-                .map(|c| box_gaussian_prior(reference.clone(), c.clone(), self.spatial_prior));
+            let prior = (self.spatial_prior > 0.0).then(|| {
+                box_gaussian_prior(
+                    reference.clone(),
+                    encoded.centres.clone(),
+                    self.spatial_prior,
+                )
+            });
             tgt = layer.forward(tgt, query_pos, &ctx, prior);
             let hidden = self.decoder_norm.forward(tgt.clone());
             let boxes =
@@ -383,11 +673,7 @@ impl<B: Backend> Detr<B> {
                 hidden,
             });
         }
-        DetrOutput {
-            layers,
-            group_sizes,
-            features,
-        }
+        layers
     }
 }
 

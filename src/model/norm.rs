@@ -52,9 +52,46 @@ impl<B: Backend> FrozenBatchNorm2d<B> {
         // torchvision uses eps = 1e-5 and folds the statistics into one scale and shift.
         let scale = self.weight.val() * self.running_var.val().add_scalar(1e-5).sqrt().recip();
         let shift = self.bias.val() - self.running_mean.val() * scale.clone();
-        let c = scale.dims()[0];
-        x * scale.reshape([1, c, 1, 1]) + shift.reshape([1, c, 1, 1])
+        channel_affine(x, scale, shift)
     }
+}
+
+/// `x · scale[c] + shift[c]` over `[N, C, H, W]`. flex runs element-wise ops fast only when
+/// the broadcast operand is a per-row scalar of a contiguous tensor, so the per-channel values
+/// are laid out as `[N, C, 1]` against `x` viewed as `[N, C, H·W]` (burn's `[1, C, 1, 1]`
+/// broadcast takes flex's element-by-element path and dominated the step time).
+fn channel_affine<B: Backend>(
+    x: Tensor<B, 4>,
+    scale: Tensor<B, 1>,
+    shift: Tensor<B, 1>,
+) -> Tensor<B, 4> {
+    let [n, c, h, w] = x.dims();
+    let per_row = |t: Tensor<B, 1>| t.reshape([1, c, 1]).repeat_dim(0, n);
+    (x.reshape([n, c, h * w]) * per_row(scale) + per_row(shift)).reshape([n, c, h, w])
+}
+
+/// burn's `BatchNorm` forward (same statistics, running-average update and result) with the
+/// channel broadcasts laid out for flex's fast paths, as [`channel_affine`].
+fn batch_norm<B: Backend>(bn: &BatchNorm<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
+    let [n, c, h, w] = x.dims();
+    if !B::ad_enabled(&x.device()) {
+        let scale = bn.gamma.val() * bn.running_var.value().add_scalar(bn.epsilon).sqrt().recip();
+        let shift = bn.beta.val() - bn.running_mean.value() * scale.clone();
+        return channel_affine(x, scale, shift);
+    }
+    let x = x.reshape([n, c, h * w]);
+    let per_row = |t: Tensor<B, 3>| t.repeat_dim(0, n);
+    let mean = x.clone().mean_dim(2).mean_dim(0);
+    let centred = x - per_row(mean.clone());
+    let var = centred.clone().square().mean_dim(2).mean_dim(0);
+    let m = bn.momentum;
+    let stat = |t: Tensor<B, 3>| t.detach().reshape([c]).mul_scalar(m);
+    bn.running_mean
+        .update(bn.running_mean.value_sync().mul_scalar(1.0 - m) + stat(mean));
+    bn.running_var
+        .update(bn.running_var.value_sync().mul_scalar(1.0 - m) + stat(var.clone()));
+    let scale = bn.gamma.val().reshape([1, c, 1]) * var.add_scalar(bn.epsilon).sqrt().recip();
+    (centred * per_row(scale) + per_row(bn.beta.val().reshape([1, c, 1]))).reshape([n, c, h, w])
 }
 
 /// A backbone normalisation layer of either kind.
@@ -79,7 +116,7 @@ impl<B: Backend> Norm2d<B> {
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         match self {
             Norm2d::Frozen(n) => n.forward(x),
-            Norm2d::Batch(n) => n.forward(x),
+            Norm2d::Batch(n) => batch_norm(n, x),
         }
     }
 }

@@ -146,15 +146,17 @@ pub fn biased_attention<B: Backend>(
     let q = split(mha.query.forward(query), lq);
     let k = split(mha.key.forward(key), lk);
     let v = split(mha.value.forward(value), lk);
-    let mut scores = q.matmul(k.swap_dims(2, 3)).div_scalar((dh as f64).sqrt());
-    if let Some(bias) = bias {
-        scores = scores + bias.unsqueeze_dim::<4>(1);
-    }
-    let pad = key_padding
-        .unsqueeze_dim::<3>(1)
-        .unsqueeze_dim::<4>(1)
-        .expand([b, heads, lq, lk]);
-    let weights = softmax(scores.mask_fill(pad, -1.0e4), 3);
+    let scores = q.matmul(k.swap_dims(2, 3)).div_scalar((dh as f64).sqrt());
+    // One additive bias with the padding folded in, materialised per head: flex adds
+    // contiguous tensors with SIMD but walks broadcast ones element by element.
+    let pad = Tensor::<B, 3>::zeros([b, 1, lk], &key_padding.device())
+        .mask_fill(key_padding.unsqueeze_dim::<3>(1), -1.0e4);
+    let bias = match bias {
+        Some(bias) => bias + pad,
+        None => pad.repeat_dim(1, lq),
+    };
+    let bias = bias.unsqueeze_dim::<4>(1).repeat_dim(1, heads);
+    let weights = softmax(scores + bias, 3);
     let context = mha.dropout.forward(weights).matmul(v);
     mha.output
         .forward(context.swap_dims(1, 2).reshape([b, lq, d]))

@@ -191,7 +191,7 @@ impl<B: AutodiffBackend> Task<B> for DetrTask {
     }
 
     fn loss(&self, model: &Detr<B>, batch: &DetBatch) -> Result<Losses<B>> {
-        let device = model.query_anchors.device();
+        let device = model.query_content.device();
         let out = model.forward(
             batch.images_tensor::<B>(&device),
             &batch.padding,
@@ -245,7 +245,7 @@ fn evaluate_detr<B: Backend>(
     index: &HashMap<u64, usize>,
     max_dets: usize,
 ) -> Result<crate::eval::coco::CocoStats> {
-    let device = model.query_anchors.device();
+    let device = model.query_content.device();
     let mut evaluator = CocoEvaluator::new(gt)?;
     for batch in loader.epoch(0) {
         let batch = batch?;

@@ -8,6 +8,7 @@ pub mod config;
 pub mod detr;
 pub mod metrics;
 pub mod optim;
+pub mod run;
 pub mod schedule;
 
 use std::path::{Path, PathBuf};

@@ -1,0 +1,64 @@
+//! One training run from a resolved config: the run-folder guards, the task and the distiller
+//! the config names, and the loop. The CLI's `train` and `experiment` both go through here.
+
+use std::path::Path;
+
+use crate::backend::{device, Training};
+use crate::distill::NoDistill;
+use crate::error::{write_atomic, Error, Result};
+use crate::train::config::{differing_keys, TrainConfig};
+use crate::train::detr::DetrTask;
+use crate::train::{fit, RunOptions, RunSummary};
+
+/// Trains `config` into `run_dir`. A folder that already holds a checkpoint is refused unless
+/// `resume` is set, and a resume whose config differs from the saved one is refused with the
+/// differing keys.
+pub fn train_run(
+    config: &TrainConfig,
+    run_dir: &Path,
+    resume: bool,
+    progress: bool,
+) -> Result<RunSummary> {
+    let saved_path = run_dir.join("config.toml");
+    let has_checkpoint = run_dir.join("checkpoints").join("latest.json").exists();
+    if resume && saved_path.exists() {
+        let saved = TrainConfig::load(&saved_path, &[])?;
+        let changed = differing_keys(&saved, config)?;
+        if !changed.is_empty() {
+            return Err(Error::config(
+                "--resume",
+                format!(
+                    "the config differs from {} in: {}; resume with the same config and overrides",
+                    saved_path.display(),
+                    changed.join(", ")
+                ),
+            ));
+        }
+    } else if has_checkpoint && !resume {
+        return Err(Error::config(
+            "--out",
+            format!(
+                "{} already holds a run with checkpoints; pass --resume to continue it or choose another --out",
+                run_dir.display()
+            ),
+        ));
+    }
+    write_atomic(&saved_path, config.to_toml()?.as_bytes())?;
+    let device = device();
+    let task = DetrTask::new(config)?;
+    let model = task.init_model::<Training>(&device)?;
+    let options = RunOptions {
+        run_dir: run_dir.to_path_buf(),
+        resume,
+        stop_after: None,
+        progress,
+    };
+    fit(
+        &task,
+        &mut NoDistill,
+        model,
+        &config.loop_config(),
+        &options,
+        &device,
+    )
+}
