@@ -28,6 +28,26 @@ pub trait Source: Send + Sync + 'static {
     fn get(&self, index: usize, rng: &mut ChaCha8Rng) -> Result<Self::Item>;
 }
 
+/// The first `len` samples of another source.
+pub struct Subset<S> {
+    /// The full source.
+    pub inner: S,
+    /// Samples kept.
+    pub len: usize,
+}
+
+impl<S: Source> Source for Subset<S> {
+    type Item = S::Item;
+
+    fn len(&self) -> usize {
+        self.len.min(self.inner.len())
+    }
+
+    fn get(&self, index: usize, rng: &mut ChaCha8Rng) -> Result<Self::Item> {
+        self.inner.get(index, rng)
+    }
+}
+
 /// How batches are drawn.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LoaderConfig {

@@ -2,6 +2,9 @@
 //! passes (a teacher), replace or extend the task's loss, act after every optimiser step (an EMA
 //! update), add models to evaluate and export, and keep state across checkpoints.
 
+pub mod ema;
+pub mod od_detr;
+
 use burn::module::AutodiffModule;
 use burn::tensor::backend::AutodiffBackend;
 
@@ -47,3 +50,24 @@ pub trait Distiller<B: AutodiffBackend, T: Task<B>> {
 pub struct NoDistill;
 
 impl<B: AutodiffBackend, T: Task<B>> Distiller<B, T> for NoDistill {}
+
+/// Which distillation method trains the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DistillMethod {
+    /// Plain training.
+    #[default]
+    None,
+    /// OD-DETR: online distillation from an EMA teacher.
+    OdDetr,
+}
+
+/// The `[distill]` section of a training config.
+#[derive(Debug, Clone, PartialEq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DistillConfig {
+    /// The method.
+    pub method: DistillMethod,
+    /// OD-DETR's settings (used when `method = "od-detr"`).
+    pub od_detr: od_detr::OdDetrConfig,
+}

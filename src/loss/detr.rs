@@ -127,24 +127,36 @@ pub fn set_losses<B: Backend>(
     let class = sigmoid_focal_loss(logits, onehot, weights.alpha, weights.gamma)
         .sum()
         .div_scalar(norm);
-    let (bbox, giou) = if rows.is_empty() {
+    let (bbox, giou) = matched_box_losses(boxes, rows, target_boxes, norm);
+    SetLosses { class, bbox, giou }
+}
+
+/// Summed L1 and 1 − GIoU of rows `rows` (flat over batch × queries) of `boxes` `[B, Q, 4]`
+/// against `target_boxes` (4 values per row), divided by `norm`.
+pub fn matched_box_losses<B: Backend>(
+    boxes: Tensor<B, 3>,
+    rows: Vec<i64>,
+    target_boxes: Vec<f32>,
+    norm: f64,
+) -> (Tensor<B, 1>, Tensor<B, 1>) {
+    if rows.is_empty() {
         // Keep the boxes in the graph so every parameter still receives a (zero) gradient.
         let zero = boxes.sum().mul_scalar(0.0);
-        (zero.clone(), zero)
-    } else {
-        let m = rows.len();
-        let index = Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [m]), &device);
-        let src = boxes.reshape([b * q, 4]).select(0, index);
-        let tgt = Tensor::<B, 2>::from_data(TensorData::new(target_boxes, [m, 4]), &device);
-        let bbox = (src.clone() - tgt.clone()).abs().sum().div_scalar(norm);
-        let giou = paired_generalized_box_iou(box_cxcywh_to_xyxy(src), box_cxcywh_to_xyxy(tgt))
-            .neg()
-            .add_scalar(1.0)
-            .sum()
-            .div_scalar(norm);
-        (bbox, giou)
-    };
-    SetLosses { class, bbox, giou }
+        return (zero.clone(), zero);
+    }
+    let device = boxes.device();
+    let [b, q, _] = boxes.dims();
+    let m = rows.len();
+    let index = Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [m]), &device);
+    let src = boxes.reshape([b * q, 4]).select(0, index);
+    let tgt = Tensor::<B, 2>::from_data(TensorData::new(target_boxes, [m, 4]), &device);
+    let bbox = (src.clone() - tgt.clone()).abs().sum().div_scalar(norm);
+    let giou = paired_generalized_box_iou(box_cxcywh_to_xyxy(src), box_cxcywh_to_xyxy(tgt))
+        .neg()
+        .add_scalar(1.0)
+        .sum()
+        .div_scalar(norm);
+    (bbox, giou)
 }
 
 /// The DETR training loss and its unweighted terms, summed over decoder layers and groups.

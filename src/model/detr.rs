@@ -129,8 +129,10 @@ pub struct LayerPrediction<B: Backend> {
     pub logits: Tensor<B, 3>,
     /// Boxes `[B, Q, 4]`, normalised `cx, cy, w, h`.
     pub boxes: Tensor<B, 3>,
-    /// Decoder states `[B, Q, D]` (for distillation).
+    /// Normed decoder states `[B, Q, D]` the heads read (for distillation).
     pub hidden: Tensor<B, 3>,
+    /// The layer's output state `[B, Q, D]`, i.e. the next layer's input content.
+    pub state: Tensor<B, 3>,
 }
 
 /// All decoder layers' predictions; the last entry is the final output.
@@ -544,6 +546,7 @@ impl<B: Backend> Detr<B> {
                 prediction: LayerPrediction {
                     logits,
                     boxes,
+                    state: hidden.clone(),
                     hidden,
                 },
                 selected,
@@ -671,6 +674,7 @@ impl<B: Backend> Detr<B> {
                 logits: self.class_head.forward(hidden.clone()),
                 boxes,
                 hidden,
+                state: tgt.clone(),
             });
         }
         layers

@@ -124,3 +124,17 @@ pub fn paired_generalized_box_iou<B: Backend>(a: Tensor<B, 2>, b: Tensor<B, 2>) 
     let iou = inter / union.clone();
     (iou - (enclosing.clone() - union) / enclosing).squeeze_dim(1)
 }
+
+/// IoU of two `[cx, cy, w, h]` boxes (0 when either is empty).
+pub fn iou_cxcywh(a: [f64; 4], b: [f64; 4]) -> f64 {
+    let (a, b) = (cxcywh_to_xyxy(a), cxcywh_to_xyxy(b));
+    let area = |r: [f64; 4]| (r[2] - r[0]).max(0.0) * (r[3] - r[1]).max(0.0);
+    let iw = (a[2].min(b[2]) - a[0].max(b[0])).max(0.0);
+    let ih = (a[3].min(b[3]) - a[1].max(b[1])).max(0.0);
+    let union = area(a) + area(b) - iw * ih;
+    if union > 0.0 {
+        iw * ih / union
+    } else {
+        0.0
+    }
+}

@@ -94,19 +94,19 @@ fn giou_cxcywh(a: [f64; 4], b: [f64; 4]) -> f64 {
     inter / union - (enclosing - union) / enclosing
 }
 
-/// Hungarian matching of one image's queries to its targets with DETR's cost
-/// `class·focal + bbox·L1 + giou·(−GIoU)` (the focal cost as in Deformable-DETR).
+/// DETR's matching cost `class·focal + bbox·L1 + giou·(−GIoU)` (the focal cost as in
+/// Deformable-DETR) of every query against every target, row-major `[Q, M]`.
 ///
 /// `logits` is `[Q, K]` row-major, `boxes` `[Q, 4]` (`cx, cy, w, h`, normalised); targets are
-/// class indices and boxes in the same format. Returns `(query, target)` pairs.
-pub fn match_queries(
+/// class indices and boxes in the same format.
+pub fn match_cost_matrix(
     logits: &[f32],
     boxes: &[f32],
     num_classes: usize,
     target_classes: &[usize],
     target_boxes: &[[f32; 4]],
     costs: &MatchCosts,
-) -> Result<Assignment> {
+) -> Result<Vec<f64>> {
     let queries = boxes.len() / 4;
     let targets = target_classes.len();
     if logits.len() != queries * num_classes || target_boxes.len() != targets {
@@ -140,5 +140,26 @@ pub fn match_queries(
             );
         }
     }
-    linear_sum_assignment(&cost, queries, targets)
+    Ok(cost)
+}
+
+/// Hungarian matching of one image's queries to its targets with [`match_cost_matrix`]'s
+/// cost. Returns `(query, target)` pairs.
+pub fn match_queries(
+    logits: &[f32],
+    boxes: &[f32],
+    num_classes: usize,
+    target_classes: &[usize],
+    target_boxes: &[[f32; 4]],
+    costs: &MatchCosts,
+) -> Result<Assignment> {
+    let cost = match_cost_matrix(
+        logits,
+        boxes,
+        num_classes,
+        target_classes,
+        target_boxes,
+        costs,
+    )?;
+    linear_sum_assignment(&cost, boxes.len() / 4, target_classes.len())
 }

@@ -40,6 +40,9 @@ pub struct TrainConfig {
     /// Checkpointing.
     #[serde(default)]
     pub checkpoint: CheckpointConfig,
+    /// Distillation method and its settings.
+    #[serde(default)]
+    pub distill: crate::distill::DistillConfig,
 }
 
 /// Training and validation data.
@@ -178,6 +181,9 @@ pub struct EvalConfig {
     pub every_epochs: usize,
     /// Detections kept per image.
     pub max_dets: usize,
+    /// Training images (the first ones, without augmentation) on which matching instability
+    /// is measured at every epoch end (DN-DETR's definition); 0 disables it.
+    pub instability_images: usize,
 }
 
 impl Default for EvalConfig {
@@ -185,6 +191,7 @@ impl Default for EvalConfig {
         EvalConfig {
             every_epochs: 1,
             max_dets: 100,
+            instability_images: 64,
         }
     }
 }

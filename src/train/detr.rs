@@ -13,14 +13,14 @@ use crate::data::detection::{
     collate_detection, CocoSource, DetAugment, DetBatch, DetSource, SynthDetSource,
 };
 use crate::data::export::synth_coco;
-use crate::data::loader::{EpochIter, Loader, LoaderConfig};
+use crate::data::loader::{EpochIter, Loader, LoaderConfig, Subset};
 use crate::data::synth::Split;
 use crate::error::{Error, Result};
 use crate::eval::coco::{CocoEvaluator, STAT_KEYS};
 use crate::model::detr::{postprocess, Detr, DetrConfig};
 use crate::model::weights::{load_native, load_pytorch, safetensors_metadata, save_native};
 use crate::train::config::TrainConfig;
-use crate::train::{Losses, Stats, Task};
+use crate::train::{Losses, MatchKeys, Stats, Task};
 
 /// Metadata key of the exported model's description.
 const META_KEY: &str = "densekd.detector";
@@ -43,6 +43,8 @@ pub struct DetrTask {
     config: TrainConfig,
     train: Loader<DetSource, DetBatch>,
     val: Loader<DetSource, DetBatch>,
+    /// The first training images without augmentation, for matching instability.
+    stability: Option<Loader<Subset<DetSource>, DetBatch>>,
     val_gt: CocoDataset,
     val_index: HashMap<u64, usize>,
 }
@@ -52,7 +54,7 @@ impl DetrTask {
     pub fn new(config: &TrainConfig) -> Result<Self> {
         let d = &config.data;
         let eval_aug = d.augment.eval();
-        let (train_source, val_source, val_gt) = match &d.coco {
+        let (train_source, stability_source, val_source, val_gt) = match &d.coco {
             Some(c) => {
                 let train = CocoDataset::load(&c.train_json, InvalidPolicy::Skip)?;
                 let val = CocoDataset::load(&c.val_json, InvalidPolicy::Skip)?;
@@ -65,9 +67,14 @@ impl DetrTask {
                 }
                 (
                     DetSource::Coco(CocoSource {
-                        dataset: train,
+                        dataset: train.clone(),
                         image_root: c.train_images.clone(),
                         augment: d.augment.clone(),
+                    }),
+                    DetSource::Coco(CocoSource {
+                        dataset: train,
+                        image_root: c.train_images.clone(),
+                        augment: eval_aug.clone(),
                     }),
                     DetSource::Coco(CocoSource {
                         dataset: val.clone(),
@@ -95,6 +102,7 @@ impl DetrTask {
                 };
                 (
                     source(Split::Train, s.train_images, d.augment.clone()),
+                    source(Split::Train, s.train_images, eval_aug.clone()),
                     source(Split::Val, s.val_images, eval_aug),
                     gt,
                 )
@@ -112,7 +120,7 @@ impl DetrTask {
         }
         let divisor = d.size_divisor;
         let loader = |source, shuffle, seed| {
-            Loader::new(
+            Loader::<DetSource, DetBatch>::new(
                 source,
                 move |samples| collate_detection(samples, divisor),
                 LoaderConfig {
@@ -134,6 +142,24 @@ impl DetrTask {
         Ok(DetrTask {
             train: loader(train_source, true, config.seed)?,
             val: loader(val_source, false, config.seed)?,
+            stability: match config.eval.instability_images {
+                0 => None,
+                n => Some(Loader::new(
+                    Subset {
+                        inner: stability_source,
+                        len: n,
+                    },
+                    move |samples| collate_detection(samples, divisor),
+                    LoaderConfig {
+                        batch_size: config.optim.batch_size,
+                        shuffle: false,
+                        drop_last: false,
+                        workers: 0,
+                        prefetch: 2,
+                        seed: config.seed,
+                    },
+                )?),
+            },
             val_gt,
             val_index,
             config: config.clone(),
@@ -165,6 +191,11 @@ impl DetrTask {
             model.backbone = backbone;
         }
         Ok(model)
+    }
+
+    /// The run's config.
+    pub fn config(&self) -> &TrainConfig {
+        &self.config
     }
 
     /// What an exported model records about itself.
@@ -234,6 +265,51 @@ impl<B: AutodiffBackend> Task<B> for DetrTask {
 
     fn export(&self, model: &Detr<B::InnerBackend>, path: &Path) -> Result<()> {
         export_detr(model, &self.info(), path)
+    }
+
+    fn match_keys(&self, model: &Detr<B::InnerBackend>) -> Result<Option<MatchKeys>> {
+        let Some(loader) = &self.stability else {
+            return Ok(None);
+        };
+        let device = model.query_content.device();
+        let mut keys = MatchKeys::default();
+        for batch in loader.epoch(0) {
+            let batch = batch?;
+            let out = model.forward(
+                batch.images_tensor::<B::InnerBackend>(&device),
+                &batch.padding,
+                1,
+            );
+            let last = out.last();
+            let matches = crate::loss::detr::match_batch(
+                &last.logits,
+                &last.boxes,
+                &batch.targets,
+                &self.config.matcher,
+            )?;
+            let q = model.num_queries;
+            // Query identity: the encoder token for two-stage models, the slot otherwise.
+            let tokens = out
+                .proposals
+                .as_ref()
+                .map(|p| (p.selected.clone(), p.prediction.logits.dims()[1]));
+            for (i, (m, t)) in matches.iter().zip(&batch.targets).enumerate() {
+                let (slots, of_query): (usize, Box<dyn Fn(usize) -> usize>) = match &tokens {
+                    Some((selected, n)) => {
+                        let sel = selected[i * q..(i + 1) * q].to_vec();
+                        (*n, Box::new(move |query| sel[query]))
+                    }
+                    None => (q, Box::new(|query| query)),
+                };
+                let mut image = vec![-1i64; slots];
+                for &(query, target) in &m.pairs {
+                    image[of_query(query)] = target as i64;
+                }
+                keys.keys.extend(image);
+                keys.targets += t.boxes.len();
+            }
+        }
+        Ok(Some(keys))
     }
 }
 

@@ -67,6 +67,25 @@ pub trait Task<B: AutodiffBackend> {
     fn export(&self, model: &InnerModel<B, Self>, path: &Path) -> Result<()>
     where
         Self: Sized;
+
+    /// Which target each query is matched to on a fixed image subset, for matching
+    /// instability; `None` when the task doesn't measure it.
+    fn match_keys(&self, _model: &InnerModel<B, Self>) -> Result<Option<MatchKeys>>
+    where
+        Self: Sized,
+    {
+        Ok(None)
+    }
+}
+
+/// A model's matching on the instability subset: per image and query identity, the matched
+/// target index or −1 (DN-DETR's `V_n[i]`), and the number of targets.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct MatchKeys {
+    /// Matched target per (image, query), −1 for unmatched.
+    pub keys: Vec<i64>,
+    /// Targets in the subset.
+    pub targets: usize,
 }
 
 /// The task-independent settings of a run.
@@ -157,8 +176,9 @@ where
         seed: config.seed,
     };
     let mut resumed = None;
+    let mut match_keys: Vec<(String, MatchKeys)> = Vec::new();
     if options.resume {
-        let mut names = vec!["model", "optim"];
+        let mut names = vec!["model", "optim", "match_keys"];
         names.extend(distiller.state_names());
         if let Some(saved) = checkpoints.load_latest(&names)? {
             let dir = checkpoints.root().to_path_buf();
@@ -171,6 +191,11 @@ where
             };
             model = model.load_record(load_record(next("model")?, &dir.join("model.bin"), device)?);
             optim = optim.load_record(load_record(next("optim")?, &dir.join("optim.bin"), device)?);
+            let keys_path = dir.join("match_keys.bin");
+            match_keys = serde_json::from_slice(&next("match_keys")?).map_err(|e| Error::Json {
+                path: keys_path,
+                source: e,
+            })?;
             let rest: Vec<(String, Vec<u8>)> = distiller
                 .state_names()
                 .into_iter()
@@ -182,6 +207,9 @@ where
         }
     }
     let mut log = MetricsLog::open(&run_dir.join("metrics.jsonl"), resumed)?;
+    if resumed.is_none() {
+        match_keys = all_match_keys(task, distiller, &model)?;
+    }
     match resumed {
         Some(step) => eprintln!("resuming {} at step {step}/{total}", run_dir.display()),
         None => eprintln!("training {total} steps into {}", run_dir.display()),
@@ -202,13 +230,21 @@ where
         indicatif::ProgressBar::hidden()
     };
 
-    let save = |model: &T::Model, optim: Vec<u8>, distiller: &D, state: LoopState| -> Result<()> {
+    let save = |model: &T::Model,
+                optim: Vec<u8>,
+                distiller: &D,
+                keys: &[(String, MatchKeys)],
+                state: LoopState|
+     -> Result<()> {
+        let keys =
+            serde_json::to_vec(keys).map_err(|e| Error::config("match_keys", e.to_string()))?;
         let mut parts = vec![
             (
                 "model".to_string(),
                 record_bytes::<B, _>(model.clone().into_record())?,
             ),
             ("optim".to_string(), optim),
+            ("match_keys".to_string(), keys),
         ];
         parts.extend(distiller.state()?);
         checkpoints.save(&Saved { state, parts })
@@ -283,6 +319,7 @@ where
                     &model,
                     record_bytes::<B, _>(optim.to_record())?,
                     distiller,
+                    &match_keys,
                     state,
                 )?;
             }
@@ -294,6 +331,11 @@ where
         state.epoch += 1;
         state.batch = 0;
         let last = state.epoch == config.optim.epochs;
+        let current = all_match_keys(task, distiller, &model)?;
+        log_instability(&match_keys, &current, &mut log, state)?;
+        if !current.is_empty() {
+            match_keys = current;
+        }
         if last || state.epoch.is_multiple_of(config.eval.every_epochs) {
             final_eval = evaluate_all(task, distiller, &model, &mut log, state)?;
             bar.suspend(|| {
@@ -318,6 +360,7 @@ where
             &model,
             record_bytes::<B, _>(optim.to_record())?,
             distiller,
+            &match_keys,
             state,
         )?;
         if options.stop_after.is_some_and(|s| state.step >= s) && !last {
@@ -386,6 +429,67 @@ where
         out.push((name, stats));
     }
     Ok(out)
+}
+
+/// The match keys of the student and the distiller's extra models (empty when the task
+/// doesn't measure instability).
+fn all_match_keys<B, T, D>(
+    task: &T,
+    distiller: &D,
+    model: &T::Model,
+) -> Result<Vec<(String, MatchKeys)>>
+where
+    B: AutodiffBackend,
+    T: Task<B>,
+    D: Distiller<B, T>,
+{
+    let mut out = Vec::new();
+    let models =
+        std::iter::once(("student".to_string(), model.valid())).chain(distiller.extra_models());
+    for (name, m) in models {
+        if let Some(keys) = task.match_keys(&m)? {
+            out.push((name, keys));
+        }
+    }
+    Ok(out)
+}
+
+/// Logs, per model, how many (image, query) matches changed since the previous epoch
+/// (DN-DETR's instability) and that count per target.
+fn log_instability(
+    previous: &[(String, MatchKeys)],
+    current: &[(String, MatchKeys)],
+    log: &mut MetricsLog,
+    state: LoopState,
+) -> Result<()> {
+    for (name, now) in current {
+        let Some((_, before)) = previous.iter().find(|(n, _)| n == name) else {
+            continue;
+        };
+        if before.keys.len() != now.keys.len() {
+            continue;
+        }
+        let changed = before
+            .keys
+            .iter()
+            .zip(&now.keys)
+            .filter(|(a, b)| a != b)
+            .count();
+        log.write(
+            "instability",
+            &[
+                ("epoch", Value::from(state.epoch)),
+                ("step", Value::from(state.step)),
+                ("model", Value::from(name.as_str())),
+                ("changed", Value::from(changed)),
+                (
+                    "fraction",
+                    number(changed as f64 / now.targets.max(1) as f64),
+                ),
+            ],
+        )?;
+    }
+    Ok(())
 }
 
 /// Redraws the run's plots; a plotting failure is reported, not fatal.

@@ -4,7 +4,8 @@
 use std::path::Path;
 
 use crate::backend::{device, Training};
-use crate::distill::NoDistill;
+use crate::distill::od_detr::OdDetr;
+use crate::distill::{DistillMethod, NoDistill};
 use crate::error::{write_atomic, Error, Result};
 use crate::train::config::{differing_keys, TrainConfig};
 use crate::train::detr::DetrTask;
@@ -53,12 +54,26 @@ pub fn train_run(
         stop_after: None,
         progress,
     };
-    fit(
-        &task,
-        &mut NoDistill,
-        model,
-        &config.loop_config(),
-        &options,
-        &device,
-    )
+    let loop_config = config.loop_config();
+    match config.distill.method {
+        DistillMethod::None => fit(
+            &task,
+            &mut NoDistill,
+            model,
+            &loop_config,
+            &options,
+            &device,
+        ),
+        DistillMethod::OdDetr => {
+            let mut distiller = OdDetr::new(&model, config.distill.od_detr);
+            fit(
+                &task,
+                &mut distiller,
+                model,
+                &loop_config,
+                &options,
+                &device,
+            )
+        }
+    }
 }

@@ -1,0 +1,532 @@
+//! OD-DETR (online distillation for DETR, IJCAI-24): an EMA copy of the student is the
+//! teacher, run without gradients on the same batch. Three switchable mechanisms
+//! (`../shared/docs/methods/od-detr.md` §3):
+//! (a) teacher-guided matching: each main query is also supervised with the target its
+//!     teacher counterpart was matched to, classification by a multi-target quality focal loss
+//!     with IoU targets;
+//! (b) prediction distillation: the teacher's initial queries run as an extra group through the
+//!     student decoder and are pulled toward the teacher's layer-aligned outputs;
+//! (c) an auxiliary group: per target, the teacher's two stage-queries with the least matching
+//!     cost, with a fixed one-to-two assignment.
+//! Extra groups are masked from each other; nothing changes at inference.
+
+use burn::module::{AutodiffModule, Module};
+use burn::tensor::activation::{log_sigmoid, sigmoid};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Int, Tensor, TensorData};
+use serde::{Deserialize, Serialize};
+
+use crate::data::detection::{DetBatch, DetTarget};
+use crate::distill::ema::{Ema, EmaConfig};
+use crate::distill::{Distiller, InnerModel};
+use crate::error::{Error, Result};
+use crate::loss::detr::{
+    match_batch, matched_box_losses, proposal_losses, set_losses, SetLossWeights, SetLosses,
+};
+use crate::model::detr::{Detr, Encoded, InitialQueries, LayerPrediction};
+use crate::ops::boxes::{box_cxcywh_to_xyxy, iou_cxcywh, paired_generalized_box_iou};
+use crate::ops::matcher::{match_cost_matrix, Assignment, MatchCosts};
+use crate::train::checkpoint::{load_record, record_bytes};
+use crate::train::detr::DetrTask;
+use crate::train::{Losses, Task};
+
+/// OD-DETR settings; the EMA alone (all three mechanisms off) is the "EMA only" baseline.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OdDetrConfig {
+    /// The teacher's moving average.
+    pub ema: EmaConfig,
+    /// (a) Teacher-guided matching.
+    pub guided_matching: bool,
+    /// (a) Use the teacher's target only for queries the student's own matching left
+    /// unmatched (ablation switch; the method uses both).
+    pub teacher_target_only_unmatched: bool,
+    /// (b) Prediction distillation through the teacher's initial queries.
+    pub pd: bool,
+    /// (c) The auxiliary one-to-many group from the teacher's stage queries.
+    pub aux: bool,
+    /// Weight λ_pd of (b).
+    pub pd_weight: f64,
+    /// Weight of (b)'s classification term relative to its box terms.
+    pub pd_class_weight: f64,
+    /// Weight λ_aux of (c).
+    pub aux_weight: f64,
+    /// Queries per target in (c).
+    pub aux_per_target: usize,
+    /// Steps over which λ_pd and λ_aux ramp linearly from 0 (0 = no ramp): the early teacher
+    /// is nearly random.
+    pub ramp_steps: usize,
+}
+
+impl Default for OdDetrConfig {
+    fn default() -> Self {
+        OdDetrConfig {
+            ema: EmaConfig::default(),
+            guided_matching: true,
+            teacher_target_only_unmatched: false,
+            pd: true,
+            aux: true,
+            pd_weight: 1.0,
+            pd_class_weight: 1.0,
+            aux_weight: 1.0,
+            aux_per_target: 2,
+            ramp_steps: 0,
+        }
+    }
+}
+
+/// The OD-DETR distiller: the EMA teacher and the settings.
+pub struct OdDetr<B: AutodiffBackend> {
+    config: OdDetrConfig,
+    ema: Ema<Detr<B::InnerBackend>>,
+}
+
+impl<B: AutodiffBackend> OdDetr<B> {
+    /// Starts the teacher as a copy of `student`.
+    pub fn new(student: &Detr<B>, config: OdDetrConfig) -> Self {
+        OdDetr {
+            config,
+            ema: Ema::new(student.valid(), config.ema),
+        }
+    }
+
+    /// The teacher.
+    pub fn teacher(&self) -> &Detr<B::InnerBackend> {
+        &self.ema.model
+    }
+
+    fn ramp(&self) -> f64 {
+        match self.config.ramp_steps {
+            0 => 1.0,
+            n => ((self.ema.updates + 1) as f64 / n as f64).min(1.0),
+        }
+    }
+}
+
+/// Host copy of a tensor.
+fn host<B: Backend, const D: usize>(t: &Tensor<B, D>) -> Vec<f32> {
+    t.clone()
+        .into_data()
+        .convert::<f32>()
+        .to_vec()
+        .unwrap_or_default()
+}
+
+/// A tensor of the inner backend lifted into the autodiff graph as a constant.
+fn constant<B: AutodiffBackend, const D: usize>(t: Tensor<B::InnerBackend, D>) -> Tensor<B, D> {
+    Tensor::from_inner(t)
+}
+
+/// Rows `index` (flat over batch × rows) of `[B, R, C]`, as `[B, index.len() / B, C]`.
+fn gather_rows<B: Backend>(t: Tensor<B, 3>, rows: Vec<i64>) -> Tensor<B, 3> {
+    let [b, r, c] = t.dims();
+    let n = rows.len();
+    let index = Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [n]), &t.device());
+    t.reshape([b * r, c])
+        .select(0, index)
+        .reshape([b, n / b, c])
+}
+
+/// Quality focal loss with several possible targets per query (Generalized Focal Loss's QFL
+/// in Stable-DINO's focal form), summed: positives (`pos` = 1) are weighted
+/// `α·|y − p|^γ` against their quality `y`, negatives `(1 − α)·p^γ` against 0.
+pub fn quality_focal_loss<B: Backend>(
+    logits: Tensor<B, 3>,
+    quality: Tensor<B, 3>,
+    pos: Tensor<B, 3>,
+    alpha: f64,
+    gamma: f64,
+) -> Tensor<B, 1> {
+    let p = sigmoid(logits.clone());
+    let bce = (quality.clone() * log_sigmoid(logits.clone())
+        + quality.clone().neg().add_scalar(1.0) * log_sigmoid(logits.neg()))
+    .neg();
+    let pos_w = (quality - p.clone())
+        .abs()
+        .powf_scalar(gamma)
+        .mul_scalar(alpha);
+    let neg_w = p.powf_scalar(gamma).mul_scalar(1.0 - alpha);
+    let w = pos.clone() * pos_w + pos.neg().add_scalar(1.0) * neg_w;
+    (w * bce).sum()
+}
+
+/// (a)'s loss of one layer's main-group predictions: every query is supervised by its own
+/// match and by its teacher counterpart's (`teacher[i][q]`, a target index), with IoU quality
+/// targets for classification and L1 + GIoU to each target.
+#[allow(clippy::too_many_arguments)]
+fn guided_losses<B: Backend>(
+    logits: Tensor<B, 3>,
+    boxes: Tensor<B, 3>,
+    targets: &[DetTarget],
+    own: &[Assignment],
+    teacher: &[Vec<Option<usize>>],
+    only_unmatched: bool,
+    norm: f64,
+    w: &SetLossWeights,
+) -> SetLosses<B> {
+    let [b, q, k] = logits.dims();
+    let device = logits.device();
+    let pred = host(&boxes);
+    let (mut quality, mut pos) = (vec![0f32; b * q * k], vec![0f32; b * q * k]);
+    let (mut rows, mut target_boxes) = (Vec::new(), Vec::new());
+    for (i, t) in targets.iter().enumerate() {
+        let mut sets: Vec<Vec<usize>> = vec![Vec::new(); q];
+        for &(query, target) in &own[i].pairs {
+            sets[query].push(target);
+        }
+        for (query, set) in sets.iter_mut().enumerate() {
+            if let Some(target) = teacher[i][query] {
+                if !set.contains(&target) && !(only_unmatched && !set.is_empty()) {
+                    set.push(target);
+                }
+            }
+        }
+        for (query, set) in sets.iter().enumerate() {
+            let row = i * q + query;
+            let pb = [0, 1, 2, 3].map(|c| pred[row * 4 + c] as f64);
+            for &target in set {
+                let cell = row * k + t.classes[target];
+                let iou = iou_cxcywh(pb, t.boxes[target].map(|v| v as f64)) as f32;
+                quality[cell] = quality[cell].max(iou);
+                pos[cell] = 1.0;
+                rows.push(row as i64);
+                target_boxes.extend_from_slice(&t.boxes[target]);
+            }
+        }
+    }
+    let tensor = |v: Vec<f32>| Tensor::<B, 3>::from_data(TensorData::new(v, [b, q, k]), &device);
+    let class =
+        quality_focal_loss(logits, tensor(quality), tensor(pos), w.alpha, w.gamma).div_scalar(norm);
+    let (bbox, giou) = matched_box_losses(boxes, rows, target_boxes, norm);
+    SetLosses { class, bbox, giou }
+}
+
+/// (b)'s loss of one layer: the student's predictions for the teacher's queries against the
+/// teacher's same-layer predictions, weighted per query by the teacher's final confidence.
+fn pd_loss<B: AutodiffBackend>(
+    student: &LayerPrediction<B>,
+    teacher: &LayerPrediction<B::InnerBackend>,
+    weight: Tensor<B, 2>,
+    class_weight: f64,
+    w: &SetLossWeights,
+) -> Tensor<B, 1> {
+    let [b, q, _] = student.logits.dims();
+    let t_prob = sigmoid(constant::<B, 3>(teacher.logits.clone()));
+    let x = student.logits.clone();
+    let bce = (t_prob.clone() * log_sigmoid(x.clone())
+        + t_prob.neg().add_scalar(1.0) * log_sigmoid(x.neg()))
+    .neg()
+    .sum_dim(2)
+    .reshape([b, q]);
+    let t_boxes = constant::<B, 3>(teacher.boxes.clone());
+    let l1 = (student.boxes.clone() - t_boxes.clone())
+        .abs()
+        .sum_dim(2)
+        .reshape([b, q]);
+    let giou = paired_generalized_box_iou(
+        box_cxcywh_to_xyxy(student.boxes.clone().reshape([b * q, 4])),
+        box_cxcywh_to_xyxy(t_boxes.reshape([b * q, 4])),
+    )
+    .neg()
+    .add_scalar(1.0)
+    .reshape([b, q]);
+    let per_query = bce.mul_scalar(class_weight) + l1.mul_scalar(w.bbox) + giou.mul_scalar(w.giou);
+    let total = weight.clone().sum().add_scalar(1e-6);
+    (per_query * weight).sum() / total
+}
+
+/// Narrows every layer's predictions to queries `start..start + len`.
+fn narrow<B: Backend>(
+    layers: &[LayerPrediction<B>],
+    start: usize,
+    len: usize,
+) -> Vec<LayerPrediction<B>> {
+    layers
+        .iter()
+        .map(|l| LayerPrediction {
+            logits: l.logits.clone().narrow(1, start, len),
+            boxes: l.boxes.clone().narrow(1, start, len),
+            hidden: l.hidden.clone().narrow(1, start, len),
+            state: l.state.clone().narrow(1, start, len),
+        })
+        .collect()
+}
+
+/// For each student query of group 0, the teacher query on the same encoder token (two-stage)
+/// or in the same slot (learned queries), if any.
+fn correspondence<B: Backend, C: Backend>(
+    student: &Encoded<B>,
+    teacher: &Encoded<C>,
+    batch: usize,
+    queries: usize,
+) -> Vec<Vec<Option<usize>>> {
+    match (&student.proposals, &teacher.proposals) {
+        (Some(s), Some(t)) => (0..batch)
+            .map(|i| {
+                let t_rows = &t.selected[i * queries..(i + 1) * queries];
+                s.selected[i * queries..(i + 1) * queries]
+                    .iter()
+                    .map(|tok| t_rows.iter().position(|x| x == tok))
+                    .collect()
+            })
+            .collect(),
+        _ => (0..batch)
+            .map(|_| (0..queries).map(Some).collect())
+            .collect(),
+    }
+}
+
+/// (c)'s group: for every target, the `per_target` teacher stage-outputs (each stage's output
+/// is the next stage's input query) with the least matching cost. Returns the queries (padded
+/// to the batch's largest count with the pool's least confident entry, which gets no target)
+/// and the `(slot, target)` pairs per image; `None` when the batch has no targets.
+fn aux_group<B: AutodiffBackend>(
+    teacher: &[LayerPrediction<B::InnerBackend>],
+    targets: &[DetTarget],
+    per_target: usize,
+    costs: &MatchCosts,
+) -> Result<Option<(InitialQueries<B>, Vec<Assignment>)>> {
+    let largest = targets.iter().map(|t| t.boxes.len()).max().unwrap_or(0);
+    if largest == 0 || per_target == 0 || teacher.is_empty() {
+        return Ok(None);
+    }
+    let [b, q, k] = teacher[0].logits.dims();
+    let slots = largest * per_target;
+    let pool = teacher.len() * q;
+    let logits: Vec<Vec<f32>> = teacher.iter().map(|l| host(&l.logits)).collect();
+    let boxes: Vec<Vec<f32>> = teacher.iter().map(|l| host(&l.boxes)).collect();
+    let (mut rows, mut assignments) = (Vec::with_capacity(b * slots), Vec::with_capacity(b));
+    for (i, t) in targets.iter().enumerate() {
+        // The pool of image i, stage-major: entry l·Q + j is query j after stage l.
+        let mut pool_logits = Vec::with_capacity(pool * k);
+        let mut pool_boxes = Vec::with_capacity(pool * 4);
+        for (lg, bx) in logits.iter().zip(&boxes) {
+            pool_logits.extend_from_slice(&lg[i * q * k..(i + 1) * q * k]);
+            pool_boxes.extend_from_slice(&bx[i * q * 4..(i + 1) * q * 4]);
+        }
+        let m = t.boxes.len();
+        let cost = match_cost_matrix(&pool_logits, &pool_boxes, k, &t.classes, &t.boxes, costs)?;
+        let mut pairs = Vec::with_capacity(m * per_target);
+        let mut chosen = Vec::with_capacity(slots);
+        for target in 0..m {
+            let mut order: Vec<usize> = (0..pool).collect();
+            order.sort_by(|&a, &c| cost[a * m + target].total_cmp(&cost[c * m + target]));
+            for &entry in order.iter().take(per_target) {
+                pairs.push((chosen.len(), target));
+                chosen.push(entry);
+            }
+        }
+        let filler = (0..pool)
+            .min_by(|&a, &c| {
+                let best = |e: usize| {
+                    pool_logits[e * k..(e + 1) * k]
+                        .iter()
+                        .fold(f32::MIN, |x, &y| x.max(y))
+                };
+                best(a).total_cmp(&best(c))
+            })
+            .unwrap_or(0);
+        chosen.resize(slots, filler);
+        rows.extend(chosen.iter().map(|&e| (i * pool + e) as i64));
+        assignments.push(Assignment {
+            pairs,
+            total_cost: 0.0,
+        });
+    }
+    let stack = |f: fn(&LayerPrediction<B::InnerBackend>) -> Tensor<B::InnerBackend, 3>| {
+        Tensor::cat(teacher.iter().map(f).collect(), 1)
+    };
+    let content = gather_rows(stack(|l| l.state.clone()), rows.clone());
+    let reference = gather_rows(stack(|l| l.boxes.clone()), rows);
+    Ok(Some((
+        InitialQueries {
+            content: constant::<B, 3>(content),
+            reference: constant::<B, 3>(reference),
+        },
+        assignments,
+    )))
+}
+
+impl<B: AutodiffBackend> Distiller<B, DetrTask> for OdDetr<B> {
+    fn loss(&mut self, task: &DetrTask, student: &Detr<B>, batch: &DetBatch) -> Result<Losses<B>> {
+        let c = self.config;
+        if !(c.guided_matching || c.pd || c.aux) {
+            return task.loss(student, batch);
+        }
+        let cfg = task.config();
+        let (w, costs) = (&cfg.loss, &cfg.matcher);
+        let targets = &batch.targets;
+        let norm = (targets.iter().map(|t| t.boxes.len()).sum::<usize>() as f64).max(1.0);
+        let device = student.query_content.device();
+        let images = batch.images_tensor::<B>(&device);
+        let q = student.num_queries;
+
+        let teacher = &self.ema.model;
+        let t_enc = teacher.encode(images.clone().inner(), &batch.padding);
+        let t_queries = teacher.initial_queries(&t_enc, 1);
+        let t_layers = teacher.decode(&t_enc, t_queries.clone(), &[q]);
+        let t_last = t_layers
+            .last()
+            .ok_or_else(|| Error::config("od_detr", "the teacher has no decoder layers"))?;
+
+        let enc = student.encode(images, &batch.padding);
+        let main_groups = student.groups;
+        let mut groups = vec![student.initial_queries(&enc, main_groups)];
+        let mut sizes = vec![q; main_groups];
+        if c.pd {
+            groups.push(InitialQueries {
+                content: constant::<B, 3>(t_queries.content.clone()),
+                reference: constant::<B, 3>(t_queries.reference.clone()),
+            });
+            sizes.push(q);
+        }
+        let aux = if c.aux {
+            aux_group::<B>(&t_layers, targets, c.aux_per_target, costs)?
+        } else {
+            None
+        };
+        if let Some((queries, _)) = &aux {
+            sizes.push(queries.len());
+            groups.push(queries.clone());
+        }
+        let layers = student.decode(&enc, InitialQueries::cat(groups), &sizes);
+
+        // Main groups: the student's own matching on every layer, plus (a) on group 0.
+        let b = targets.len();
+        let teacher_targets = if c.guided_matching {
+            let t_match = match_batch(&t_last.logits, &t_last.boxes, targets, costs)?;
+            let corr = correspondence(&enc, &t_enc, b, q);
+            corr.iter()
+                .zip(&t_match)
+                .map(|(corr, m)| {
+                    let mut of_teacher = vec![None; q];
+                    for &(query, target) in &m.pairs {
+                        of_teacher[query] = Some(target);
+                    }
+                    corr.iter().map(|t| t.and_then(|t| of_teacher[t])).collect()
+                })
+                .collect::<Vec<Vec<Option<usize>>>>()
+        } else {
+            Vec::new()
+        };
+        let mut det: Option<[Tensor<B, 1>; 3]> = None;
+        let mut add = |l: SetLosses<B>| {
+            det = Some(match det.take() {
+                None => [l.class, l.bbox, l.giou],
+                Some([x, y, z]) => [x + l.class, y + l.bbox, z + l.giou],
+            });
+        };
+        for g in 0..main_groups {
+            for layer in narrow(&layers, g * q, q) {
+                let own = match_batch(&layer.logits, &layer.boxes, targets, costs)?;
+                add(if g == 0 && c.guided_matching {
+                    guided_losses(
+                        layer.logits,
+                        layer.boxes,
+                        targets,
+                        &own,
+                        &teacher_targets,
+                        c.teacher_target_only_unmatched,
+                        norm,
+                        w,
+                    )
+                } else {
+                    set_losses(layer.logits, layer.boxes, targets, &own, norm, w)
+                });
+            }
+        }
+        if let Some(p) = &enc.proposals {
+            add(proposal_losses(&p.prediction, targets, w, costs)?);
+        }
+        let [class, bbox, giou] =
+            det.ok_or_else(|| Error::config("od_detr", "the student has no decoder layers"))?;
+        let mut total = class.clone().mul_scalar(w.class)
+            + bbox.clone().mul_scalar(w.bbox)
+            + giou.clone().mul_scalar(w.giou);
+        let mut terms = vec![
+            ("loss_class".to_string(), class),
+            ("loss_bbox".to_string(), bbox),
+            ("loss_giou".to_string(), giou),
+        ];
+        let ramp = self.ramp();
+        let mut start = main_groups * q;
+        if c.pd {
+            let confidence = constant::<B, 2>(
+                sigmoid(t_last.logits.clone())
+                    .max_dim(2)
+                    .reshape([b, q])
+                    .detach(),
+            );
+            let pd = narrow(&layers, start, q)
+                .iter()
+                .zip(&t_layers)
+                .map(|(s, t)| pd_loss(s, t, confidence.clone(), c.pd_class_weight, w))
+                .reduce(|x, y| x + y)
+                .unwrap_or_else(|| total.zeros_like());
+            total = total + pd.clone().mul_scalar(c.pd_weight * ramp);
+            terms.push(("loss_pd".to_string(), pd));
+            start += q;
+        }
+        if let Some((queries, pairs)) = &aux {
+            let n = queries.len();
+            let aux_loss = narrow(&layers, start, n)
+                .into_iter()
+                .map(|l| set_losses(l.logits, l.boxes, targets, pairs, norm, w).weighted(w))
+                .reduce(|x, y| x + y)
+                .unwrap_or_else(|| total.zeros_like());
+            total = total + aux_loss.clone().mul_scalar(c.aux_weight * ramp);
+            terms.push(("loss_aux".to_string(), aux_loss));
+        }
+        Ok(Losses { total, terms })
+    }
+
+    fn after_step(&mut self, student: &Detr<B>, _step: usize) {
+        self.ema.update(&student.valid());
+    }
+
+    fn extra_models(&self) -> Vec<(String, InnerModel<B, DetrTask>)> {
+        vec![("ema".to_string(), self.ema.model.clone())]
+    }
+
+    fn state(&self) -> Result<Vec<(String, Vec<u8>)>> {
+        Ok(vec![
+            (
+                "ema".to_string(),
+                record_bytes::<B::InnerBackend, _>(self.ema.model.clone().into_record())?,
+            ),
+            (
+                "ema_updates".to_string(),
+                self.ema.updates.to_string().into_bytes(),
+            ),
+        ])
+    }
+
+    fn state_names(&self) -> Vec<&'static str> {
+        vec!["ema", "ema_updates"]
+    }
+
+    fn load_state(&mut self, parts: &[(String, Vec<u8>)], device: &B::Device) -> Result<()> {
+        for (name, bytes) in parts {
+            match name.as_str() {
+                "ema" => {
+                    let record = load_record::<B::InnerBackend, _>(
+                        bytes.clone(),
+                        std::path::Path::new("ema.bin"),
+                        device,
+                    )?;
+                    self.ema.model = self.ema.model.clone().load_record(record);
+                }
+                "ema_updates" => {
+                    self.ema.updates = std::str::from_utf8(bytes)
+                        .ok()
+                        .and_then(|s| s.trim().parse().ok())
+                        .ok_or_else(|| {
+                            Error::config("ema_updates", "the checkpoint's count is not a number")
+                        })?;
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
