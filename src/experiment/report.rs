@@ -110,10 +110,13 @@ pub fn read_run(dir: &Path) -> Result<Option<RunRecord>> {
                     .insert(epoch, ap);
             }
         } else {
-            let fraction = line
-                .get("fraction")
-                .and_then(Value::as_f64)
-                .ok_or_else(|| invalid("instability line without numeric `fraction`".into()))?;
+            let fraction = match line.get("fraction") {
+                // Null is how the log writes a non-finite number: a missing value, not an error.
+                Some(Value::Null) => continue,
+                v => v
+                    .and_then(Value::as_f64)
+                    .ok_or_else(|| invalid("instability line without numeric `fraction`".into()))?,
+            };
             record
                 .instability_curve
                 .entry(model.to_string())
