@@ -37,6 +37,27 @@ enum Command {
     Train(TrainArgs),
     /// Detect objects with an exported model: COCO results JSON and drawn PNGs.
     Predict(PredictArgs),
+    /// Train a named grid of variants × seeds and report mean ± std; reuses finished runs.
+    Experiment(ExperimentArgs),
+}
+
+#[derive(Args)]
+struct ExperimentArgs {
+    /// Grid name (known: od-detr).
+    name: String,
+    /// Seeds per variant (seed k trains with the config's seed + k).
+    #[arg(long, default_value_t = 3)]
+    seeds: usize,
+    /// Output folder (default: runs/experiment-<name>).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Override a config value in every run, e.g. `--set optim.epochs=1` (repeatable). Applied
+    /// after the grid's base overrides and before each variant's own, so a variant's keys win.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// TOML config every run starts from (default: the grid's, configs/detr_shapes.toml).
+    #[arg(long)]
+    config: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -388,6 +409,30 @@ fn train(args: TrainArgs) -> Result<()> {
     Ok(())
 }
 
+fn experiment(args: ExperimentArgs) -> Result<()> {
+    use densekd::experiment::{named_grid, run_experiment, ExperimentOptions};
+    let mut grid = named_grid(&args.name)?;
+    if let Some(config) = args.config {
+        grid.config = config;
+    }
+    let out = args
+        .out
+        .unwrap_or_else(|| PathBuf::from("runs").join(format!("experiment-{}", grid.name)));
+    let options = ExperimentOptions {
+        seeds: args.seeds,
+        out: out.clone(),
+        overrides: args.set,
+        progress: true,
+    };
+    let report = run_experiment(&grid, &options)?;
+    print!("{}", report.to_markdown());
+    println!(
+        "\nreport: {} (also report.json, ap.png, instability.png)",
+        out.join("report.md").display()
+    );
+    Ok(())
+}
+
 fn predict(args: PredictArgs) -> Result<()> {
     use densekd::predict::{collect_images, predict, PredictOptions};
     let images = collect_images(&args.images)?;
@@ -417,6 +462,7 @@ fn main() -> ExitCode {
         Command::Classify(args) => classify(args),
         Command::Train(args) => train(args),
         Command::Predict(args) => predict(args),
+        Command::Experiment(args) => experiment(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

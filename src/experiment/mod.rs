@@ -1,0 +1,385 @@
+//! Experiment grids: one config, several variants (override sets) × several seeds, each trained
+//! into its own run folder, reused or resumed when run again, and summarised as a report
+//! (`report.json`, `report.md`, `ap.png`, `instability.png`) that is rewritten after every run.
+//!
+//! Overrides of a run apply in this order, later ones winning: the grid's base overrides, the
+//! user's `--set` overrides, the variant's own overrides, then `seed=S + k` for seed `k` (`S` the
+//! config's seed after the first two). So `--set` can resize every run (epochs, data, model) but
+//! cannot collapse the variants into one: a `--set` of a key a variant sets is overridden, with
+//! a warning.
+
+pub mod report;
+
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+use crate::train::config::{differing_keys, TrainConfig};
+pub use report::{
+    aggregate, read_run, write_report, MeanStd, ModelSummary, Report, RunRecord, VariantRuns,
+    VariantSummary,
+};
+
+/// The config a grid uses unless the caller names another.
+pub const DEFAULT_CONFIG: &str = "configs/detr_shapes.toml";
+
+/// The grids [`named_grid`] knows.
+pub const KNOWN_GRIDS: &[&str] = &["od-detr"];
+
+/// Base overrides of the `od-detr` grid, sized so that 5 variants × 3 seeds fit about 90 min on
+/// 2 CPU cores; adjust here (or per call with `--set`, which applies after these).
+pub const OD_DETR_BASE_OVERRIDES: &[&str] = &["optim.epochs=3", "eval.every_epochs=1"];
+
+/// One arm of a grid: a name (also its folder name) and its config overrides.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Variant {
+    /// Name in reports and the run folder `OUT/<name>/`.
+    pub name: String,
+    /// `dotted.key=value` overrides, as [`TrainConfig::load`] accepts them.
+    pub overrides: Vec<String>,
+}
+
+/// A named set of variants trained from one config.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Grid {
+    /// Experiment name (reports, default output folder).
+    pub name: String,
+    /// The TOML config every run starts from.
+    pub config: PathBuf,
+    /// The arms, in report order.
+    pub variants: Vec<Variant>,
+    /// Overrides shared by every run, applied first.
+    pub base_overrides: Vec<String>,
+}
+
+fn strings(items: &[&str]) -> Vec<String> {
+    items.iter().map(|s| s.to_string()).collect()
+}
+
+/// The OD-DETR ablation: no distillation, then the EMA teacher alone, then guided matching (a),
+/// prediction distillation (b) and the auxiliary branch (c) added one at a time.
+fn od_detr() -> Grid {
+    let od = |guided: bool, pd: bool, aux: bool| {
+        vec![
+            r#"distill.method="od-detr""#.to_string(),
+            format!("distill.od_detr.guided_matching={guided}"),
+            format!("distill.od_detr.pd={pd}"),
+            format!("distill.od_detr.aux={aux}"),
+        ]
+    };
+    let variant = |name: &str, overrides: Vec<String>| Variant {
+        name: name.to_string(),
+        overrides,
+    };
+    Grid {
+        name: "od-detr".to_string(),
+        config: PathBuf::from(DEFAULT_CONFIG),
+        variants: vec![
+            variant("baseline", strings(&[r#"distill.method="none""#])),
+            variant("ema", od(false, false, false)),
+            variant("ema+a", od(true, false, false)),
+            variant("ema+a+b", od(true, true, false)),
+            variant("ema+a+b+c", od(true, true, true)),
+        ],
+        base_overrides: strings(OD_DETR_BASE_OVERRIDES),
+    }
+}
+
+/// The grid called `name`; an unknown name is an error listing [`KNOWN_GRIDS`].
+pub fn named_grid(name: &str) -> Result<Grid> {
+    match name {
+        "od-detr" => Ok(od_detr()),
+        _ => Err(Error::config(
+            "experiment",
+            format!(
+                "unknown experiment `{name}`; known: {}",
+                KNOWN_GRIDS.join(", ")
+            ),
+        )),
+    }
+}
+
+/// How an experiment runs.
+#[derive(Debug, Clone)]
+pub struct ExperimentOptions {
+    /// Seeds per variant (at least 1).
+    pub seeds: usize,
+    /// Output folder: `OUT/<variant>/seed-<k>/` and the report files.
+    pub out: PathBuf,
+    /// The user's `--set` overrides (after the grid's base, before the variant's).
+    pub overrides: Vec<String>,
+    /// Draw each run's progress bar (when stderr is a terminal).
+    pub progress: bool,
+}
+
+/// One run of the grid, resolved.
+#[derive(Debug, Clone)]
+pub struct PlannedRun {
+    /// Variant name.
+    pub variant: String,
+    /// Seed index `k` (0-based).
+    pub seed_index: usize,
+    /// Run folder.
+    pub dir: PathBuf,
+    /// Every override, in the order applied.
+    pub overrides: Vec<String>,
+    /// The resolved config.
+    pub config: TrainConfig,
+}
+
+/// What a run folder holds relative to the config requested for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunState {
+    /// Nothing usable yet (or a start killed before its first checkpoint): train from scratch.
+    Fresh,
+    /// A checkpoint of the same config without `summary.json`: resume it.
+    Resume,
+    /// `summary.json` of the same config: reuse it.
+    Finished,
+}
+
+/// The folder of seed `seed_index` of `variant`.
+pub fn run_dir(out: &Path, variant: &str, seed_index: usize) -> PathBuf {
+    out.join(variant).join(format!("seed-{seed_index}"))
+}
+
+/// The key of a `key=value` override (the whole text when there is no `=`).
+fn override_key(assignment: &str) -> &str {
+    assignment
+        .split_once('=')
+        .map_or(assignment, |(k, _)| k)
+        .trim()
+}
+
+/// Whether setting `a` and setting `b` touch the same value (equal, or one a table holding the
+/// other).
+fn keys_overlap(a: &str, b: &str) -> bool {
+    a == b
+        || b.strip_prefix(a).is_some_and(|r| r.starts_with('.'))
+        || a.strip_prefix(b).is_some_and(|r| r.starts_with('.'))
+}
+
+/// Resolves every run of `grid`, seed by seed (all variants of seed 0 first, so an experiment
+/// stopped part-way already compares every variant). Loads and validates all configs up front,
+/// so a bad override fails before any training.
+pub fn plan(grid: &Grid, options: &ExperimentOptions) -> Result<Vec<PlannedRun>> {
+    if options.seeds == 0 {
+        return Err(Error::config("--seeds", "must be at least 1"));
+    }
+    if grid.variants.is_empty() {
+        return Err(Error::config(
+            "experiment",
+            format!("grid `{}` has no variants", grid.name),
+        ));
+    }
+    for (i, v) in grid.variants.iter().enumerate() {
+        // The name becomes a folder; path separators or `..` would escape `OUT`.
+        let bad =
+            v.name.is_empty() || v.name == "." || v.name == ".." || v.name.contains(['/', '\\']);
+        if bad || grid.variants[..i].iter().any(|w| w.name == v.name) {
+            return Err(Error::config(
+                "experiment",
+                format!(
+                    "grid `{}`: variant name `{}` is empty, a duplicate or not a folder name",
+                    grid.name, v.name
+                ),
+            ));
+        }
+    }
+    let shared: Vec<String> = grid
+        .base_overrides
+        .iter()
+        .chain(&options.overrides)
+        .cloned()
+        .collect();
+    let base_seed = TrainConfig::load(&grid.config, &shared)?.seed;
+    let mut runs = Vec::with_capacity(options.seeds * grid.variants.len());
+    for k in 0..options.seeds {
+        let seed = base_seed.checked_add(k as u64).ok_or_else(|| {
+            Error::config("seed", format!("{base_seed} + {k} does not fit in 64 bits"))
+        })?;
+        for v in &grid.variants {
+            let mut overrides = shared.clone();
+            overrides.extend(v.overrides.iter().cloned());
+            overrides.push(format!("seed={seed}"));
+            let config = TrainConfig::load(&grid.config, &overrides).map_err(|e| {
+                Error::config(
+                    format!("experiment {} variant {}", grid.name, v.name),
+                    e.to_string(),
+                )
+            })?;
+            runs.push(PlannedRun {
+                variant: v.name.clone(),
+                seed_index: k,
+                dir: run_dir(&options.out, &v.name, k),
+                overrides,
+                config,
+            });
+        }
+    }
+    Ok(runs)
+}
+
+/// The `--set` overrides that some variant overrides in turn, as `(user override, variant)`.
+pub fn shadowed_overrides(grid: &Grid, user: &[String]) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for u in user {
+        for v in &grid.variants {
+            if v.overrides
+                .iter()
+                .any(|o| keys_overlap(override_key(u), override_key(o)))
+            {
+                out.push((u.clone(), v.name.clone()));
+            }
+        }
+    }
+    out
+}
+
+/// What `dir` holds for `config`: a finished run is reused and a checkpointed one resumed only
+/// when the saved `config.toml` equals `config`; a differing one is an error naming the folder
+/// and the keys, so a changed grid never silently mixes old and new results.
+pub fn run_state(dir: &Path, config: &TrainConfig) -> Result<RunState> {
+    let saved_path = dir.join("config.toml");
+    let finished = dir.join("summary.json").exists();
+    let checkpointed = dir.join("checkpoints").join("latest.json").exists();
+    if !saved_path.exists() {
+        if finished || checkpointed {
+            return Err(Error::invalid(
+                dir,
+                "config.toml",
+                "missing, so the run there cannot be checked against the requested config; \
+                 remove the folder or choose another --out",
+            ));
+        }
+        return Ok(RunState::Fresh);
+    }
+    let saved = TrainConfig::load(&saved_path, &[])?;
+    let changed = differing_keys(&saved, config)?;
+    if !changed.is_empty() {
+        return Err(Error::invalid(
+            dir,
+            "config.toml",
+            format!(
+                "holds a run of a different config (differs in: {}); remove the folder or \
+                 choose another --out",
+                changed.join(", ")
+            ),
+        ));
+    }
+    Ok(if finished {
+        RunState::Finished
+    } else if checkpointed {
+        RunState::Resume
+    } else {
+        RunState::Fresh
+    })
+}
+
+/// Reads the finished runs of `runs` from disk and aggregates them.
+pub fn collect_report(
+    grid: &Grid,
+    options: &ExperimentOptions,
+    runs: &[PlannedRun],
+) -> Result<Report> {
+    let mut variants = Vec::with_capacity(grid.variants.len());
+    for v in &grid.variants {
+        let mut records = Vec::new();
+        for run in runs.iter().filter(|r| r.variant == v.name) {
+            if let Some(record) = read_run(&run.dir)? {
+                records.push(record);
+            }
+        }
+        variants.push(VariantRuns {
+            name: v.name.clone(),
+            overrides: v.overrides.clone(),
+            runs: records,
+        });
+    }
+    let shared: Vec<String> = grid
+        .base_overrides
+        .iter()
+        .chain(&options.overrides)
+        .cloned()
+        .collect();
+    Ok(aggregate(
+        &grid.name,
+        &grid.config,
+        &shared,
+        options.seeds,
+        &variants,
+    ))
+}
+
+/// Trains every run of `grid` that is not finished yet (resuming checkpointed ones), rewriting
+/// the report in `options.out` after each trained run and at the end. Stops at the first failed
+/// run, after rewriting the report from the runs finished so far.
+pub fn run_experiment(grid: &Grid, options: &ExperimentOptions) -> Result<Report> {
+    let runs = plan(grid, options)?;
+    // Check every folder before training anything, so a stale folder is reported at once
+    // rather than after an hour of training the runs before it.
+    let states = runs
+        .iter()
+        .map(|r| run_state(&r.dir, &r.config))
+        .collect::<Result<Vec<_>>>()?;
+    for (user, variant) in shadowed_overrides(grid, &options.overrides) {
+        eprintln!("warning: --set {user} is overridden by variant `{variant}`");
+    }
+    let count = |s: RunState| states.iter().filter(|&&x| x == s).count();
+    eprintln!(
+        "experiment {}: {} variants × {} seeds = {} runs into {} ({} finished, {} to resume, {} to train); backend {}",
+        grid.name,
+        grid.variants.len(),
+        options.seeds,
+        runs.len(),
+        options.out.display(),
+        count(RunState::Finished),
+        count(RunState::Resume),
+        count(RunState::Fresh),
+        crate::backend::name(),
+    );
+    for (i, (run, state)) in runs.iter().zip(&states).enumerate() {
+        let tag = format!(
+            "[{}/{}] {} seed {}",
+            i + 1,
+            runs.len(),
+            run.variant,
+            run.seed_index
+        );
+        let resume = match state {
+            RunState::Finished => {
+                eprintln!("{tag}: reused");
+                continue;
+            }
+            RunState::Resume => {
+                eprintln!("{tag}: resuming…");
+                true
+            }
+            RunState::Fresh => {
+                eprintln!("{tag}: training…");
+                false
+            }
+        };
+        let result = crate::train::run::train_run(&run.config, &run.dir, resume, options.progress);
+        // The report goes out even when this run failed, so the finished runs stay summarised;
+        // the training error, if any, is the one reported.
+        let written = collect_report(grid, options, &runs)
+            .and_then(|report| write_report(&report, &options.out));
+        let summary = result.map_err(|e| {
+            Error::config(
+                format!("{tag} ({})", run.dir.display()),
+                format!("{e}; finished runs are in {}", options.out.display()),
+            )
+        })?;
+        written?;
+        let ap = summary
+            .final_eval
+            .iter()
+            .find(|(name, _)| name == "student")
+            .and_then(|(_, stats)| stats.iter().find(|(k, _)| k == "AP"))
+            .map_or_else(|| "n/a".to_string(), |(_, v)| format!("{v:.4}"));
+        eprintln!("{tag}: done in {:.0} s, student AP {ap}", summary.wall_s);
+    }
+    let report = collect_report(grid, options, &runs)?;
+    write_report(&report, &options.out)?;
+    Ok(report)
+}

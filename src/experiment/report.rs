@@ -1,0 +1,464 @@
+//! The experiment report: finished run folders read back ([`read_run`]), aggregated over seeds
+//! ([`aggregate`], no I/O, so it is testable without training) and written out
+//! ([`write_report`]: `report.json`, `report.md`, `ap.png`, `instability.png`).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use serde_json::{json, Map, Value};
+
+use crate::error::{write_atomic, Error, Result};
+use crate::train::metrics::number;
+use crate::viz::plot::{line_plot, Series};
+
+/// The model label of the trained network in `summary.json` and `metrics.jsonl`.
+const STUDENT: &str = "student";
+/// The model label of the EMA teacher, when the distiller has one.
+const EMA: &str = "ema";
+
+/// What one finished run left on disk, as the report needs it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunRecord {
+    /// The run folder.
+    pub dir: PathBuf,
+    /// `summary.json` `wall_s`: seconds of the run's last invocation only, so a resumed run
+    /// under-reports its total training time.
+    pub wall_s: f64,
+    /// Final statistics per model label (`summary.json` `final`); null values are left out.
+    pub final_stats: BTreeMap<String, BTreeMap<String, f64>>,
+    /// AP per model label and epoch, from `metrics.jsonl` eval lines.
+    pub ap_curve: BTreeMap<String, BTreeMap<u64, f64>>,
+    /// Instability `fraction` per model label and epoch, from `metrics.jsonl` instability lines.
+    pub instability_curve: BTreeMap<String, BTreeMap<u64, f64>>,
+    /// The `fraction` of the last instability line per model label.
+    pub final_instability: BTreeMap<String, f64>,
+}
+
+/// Reads the run in `dir`: `None` when it has no `summary.json` (not finished), else its summary
+/// and metrics. Malformed files are errors naming the file and the field or line.
+pub fn read_run(dir: &Path) -> Result<Option<RunRecord>> {
+    let summary_path = dir.join("summary.json");
+    if !summary_path.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&summary_path).map_err(|e| Error::io(&summary_path, e))?;
+    let summary: Value = serde_json::from_str(&text).map_err(|source| Error::Json {
+        path: summary_path.clone(),
+        source,
+    })?;
+    let wall_s = summary
+        .get("wall_s")
+        .and_then(Value::as_f64)
+        .ok_or_else(|| Error::invalid(&summary_path, "wall_s", "missing or not a number"))?;
+    let finals = summary
+        .get("final")
+        .and_then(Value::as_object)
+        .ok_or_else(|| Error::invalid(&summary_path, "final", "missing or not an object"))?;
+    let mut final_stats = BTreeMap::new();
+    for (model, stats) in finals {
+        let stats = stats.as_object().ok_or_else(|| {
+            Error::invalid(&summary_path, format!("final.{model}"), "not an object")
+        })?;
+        // Null is how the loop writes a non-finite statistic; it counts as missing.
+        let numbers = stats
+            .iter()
+            .filter_map(|(k, v)| Some((k.clone(), v.as_f64()?)))
+            .collect();
+        final_stats.insert(model.clone(), numbers);
+    }
+
+    let mut record = RunRecord {
+        dir: dir.to_path_buf(),
+        wall_s,
+        final_stats,
+        ap_curve: BTreeMap::new(),
+        instability_curve: BTreeMap::new(),
+        final_instability: BTreeMap::new(),
+    };
+    let metrics_path = dir.join("metrics.jsonl");
+    let text = std::fs::read_to_string(&metrics_path).map_err(|e| Error::io(&metrics_path, e))?;
+    for (index, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let field = format!("line {}", index + 1);
+        let invalid = |message: String| Error::invalid(&metrics_path, &field, message);
+        let line: Map<String, Value> =
+            serde_json::from_str(line).map_err(|e| invalid(format!("not a JSON object: {e}")))?;
+        let kind = line.get("kind").and_then(Value::as_str).unwrap_or_default();
+        if kind != "eval" && kind != "instability" {
+            continue;
+        }
+        let model = match line.get("model") {
+            None => STUDENT,
+            Some(v) => v
+                .as_str()
+                .ok_or_else(|| invalid("`model` is not a string".into()))?,
+        };
+        let epoch = line
+            .get("epoch")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| invalid(format!("`{kind}` line without an integer `epoch`")))?;
+        // Later lines win, so a repeated evaluation of an epoch counts once.
+        if kind == "eval" {
+            if let Some(ap) = line.get("AP").and_then(Value::as_f64) {
+                record
+                    .ap_curve
+                    .entry(model.to_string())
+                    .or_default()
+                    .insert(epoch, ap);
+            }
+        } else {
+            let fraction = match line.get("fraction") {
+                // Null is how the log writes a non-finite number: a missing value, not an error.
+                Some(Value::Null) => continue,
+                v => v
+                    .and_then(Value::as_f64)
+                    .ok_or_else(|| invalid("instability line without numeric `fraction`".into()))?,
+            };
+            record
+                .instability_curve
+                .entry(model.to_string())
+                .or_default()
+                .insert(epoch, fraction);
+            record.final_instability.insert(model.to_string(), fraction);
+        }
+    }
+    Ok(Some(record))
+}
+
+/// Mean and sample standard deviation of a value over seeds.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MeanStd {
+    /// Mean.
+    pub mean: f64,
+    /// Sample standard deviation (n − 1); 0 for a single value.
+    pub std: f64,
+    /// Number of values.
+    pub n: usize,
+}
+
+impl MeanStd {
+    /// The mean and sample std of the finite `values`; `None` when there are none.
+    pub fn of(values: impl IntoIterator<Item = f64>) -> Option<MeanStd> {
+        let values: Vec<f64> = values.into_iter().filter(|v| v.is_finite()).collect();
+        let n = values.len();
+        if n == 0 {
+            return None;
+        }
+        let mean = values.iter().sum::<f64>() / n as f64;
+        let std = if n > 1 {
+            let ss: f64 = values.iter().map(|v| (v - mean).powi(2)).sum();
+            (ss / (n - 1) as f64).sqrt()
+        } else {
+            0.0
+        };
+        Some(MeanStd { mean, std, n })
+    }
+}
+
+/// One model label's numbers over the seeds of a variant.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ModelSummary {
+    /// Final AP.
+    pub ap: Option<MeanStd>,
+    /// Final AP50.
+    pub ap50: Option<MeanStd>,
+    /// Final AP75.
+    pub ap75: Option<MeanStd>,
+    /// Instability `fraction` of the last instability line.
+    pub instability: Option<MeanStd>,
+    /// Mean AP per epoch over the seeds that evaluated that epoch.
+    pub ap_curve: Vec<(f64, f64)>,
+    /// Mean instability per epoch over the seeds that logged that epoch.
+    pub instability_curve: Vec<(f64, f64)>,
+}
+
+/// One variant's row of the report.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VariantSummary {
+    /// Variant name.
+    pub name: String,
+    /// The variant's own overrides.
+    pub overrides: Vec<String>,
+    /// Finished seeds.
+    pub seeds: usize,
+    /// The trained network.
+    pub student: ModelSummary,
+    /// The EMA teacher (all `None` / empty when the runs have none).
+    pub ema: ModelSummary,
+    /// Seconds per run (see [`RunRecord::wall_s`]).
+    pub wall_s: Option<MeanStd>,
+}
+
+/// A variant's finished runs, the input of [`aggregate`].
+#[derive(Debug, Clone)]
+pub struct VariantRuns {
+    /// Variant name.
+    pub name: String,
+    /// The variant's own overrides.
+    pub overrides: Vec<String>,
+    /// Its finished runs.
+    pub runs: Vec<RunRecord>,
+}
+
+/// The whole experiment's report.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Report {
+    /// Experiment name.
+    pub experiment: String,
+    /// The config every run starts from.
+    pub config: PathBuf,
+    /// The compiled-in backend ([`crate::backend::name`]).
+    pub backend: String,
+    /// Overrides shared by every run (grid base, then `--set`).
+    pub overrides: Vec<String>,
+    /// Seeds requested per variant.
+    pub seeds: usize,
+    /// One row per variant, in grid order.
+    pub variants: Vec<VariantSummary>,
+    /// Sum of the finished runs' `wall_s`.
+    pub total_wall_s: f64,
+}
+
+/// Per epoch, the mean over the runs that have that epoch.
+fn mean_curve<'a>(curves: impl Iterator<Item = &'a BTreeMap<u64, f64>>) -> Vec<(f64, f64)> {
+    let mut sums: BTreeMap<u64, (f64, usize)> = BTreeMap::new();
+    for curve in curves {
+        for (&epoch, &y) in curve {
+            if y.is_finite() {
+                let s = sums.entry(epoch).or_default();
+                s.0 += y;
+                s.1 += 1;
+            }
+        }
+    }
+    sums.into_iter()
+        .map(|(epoch, (sum, n))| (epoch as f64, sum / n as f64))
+        .collect()
+}
+
+fn model_summary(runs: &[RunRecord], model: &str) -> ModelSummary {
+    let stat = |key: &str| {
+        MeanStd::of(
+            runs.iter()
+                .filter_map(|r| r.final_stats.get(model)?.get(key).copied()),
+        )
+    };
+    ModelSummary {
+        ap: stat("AP"),
+        ap50: stat("AP50"),
+        ap75: stat("AP75"),
+        instability: MeanStd::of(
+            runs.iter()
+                .filter_map(|r| r.final_instability.get(model).copied()),
+        ),
+        ap_curve: mean_curve(runs.iter().filter_map(|r| r.ap_curve.get(model))),
+        instability_curve: mean_curve(runs.iter().filter_map(|r| r.instability_curve.get(model))),
+    }
+}
+
+/// Aggregates finished runs into the report (pure: no I/O).
+pub fn aggregate(
+    experiment: &str,
+    config: &Path,
+    overrides: &[String],
+    seeds: usize,
+    variants: &[VariantRuns],
+) -> Report {
+    let rows = variants
+        .iter()
+        .map(|v| VariantSummary {
+            name: v.name.clone(),
+            overrides: v.overrides.clone(),
+            seeds: v.runs.len(),
+            student: model_summary(&v.runs, STUDENT),
+            ema: model_summary(&v.runs, EMA),
+            wall_s: MeanStd::of(v.runs.iter().map(|r| r.wall_s)),
+        })
+        .collect();
+    Report {
+        experiment: experiment.to_string(),
+        config: config.to_path_buf(),
+        backend: crate::backend::name().to_string(),
+        overrides: overrides.to_vec(),
+        seeds,
+        variants: rows,
+        total_wall_s: variants
+            .iter()
+            .flat_map(|v| &v.runs)
+            .map(|r| r.wall_s)
+            .sum(),
+    }
+}
+
+fn mean(v: Option<MeanStd>) -> Value {
+    v.map_or(Value::Null, |m| number(m.mean))
+}
+
+fn std(v: Option<MeanStd>) -> Value {
+    v.map_or(Value::Null, |m| number(m.std))
+}
+
+/// `mean ± std` with 4 decimals, or a dash when missing.
+fn pm(v: Option<MeanStd>) -> String {
+    v.map_or_else(
+        || "–".to_string(),
+        |m| format!("{:.4} ± {:.4}", m.mean, m.std),
+    )
+}
+
+fn plain(v: Option<MeanStd>, decimals: usize) -> String {
+    v.map_or_else(|| "–".to_string(), |m| format!("{:.*}", decimals, m.mean))
+}
+
+impl Report {
+    /// The `report.json` object; missing values are null.
+    pub fn to_json(&self) -> Value {
+        let variants: Vec<Value> = self
+            .variants
+            .iter()
+            .map(|v| {
+                let (s, e) = (&v.student, &v.ema);
+                json!({
+                    "name": v.name,
+                    "overrides": v.overrides,
+                    "seeds": v.seeds,
+                    "AP_mean": mean(s.ap), "AP_std": std(s.ap),
+                    "AP50_mean": mean(s.ap50), "AP50_std": std(s.ap50),
+                    "AP75_mean": mean(s.ap75), "AP75_std": std(s.ap75),
+                    "ema_AP_mean": mean(e.ap), "ema_AP_std": std(e.ap),
+                    "ema_AP50_mean": mean(e.ap50), "ema_AP50_std": std(e.ap50),
+                    "ema_AP75_mean": mean(e.ap75), "ema_AP75_std": std(e.ap75),
+                    "instability_mean": mean(s.instability),
+                    "ema_instability_mean": mean(e.instability),
+                    "wall_s_mean": mean(v.wall_s),
+                })
+            })
+            .collect();
+        json!({
+            "experiment": self.experiment,
+            "config": self.config.display().to_string(),
+            "backend": self.backend,
+            "overrides": self.overrides,
+            "seeds": self.seeds,
+            "total_wall_s": number(self.total_wall_s),
+            "variants": variants,
+        })
+    }
+
+    /// The `report.md` text: a table (AP as `mean ± std` over finished seeds), then the
+    /// settings. It holds no date, so an unchanged experiment rewrites it identically.
+    pub fn to_markdown(&self) -> String {
+        let mut md = String::new();
+        let _ = writeln!(md, "# Experiment `{}`\n", self.experiment);
+        md.push_str(
+            "| variant | seeds | AP | AP50 | AP75 | EMA AP | EMA AP50 | EMA AP75 \
+             | instability | EMA instability | wall s |\n",
+        );
+        md.push_str("|---|---|---|---|---|---|---|---|---|---|---|\n");
+        for v in &self.variants {
+            let (s, e) = (&v.student, &v.ema);
+            let _ = writeln!(
+                md,
+                "| {} | {}/{} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                v.name,
+                v.seeds,
+                self.seeds,
+                pm(s.ap),
+                pm(s.ap50),
+                pm(s.ap75),
+                pm(e.ap),
+                pm(e.ap50),
+                pm(e.ap75),
+                plain(s.instability, 4),
+                plain(e.instability, 4),
+                plain(v.wall_s, 1),
+            );
+        }
+        let shared = if self.overrides.is_empty() {
+            "none".to_string()
+        } else {
+            self.overrides
+                .iter()
+                .map(|o| format!("`{o}`"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        let _ = writeln!(
+            md,
+            "\nFinal COCO AP of the student and of its EMA teacher, mean ± sample std over \
+             finished seeds; instability = changed fraction of the last instability line, mean \
+             over seeds; wall s = mean seconds per run.\n\n\
+             Backend `{}`; config `{}`; overrides {}; seed k adds `seed=<config seed + k>`.\n\n\
+             Total training wall time: {:.0} s (sum of the runs' `wall_s`; a resumed run counts \
+             its last invocation only).\n\nVariant overrides (applied after the overrides \
+             above):\n",
+            self.backend,
+            self.config.display(),
+            shared,
+            self.total_wall_s,
+        );
+        for v in &self.variants {
+            let own: Vec<String> = v.overrides.iter().map(|o| format!("`{o}`")).collect();
+            let own = if own.is_empty() {
+                "none".to_string()
+            } else {
+                own.join(" ")
+            };
+            let _ = writeln!(md, "- `{}`: {own}", v.name);
+        }
+        md
+    }
+}
+
+/// Writes `report.json`, `report.md`, `ap.png` and `instability.png` into `out`. A plot that
+/// cannot be drawn is a warning, not an error: the numbers matter more than the pictures.
+pub fn write_report(report: &Report, out: &Path) -> Result<()> {
+    let json_path = out.join("report.json");
+    let text = serde_json::to_string_pretty(&report.to_json()).map_err(|source| Error::Json {
+        path: json_path.clone(),
+        source,
+    })?;
+    write_atomic(&json_path, format!("{text}\n").as_bytes())?;
+    write_atomic(&out.join("report.md"), report.to_markdown().as_bytes())?;
+
+    // Student lines take palette colours 0..n and EMA lines n..2n, so a variant keeps its
+    // colours across both plots (empty series are skipped but keep their slot).
+    let series = |pick: fn(&ModelSummary) -> &Vec<(f64, f64)>| -> Vec<Series> {
+        let students = report.variants.iter().map(|v| Series {
+            name: v.name.clone(),
+            points: pick(&v.student).clone(),
+        });
+        let emas = report.variants.iter().map(|v| Series {
+            name: format!("{} EMA", v.name),
+            points: pick(&v.ema).clone(),
+        });
+        students.chain(emas).collect()
+    };
+    let plots = [
+        (
+            "ap.png",
+            format!("{}: AP (mean over seeds)", report.experiment),
+            "AP",
+            series(|m| &m.ap_curve),
+        ),
+        (
+            "instability.png",
+            format!(
+                "{}: prediction instability (mean over seeds)",
+                report.experiment
+            ),
+            "fraction changed",
+            series(|m| &m.instability_curve),
+        ),
+    ];
+    for (file, title, y_label, series) in plots {
+        let path = out.join(file);
+        if let Err(e) = line_plot(&path, &title, "epoch", y_label, &series, false) {
+            eprintln!("warning: could not draw {}: {e}", path.display());
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,428 @@
+//! The experiment runner without training: the named grids, the override order and seeds of a
+//! plan, run-folder reuse / resume / refusal, and the report aggregated from hand-written run
+//! folders (means, sample stds, nulls, variant order, files written).
+
+use std::path::{Path, PathBuf};
+
+use densekd::experiment::{
+    aggregate, named_grid, plan, read_run, run_dir, run_state, shadowed_overrides, write_report,
+    ExperimentOptions, Grid, RunState, Variant, VariantRuns,
+};
+use densekd::train::config::TrainConfig;
+use serde_json::{json, Value};
+
+fn config_path() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/detr_shapes.toml")
+}
+
+fn write(path: &Path, text: &str) {
+    std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+    std::fs::write(path, text).expect("write");
+}
+
+/// A fake finished run: `summary.json` with the given final stats, `metrics.jsonl` with train,
+/// eval and instability lines, and the resolved `config.toml`.
+fn fake_run(dir: &Path, wall_s: f64, finals: Value, metrics: &[Value]) {
+    let summary = json!({"steps": 30, "epochs": 3, "wall_s": wall_s, "final": finals});
+    write(&dir.join("summary.json"), &summary.to_string());
+    let lines: String = metrics.iter().map(|l| format!("{l}\n")).collect();
+    write(&dir.join("metrics.jsonl"), &lines);
+    let config = TrainConfig::load(&config_path(), &[]).expect("config");
+    write(
+        &dir.join("config.toml"),
+        &config.to_toml().expect("toml text"),
+    );
+}
+
+fn coco(ap: f64, ap50: f64, ap75: Value) -> Value {
+    json!({"AP": ap, "AP50": ap50, "AP75": ap75, "APs": 0.0, "APm": 0.0, "APl": 0.0,
+           "AR1": 0.0, "AR10": 0.0, "AR100": 0.0, "ARs": 0.0, "ARm": 0.0, "ARl": 0.0})
+}
+
+fn eval(epoch: u64, model: &str, ap: f64) -> Value {
+    json!({"kind": "eval", "epoch": epoch, "step": 10 * epoch, "model": model, "AP": ap})
+}
+
+fn instability(epoch: u64, model: &str, fraction: f64) -> Value {
+    json!({"kind": "instability", "epoch": epoch, "step": 10 * epoch, "model": model,
+           "changed": (fraction * 100.0).round(), "fraction": fraction})
+}
+
+fn train_line(step: u64) -> Value {
+    json!({"kind": "train", "epoch": 0, "step": step, "lr": 1e-4, "loss": 3.0})
+}
+
+fn close(value: &Value, expected: f64) -> bool {
+    value.as_f64().is_some_and(|v| (v - expected).abs() < 1e-9)
+}
+
+#[test]
+fn named_grids() {
+    let e = named_grid("nope").expect_err("unknown grid");
+    assert!(e.to_string().contains("nope"), "{e}");
+    assert!(e.to_string().contains("od-detr"), "{e}");
+
+    let grid = named_grid("od-detr").expect("od-detr");
+    let names: Vec<&str> = grid.variants.iter().map(|v| v.name.as_str()).collect();
+    assert_eq!(
+        names,
+        ["baseline", "ema", "ema+a", "ema+a+b", "ema+a+b+c"],
+        "variant order"
+    );
+    assert_eq!(grid.config, Path::new("configs/detr_shapes.toml"));
+    assert_eq!(grid.variants[0].overrides, [r#"distill.method="none""#]);
+    assert_eq!(
+        grid.variants[3].overrides,
+        [
+            r#"distill.method="od-detr""#,
+            "distill.od_detr.guided_matching=true",
+            "distill.od_detr.pd=true",
+            "distill.od_detr.aux=false",
+        ]
+    );
+    assert!(grid.base_overrides.contains(&"optim.epochs=3".to_string()));
+}
+
+/// A grid over keys the current config has, so plans resolve.
+fn lr_grid() -> Grid {
+    Grid {
+        name: "lr".into(),
+        config: config_path(),
+        variants: vec![
+            Variant {
+                name: "low".into(),
+                overrides: vec!["optim.lr=1e-5".into()],
+            },
+            Variant {
+                name: "high".into(),
+                overrides: vec!["optim.lr=1e-3".into()],
+            },
+        ],
+        base_overrides: vec!["optim.epochs=2".into(), "optim.lr=5e-4".into()],
+    }
+}
+
+#[test]
+fn plan_orders_overrides_and_seeds() {
+    let out = PathBuf::from("out");
+    let options = ExperimentOptions {
+        seeds: 2,
+        out: out.clone(),
+        overrides: vec![
+            "seed=10".into(),
+            "optim.epochs=1".into(),
+            "optim.lr=0.1".into(),
+        ],
+        progress: false,
+    };
+    let runs = plan(&lr_grid(), &options).expect("plan");
+    let order: Vec<(&str, usize)> = runs
+        .iter()
+        .map(|r| (r.variant.as_str(), r.seed_index))
+        .collect();
+    // Seed by seed, so a stopped experiment already has every variant once.
+    assert_eq!(order, [("low", 0), ("high", 0), ("low", 1), ("high", 1)]);
+    for r in &runs {
+        assert_eq!(r.dir, run_dir(&out, &r.variant, r.seed_index));
+        // --set beats the grid's base, the variant beats --set, the seed counts from --set's.
+        assert_eq!(r.config.optim.epochs, 1);
+        let lr = if r.variant == "low" { 1e-5 } else { 1e-3 };
+        assert_eq!(r.config.optim.lr, lr);
+        assert_eq!(r.config.seed, 10 + r.seed_index as u64);
+    }
+    assert_eq!(run_dir(&out, "high", 1), Path::new("out/high/seed-1"));
+    assert_eq!(
+        shadowed_overrides(&lr_grid(), &options.overrides),
+        [
+            ("optim.lr=0.1".to_string(), "low".to_string()),
+            ("optim.lr=0.1".to_string(), "high".to_string())
+        ]
+    );
+
+    let zero = ExperimentOptions {
+        seeds: 0,
+        ..options.clone()
+    };
+    let e = plan(&lr_grid(), &zero).expect_err("no seeds");
+    assert!(e.to_string().contains("--seeds"), "{e}");
+    let bad = ExperimentOptions {
+        overrides: vec!["optim.lrr=1".into()],
+        ..options
+    };
+    let e = plan(&lr_grid(), &bad).expect_err("unknown key");
+    assert!(e.to_string().contains("lrr"), "{e}");
+}
+
+#[test]
+fn run_folders_are_reused_resumed_or_refused() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let config = TrainConfig::load(&config_path(), &[]).expect("config");
+    let fresh = tmp.path().join("fresh");
+    assert_eq!(run_state(&fresh, &config).expect("fresh"), RunState::Fresh);
+
+    let done = tmp.path().join("done");
+    fake_run(
+        &done,
+        1.0,
+        json!({"student": coco(0.1, 0.2, json!(0.05))}),
+        &[],
+    );
+    assert_eq!(run_state(&done, &config).expect("done"), RunState::Finished);
+
+    let other = TrainConfig::load(&config_path(), &["optim.lr=3e-3".into()]).expect("config");
+    let e = run_state(&done, &other).expect_err("different config");
+    let msg = e.to_string();
+    assert!(msg.contains("optim.lr") && msg.contains("done"), "{msg}");
+
+    let partial = tmp.path().join("partial");
+    write(&partial.join("checkpoints/latest.json"), "{}");
+    let e = run_state(&partial, &config).expect_err("no config.toml");
+    assert!(e.to_string().contains("config.toml"), "{e}");
+    write(
+        &partial.join("config.toml"),
+        &config.to_toml().expect("toml"),
+    );
+    assert_eq!(
+        run_state(&partial, &config).expect("partial"),
+        RunState::Resume
+    );
+    assert!(read_run(&partial).expect("read").is_none(), "not finished");
+}
+
+#[test]
+fn report_aggregates_finished_runs() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let out = tmp.path();
+    // baseline: two seeds, no EMA, no instability lines.
+    fake_run(
+        &run_dir(out, "baseline", 0),
+        100.0,
+        json!({"student": coco(0.1, 0.3, json!(0.05))}),
+        &[
+            train_line(1),
+            eval(1, "student", 0.05),
+            eval(2, "student", 0.1),
+        ],
+    );
+    fake_run(
+        &run_dir(out, "baseline", 1),
+        200.0,
+        // AP75 null, as the loop writes a non-finite value: it counts as missing.
+        json!({"student": coco(0.3, 0.5, Value::Null)}),
+        &[eval(1, "student", 0.15), eval(2, "student", 0.3)],
+    );
+    // ema: one seed, with EMA stats and instability lines; the last student line counts.
+    fake_run(
+        &run_dir(out, "ema", 0),
+        50.0,
+        json!({"student": coco(0.5, 0.7, json!(0.4)), "ema": coco(0.6, 0.8, json!(0.45))}),
+        &[
+            eval(1, "student", 0.4),
+            eval(1, "ema", 0.45),
+            instability(1, "student", 0.4),
+            instability(1, "ema", 0.1),
+            instability(2, "student", 0.2),
+        ],
+    );
+    // ema+a: killed before finishing (no summary.json): not counted.
+    write(
+        &run_dir(out, "ema+a", 0).join("metrics.jsonl"),
+        &format!("{}\n", eval(1, "student", 0.9)),
+    );
+
+    let mut variants = Vec::new();
+    for name in ["baseline", "ema", "ema+a"] {
+        let runs = (0..2)
+            .filter_map(|k| read_run(&run_dir(out, name, k)).expect("read run"))
+            .collect();
+        variants.push(VariantRuns {
+            name: name.to_string(),
+            overrides: vec![format!("x.name=\"{name}\"")],
+            runs,
+        });
+    }
+    let overrides = vec!["optim.epochs=3".to_string()];
+    let report = aggregate(
+        "toy",
+        Path::new("configs/detr_shapes.toml"),
+        &overrides,
+        2,
+        &variants,
+    );
+    assert_eq!(report.total_wall_s, 350.0);
+    let baseline = &report.variants[0];
+    assert_eq!(
+        baseline.student.ap_curve,
+        [(1.0, 0.1), (2.0, 0.2)],
+        "mean curve"
+    );
+
+    let json = report.to_json();
+    assert_eq!(json["experiment"], "toy");
+    assert_eq!(json["config"], "configs/detr_shapes.toml");
+    assert_eq!(json["seeds"], 2);
+    let v = json["variants"].as_array().expect("variants");
+    let names: Vec<&str> = v.iter().filter_map(|x| x["name"].as_str()).collect();
+    assert_eq!(names, ["baseline", "ema", "ema+a"]);
+
+    let b = &v[0];
+    assert_eq!(b["seeds"], 2);
+    assert!(close(&b["AP_mean"], 0.2), "{b}");
+    assert!(close(&b["AP_std"], 0.02f64.sqrt()), "sample std: {b}");
+    assert!(close(&b["AP50_mean"], 0.4), "{b}");
+    assert!(
+        close(&b["AP75_mean"], 0.05) && close(&b["AP75_std"], 0.0),
+        "{b}"
+    );
+    for key in [
+        "ema_AP_mean",
+        "ema_AP_std",
+        "ema_AP50_mean",
+        "ema_AP75_mean",
+    ] {
+        assert!(b[key].is_null(), "{key}: {b}");
+    }
+    assert!(b["instability_mean"].is_null(), "{b}");
+    assert!(close(&b["wall_s_mean"], 150.0), "{b}");
+
+    let e = &v[1];
+    assert_eq!(e["seeds"], 1);
+    assert!(close(&e["AP_mean"], 0.5) && close(&e["AP_std"], 0.0), "{e}");
+    assert!(
+        close(&e["ema_AP_mean"], 0.6) && close(&e["ema_AP_std"], 0.0),
+        "{e}"
+    );
+    assert!(close(&e["ema_AP50_mean"], 0.8), "{e}");
+    assert!(close(&e["ema_AP75_mean"], 0.45), "{e}");
+    assert!(close(&e["instability_mean"], 0.2), "last student line: {e}");
+    assert!(close(&e["ema_instability_mean"], 0.1), "{e}");
+
+    let a = &v[2];
+    assert_eq!(a["seeds"], 0);
+    for key in ["AP_mean", "AP_std", "instability_mean", "wall_s_mean"] {
+        assert!(a[key].is_null(), "{key}: {a}");
+    }
+
+    let md = report.to_markdown();
+    let at = |name: &str| md.find(&format!("| {name} |")).expect(name);
+    assert!(
+        at("baseline") < at("ema") && at("ema") < at("ema+a"),
+        "{md}"
+    );
+    assert!(md.contains("0.2000 ± 0.1414"), "{md}");
+    assert!(md.contains("0.6000 ± 0.0000"), "{md}");
+    assert!(
+        md.contains(&format!("Backend `{}`", densekd::backend::name())),
+        "{md}"
+    );
+    assert!(md.contains("`optim.epochs=3`"), "{md}");
+    assert!(md.contains("350 s"), "{md}");
+
+    write_report(&report, out).expect("write report");
+    for file in ["report.json", "report.md", "ap.png", "instability.png"] {
+        assert!(out.join(file).is_file(), "{file}");
+    }
+    let text = std::fs::read_to_string(out.join("report.json")).expect("read report");
+    let again: Value = serde_json::from_str(&text).expect("report.json is JSON");
+    assert_eq!(again, json);
+}
+
+#[test]
+fn malformed_run_files_are_named() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("run");
+    write(&dir.join("summary.json"), r#"{"final": {}}"#);
+    let e = read_run(&dir).expect_err("no wall_s");
+    assert!(e.to_string().contains("summary.json") && e.to_string().contains("wall_s"));
+
+    fake_run(
+        &dir,
+        1.0,
+        json!({"student": coco(0.1, 0.2, json!(0.0))}),
+        &[],
+    );
+    write(
+        &dir.join("metrics.jsonl"),
+        "{\"kind\":\"instability\",\"epoch\":1,\"model\":\"student\"}\n",
+    );
+    let e = read_run(&dir).expect_err("no fraction");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("metrics.jsonl") && msg.contains("line 1") && msg.contains("fraction"),
+        "{msg}"
+    );
+}
+
+/// A tiny run: 16 synthetic 64 px images, batches of 4, 1 epoch = 4 steps (as tests/train.rs).
+const TINY: &[&str] = &[
+    "data.synthetic.train_images=16",
+    "data.synthetic.val_images=8",
+    "data.synthetic.generator.size=64",
+    "data.augment.shorter=64",
+    "data.augment.max_size=64",
+    "data.workers=1",
+    "optim.batch_size=4",
+    "optim.epochs=1",
+    "optim.warmup_steps=2",
+    "model.backbone.width=0.25",
+    "model.layer.d_model=32",
+    "model.layer.ffn=64",
+    "model.num_queries=10",
+];
+
+/// The driver end to end on a 2-variant grid of 4-step runs (about 1 s each): train, add a
+/// seed (only the new runs train), resume a run that lost its summary, refuse a changed config.
+#[test]
+fn tiny_grid_trains_reuses_resumes_and_refuses() {
+    use densekd::experiment::run_experiment;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let out = tmp.path().join("exp");
+    let mut grid = lr_grid();
+    grid.base_overrides = TINY.iter().map(|s| s.to_string()).collect();
+    let one = ExperimentOptions {
+        seeds: 1,
+        out: out.clone(),
+        overrides: vec![],
+        progress: false,
+    };
+    let report = run_experiment(&grid, &one).expect("experiment");
+    assert!(report.variants.iter().all(|v| v.seeds == 1), "{report:?}");
+    for file in ["report.json", "report.md", "ap.png", "instability.png"] {
+        assert!(out.join(file).is_file(), "{file}");
+    }
+
+    let two = ExperimentOptions { seeds: 2, ..one };
+    let report = run_experiment(&grid, &two).expect("second seed");
+    assert!(report.variants.iter().all(|v| v.seeds == 2), "{report:?}");
+    let low1 = read_run(&run_dir(&out, "low", 1))
+        .expect("read")
+        .expect("finished");
+    let low1_config =
+        std::fs::read_to_string(run_dir(&out, "low", 1).join("config.toml")).expect("config");
+    assert!(low1_config.contains("seed = 1"), "{low1_config}");
+    assert!(!low1.ap_curve.is_empty());
+
+    // A run killed after its last checkpoint but before summary.json is resumed, not retrained,
+    // and ends with the same numbers (CPU training is deterministic).
+    let low0 = run_dir(&out, "low", 0);
+    let before = read_run(&low0).expect("read").expect("finished");
+    std::fs::remove_file(low0.join("summary.json")).expect("remove summary");
+    let resumed = run_experiment(&grid, &two).expect("resume");
+    let after = read_run(&low0).expect("read").expect("finished again");
+    assert_eq!(after.final_stats, before.final_stats);
+    assert_eq!(
+        resumed.variants[0].student.ap,
+        report.variants[0].student.ap
+    );
+
+    let changed = ExperimentOptions {
+        overrides: vec!["optim.warmup_steps=1".into()],
+        ..two
+    };
+    let e = run_experiment(&grid, &changed).expect_err("changed config");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("seed-0") && msg.contains("optim.warmup_steps"),
+        "{msg}"
+    );
+}
