@@ -206,6 +206,8 @@ fn tiny_detr(groups: usize) -> DetrConfig {
         },
         feature_strides: vec![8, 32],
         spatial_prior: 0.5,
+        two_stage: false,
+        encoder_strides: Vec::new(),
         num_classes: 3,
         num_queries: 5,
         groups,

@@ -62,6 +62,8 @@ fn tiny_detr_learns_eight_images() {
         feature_strides: vec![32],
         num_classes: NUM_CLASSES,
         spatial_prior: 0.5,
+        two_stage: false,
+        encoder_strides: Vec::new(),
         num_queries: 50,
         groups: 1,
         layer: LayerConfig {
@@ -146,7 +148,8 @@ fn postprocess_ranks_query_class_pairs_and_scales_boxes() {
     let pred = LayerPrediction {
         logits,
         boxes: boxes.clone(),
-        hidden: boxes,
+        hidden: boxes.clone(),
+        state: boxes,
     };
     let dets = postprocess(&pred, 2, &[(200, 100)], 2);
     assert_eq!(dets[0].len(), 2);

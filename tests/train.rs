@@ -7,11 +7,11 @@ mod common;
 use common::densekd;
 use std::path::Path;
 
-use densekd::backend::{Inference, Training};
-use densekd::distill::NoDistill;
+use densekd::backend::Inference;
 use densekd::train::config::TrainConfig;
-use densekd::train::detr::{load_detector, DetrTask};
-use densekd::train::{fit, RunOptions, RunSummary};
+use densekd::train::detr::load_detector;
+use densekd::train::run::train_with_options;
+use densekd::train::{RunOptions, RunSummary};
 
 /// A tiny run: 16 synthetic 64 px images, batches of 4, 2 epochs = 8 steps.
 const TINY: &[&str] = &[
@@ -39,25 +39,13 @@ fn config(extra: &[&str]) -> TrainConfig {
 }
 
 fn run(config: &TrainConfig, dir: &Path, resume: bool, stop_after: Option<usize>) -> RunSummary {
-    let device = Default::default();
-    let task = DetrTask::new(config).expect("task");
-    let model = task.init_model::<Training>(&device).expect("model");
-    let loop_config = config.loop_config();
     let options = RunOptions {
         run_dir: dir.to_path_buf(),
         resume,
         stop_after,
         progress: false,
     };
-    fit(
-        &task,
-        &mut NoDistill,
-        model,
-        &loop_config,
-        &options,
-        &device,
-    )
-    .expect("fit")
+    train_with_options(config, &options).expect("train")
 }
 
 fn lines(dir: &Path) -> Vec<serde_json::Value> {
@@ -87,26 +75,78 @@ fn tensor(model: &densekd::model::detr::Detr<Inference>) -> Vec<f32> {
     v
 }
 
+/// Runs `cfg` uninterrupted into `a` and stopped at step 3 then resumed into `b`, and checks
+/// both end identical.
+fn check_resume(cfg: &TrainConfig, a: &Path, b: &Path) -> RunSummary {
+    let full = run(cfg, a, false, None);
+    assert!(full.finished);
+    assert_eq!(full.steps, 8);
+    let part = run(cfg, b, false, Some(3));
+    assert!(!part.finished);
+    assert_eq!(part.steps, 3);
+    assert!(!b.join("model.safetensors").exists());
+    let rest = run(cfg, b, true, None);
+    assert!(rest.finished);
+    assert_eq!(rest.steps, 8);
+    assert_eq!(lines(a), lines(b), "metrics differ after resume");
+    assert_eq!(full.final_eval, rest.final_eval);
+    full
+}
+
+#[test]
+fn od_detr_run_resumes_exactly_and_reports_the_ema_teacher() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    let cfg = config(&["distill.method=\"od-detr\"", "eval.instability_images=8"]);
+    let full = check_resume(&cfg, &a, &b);
+    let names: Vec<&str> = full.final_eval.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["student", "ema"]);
+    let device = Default::default();
+    let (ea, _) =
+        load_detector::<Inference>(&a.join("model-ema.safetensors"), &device).expect("ema a");
+    let (eb, _) =
+        load_detector::<Inference>(&b.join("model-ema.safetensors"), &device).expect("ema b");
+    let (student, _) =
+        load_detector::<Inference>(&a.join("model.safetensors"), &device).expect("student");
+    assert_eq!(
+        tensor(&ea),
+        tensor(&eb),
+        "the EMA state was not restored on resume"
+    );
+    assert_ne!(
+        tensor(&ea),
+        tensor(&student),
+        "the teacher is not an average"
+    );
+    let metrics = lines(&a);
+    let train = metrics
+        .iter()
+        .find(|l| l["kind"] == "train")
+        .expect("train line");
+    for key in ["loss_pd", "loss_aux"] {
+        assert!(train[key].as_f64().is_some_and(f64::is_finite), "{key}");
+    }
+    for model in ["student", "ema"] {
+        let unstable: Vec<_> = metrics
+            .iter()
+            .filter(|l| l["kind"] == "instability" && l["model"] == model)
+            .collect();
+        assert_eq!(
+            unstable.len(),
+            2,
+            "one instability line per epoch for {model}"
+        );
+        assert!(unstable[0]["fraction"].as_f64().is_some_and(|f| f >= 0.0));
+    }
+    assert!(a.join("instability.png").exists());
+}
+
 #[test]
 fn resumed_run_matches_uninterrupted_run() {
     let tmp = tempfile::tempdir().expect("tmp");
     let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
     let cfg = config(&[]);
-    let full = run(&cfg, &a, false, None);
-    assert!(full.finished);
-    assert_eq!(full.steps, 8);
-
-    // Stop mid-epoch (step 3 of 4 in epoch 0), as if killed, then resume to the end.
-    let part = run(&cfg, &b, false, Some(3));
-    assert!(!part.finished);
-    assert_eq!(part.steps, 3);
-    assert!(!b.join("model.safetensors").exists());
-    let rest = run(&cfg, &b, true, None);
-    assert!(rest.finished);
-    assert_eq!(rest.steps, 8);
-
-    assert_eq!(lines(&a), lines(&b), "metrics differ after resume");
-    assert_eq!(full.final_eval, rest.final_eval);
+    check_resume(&cfg, &a, &b);
     let device = Default::default();
     let (ma, info) = load_detector::<Inference>(&a.join("model.safetensors"), &device).expect("a");
     let (mb, _) = load_detector::<Inference>(&b.join("model.safetensors"), &device).expect("b");

@@ -176,7 +176,7 @@ fn guided_losses<B: Backend>(
         }
         for (query, set) in sets.iter_mut().enumerate() {
             if let Some(target) = teacher[i][query] {
-                if !set.contains(&target) && !(only_unmatched && !set.is_empty()) {
+                if !set.contains(&target) && (!only_unmatched || set.is_empty()) {
                     set.push(target);
                 }
             }

@@ -20,6 +20,20 @@ pub fn train_run(
     resume: bool,
     progress: bool,
 ) -> Result<RunSummary> {
+    train_with_options(
+        config,
+        &RunOptions {
+            run_dir: run_dir.to_path_buf(),
+            resume,
+            stop_after: None,
+            progress,
+        },
+    )
+}
+
+/// [`train_run`] with every [`RunOptions`] field (tests stop runs early with `stop_after`).
+pub fn train_with_options(config: &TrainConfig, options: &RunOptions) -> Result<RunSummary> {
+    let (run_dir, resume) = (options.run_dir.as_path(), options.resume);
     let saved_path = run_dir.join("config.toml");
     let has_checkpoint = run_dir.join("checkpoints").join("latest.json").exists();
     if resume && saved_path.exists() {
@@ -48,32 +62,12 @@ pub fn train_run(
     let device = device();
     let task = DetrTask::new(config)?;
     let model = task.init_model::<Training>(&device)?;
-    let options = RunOptions {
-        run_dir: run_dir.to_path_buf(),
-        resume,
-        stop_after: None,
-        progress,
-    };
     let loop_config = config.loop_config();
     match config.distill.method {
-        DistillMethod::None => fit(
-            &task,
-            &mut NoDistill,
-            model,
-            &loop_config,
-            &options,
-            &device,
-        ),
+        DistillMethod::None => fit(&task, &mut NoDistill, model, &loop_config, options, &device),
         DistillMethod::OdDetr => {
             let mut distiller = OdDetr::new(&model, config.distill.od_detr);
-            fit(
-                &task,
-                &mut distiller,
-                model,
-                &loop_config,
-                &options,
-                &device,
-            )
+            fit(&task, &mut distiller, model, &loop_config, options, &device)
         }
     }
 }
