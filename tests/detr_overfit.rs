@@ -59,11 +59,11 @@ fn tiny_detr_learns_eight_images() {
             blocks: Some([1, 1, 1, 1]),
             num_classes: None,
         },
-        feature_strides: vec![32],
+        feature_strides: vec![8, 16, 32],
         num_classes: NUM_CLASSES,
         spatial_prior: 0.5,
         two_stage: false,
-        encoder_strides: Vec::new(),
+        encoder_strides: vec![16, 32],
         num_queries: 50,
         groups: 1,
         layer: LayerConfig {

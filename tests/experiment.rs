@@ -2,6 +2,8 @@
 //! plan, run-folder reuse / resume / refusal, and the report aggregated from hand-written run
 //! folders (means, sample stds, nulls, variant order, files written).
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use densekd::experiment::{
@@ -80,7 +82,7 @@ fn named_grids() {
             "distill.od_detr.aux=false",
         ]
     );
-    assert!(grid.base_overrides.contains(&"optim.epochs=3".to_string()));
+    assert!(grid.base_overrides.contains(&"optim.epochs=4".to_string()));
 }
 
 /// A grid over keys the current config has, so plans resolve.
@@ -425,4 +427,55 @@ fn tiny_grid_trains_reuses_resumes_and_refuses() {
         msg.contains("seed-0") && msg.contains("optim.warmup_steps"),
         "{msg}"
     );
+}
+
+/// `densekd experiment od-detr` through the CLI on 4-step runs: the five variants train in
+/// order, the EMA variants report the teacher and the instability of both models, and the
+/// report lists every variant.
+#[test]
+fn cli_runs_the_od_detr_grid() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let out = tmp.path().join("od");
+    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/detr_shapes.toml");
+    let mut args = vec![
+        "experiment".to_string(),
+        "od-detr".to_string(),
+        "--seeds".to_string(),
+        "1".to_string(),
+        "--config".to_string(),
+        config.display().to_string(),
+        "--out".to_string(),
+        out.display().to_string(),
+    ];
+    for s in TINY.iter().chain(&["eval.instability_images=4"]) {
+        args.push("--set".to_string());
+        args.push(s.to_string());
+    }
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (ok, _, stderr) = common::densekd(&refs);
+    assert!(ok, "{stderr}");
+    let report: Value =
+        serde_json::from_slice(&std::fs::read(out.join("report.json")).expect("report.json"))
+            .expect("json");
+    let variants = report["variants"].as_array().expect("variants");
+    let names: Vec<&str> = variants.iter().filter_map(|v| v["name"].as_str()).collect();
+    assert_eq!(names, ["baseline", "ema", "ema+a", "ema+a+b", "ema+a+b+c"]);
+    assert!(
+        variants[0]["ema_AP_mean"].is_null(),
+        "the baseline has no teacher"
+    );
+    for v in variants {
+        assert_eq!(v["seeds"], 1);
+        assert!(v["AP_mean"].is_number());
+        assert!(v["instability_mean"].is_number(), "{v}");
+    }
+    for v in &variants[1..] {
+        assert!(v["ema_AP_mean"].is_number(), "{v}");
+    }
+    let full =
+        std::fs::read_to_string(out.join("ema+a+b+c/seed-0/metrics.jsonl")).expect("metrics");
+    assert!(full.contains("loss_aux") && full.contains("loss_pd"));
+    let md = std::fs::read_to_string(out.join("report.md")).expect("report.md");
+    assert!(md.contains("ema+a+b+c"));
+    assert!(out.join("ap.png").exists() && out.join("instability.png").exists());
 }

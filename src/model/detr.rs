@@ -202,7 +202,7 @@ pub struct Detr<B: Backend> {
 }
 
 /// Two-stage models' per-token head on the encoder memory: class logits and a box refined
-/// from the token's own anchor (its cell centre, side `0.05 · stride / 8` of the image).
+/// from the token's own anchor (its cell centre, two cells wide).
 #[derive(Module, Debug)]
 pub struct ProposalHead<B: Backend> {
     /// Projection of the memory before the heads (Deformable-DETR's `enc_output`).
@@ -509,11 +509,13 @@ impl<B: Backend> Detr<B> {
             srcs.push(tokens(src));
             poss.push(tokens(pos) + level_embed);
             let xy = cell_centres(&mask, [b, fh, fw]);
-            // Proposal anchors: the cell centre with a side that grows with the stride.
-            let side = 0.05 * stride as f32 / 8.0;
+            // Proposal anchors: the cell centre, two cells wide, so coarser levels propose
+            // larger boxes (Deformable-DETR's fixed 0.05·2^l sides suit 800 px images, not
+            // small ones).
+            let (sw, sh) = (2.0 / fw as f32, 2.0 / fh as f32);
             anchors.push(
                 xy.chunks(2)
-                    .flat_map(|c| [c[0], c[1], side, side])
+                    .flat_map(|c| [c[0], c[1], sw, sh])
                     .collect::<Vec<_>>(),
             );
             centres.push(Tensor::<B, 3>::from_data(
