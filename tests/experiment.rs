@@ -355,22 +355,10 @@ fn malformed_run_files_are_named() {
     );
 }
 
-/// A tiny run: 16 synthetic 64 px images, batches of 4, 1 epoch = 4 steps (as tests/train.rs).
-const TINY: &[&str] = &[
-    "data.synthetic.train_images=16",
-    "data.synthetic.val_images=8",
-    "data.synthetic.generator.size=64",
-    "data.augment.shorter=64",
-    "data.augment.max_size=64",
-    "data.workers=1",
-    "optim.batch_size=4",
-    "optim.epochs=1",
-    "optim.warmup_steps=2",
-    "model.backbone.width=0.25",
-    "model.layer.d_model=32",
-    "model.layer.ffn=64",
-    "model.num_queries=10",
-];
+/// A tiny run (`common::TINY_RUN`) of 1 epoch = 4 steps.
+fn tiny() -> impl Iterator<Item = &'static str> {
+    common::TINY_RUN.iter().copied().chain(["optim.epochs=1"])
+}
 
 /// The driver end to end on a 2-variant grid of 4-step runs (about 1 s each): train, add a
 /// seed (only the new runs train), resume a run that lost its summary, refuse a changed config.
@@ -380,7 +368,7 @@ fn tiny_grid_trains_reuses_resumes_and_refuses() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let out = tmp.path().join("exp");
     let mut grid = lr_grid();
-    grid.base_overrides = TINY.iter().map(|s| s.to_string()).collect();
+    grid.base_overrides = tiny().map(String::from).collect();
     let one = ExperimentOptions {
         seeds: 1,
         out: out.clone(),
@@ -447,7 +435,7 @@ fn cli_runs_the_od_detr_grid() {
         "--out".to_string(),
         out.display().to_string(),
     ];
-    for s in TINY.iter().chain(&["eval.instability_images=4"]) {
+    for s in tiny().chain(["eval.instability_images=4"]) {
         args.push("--set".to_string());
         args.push(s.to_string());
     }

@@ -13,28 +13,19 @@ use densekd::train::detr::load_detector;
 use densekd::train::run::train_with_options;
 use densekd::train::{RunOptions, RunSummary};
 
-/// A tiny run: 16 synthetic 64 px images, batches of 4, 2 epochs = 8 steps.
-const TINY: &[&str] = &[
-    "data.synthetic.train_images=16",
-    "data.synthetic.val_images=8",
-    "data.synthetic.generator.size=64",
-    "data.augment.shorter=64",
-    "data.augment.max_size=64",
-    "data.workers=1",
-    "optim.batch_size=4",
-    "optim.epochs=2",
-    "optim.warmup_steps=2",
-    "eval.every_epochs=1",
-    "checkpoint.log_every_steps=1",
-    "model.backbone.width=0.25",
-    "model.layer.d_model=32",
-    "model.layer.ffn=64",
-    "model.num_queries=10",
-];
+/// A tiny run (`common::TINY_RUN`) of 2 epochs = 8 steps, logging and evaluating throughout.
+fn tiny() -> impl Iterator<Item = &'static str> {
+    common::TINY_RUN.iter().copied().chain([
+        "optim.epochs=2",
+        "eval.every_epochs=1",
+        "checkpoint.log_every_steps=1",
+    ])
+}
 
 fn config(extra: &[&str]) -> TrainConfig {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/detr_shapes.toml");
-    let sets: Vec<String> = TINY.iter().chain(extra).map(|s| s.to_string()).collect();
+    let mut sets: Vec<String> = tiny().map(String::from).collect();
+    sets.extend(extra.iter().map(|s| s.to_string()));
     TrainConfig::load(&path, &sets).expect("config")
 }
 
@@ -194,7 +185,7 @@ fn cli_trains_predicts_and_guards_runs() {
     let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/detr_shapes.toml");
     let config = config.to_str().expect("utf8");
     let mut args = vec!["train", config, "--out", run_s];
-    for s in TINY {
+    for s in tiny() {
         args.extend(["--set", s]);
     }
     args.extend(["--set", "optim.epochs=1"]);

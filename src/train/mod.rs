@@ -401,6 +401,18 @@ where
     })
 }
 
+/// The student's inference form, labelled `student`, then the distiller's extra models.
+fn labelled_models<B, T, D>(distiller: &D, model: &T::Model) -> Vec<(String, InnerModel<B, T>)>
+where
+    B: AutodiffBackend,
+    T: Task<B>,
+    D: Distiller<B, T>,
+{
+    std::iter::once(("student".to_string(), model.valid()))
+        .chain(distiller.extra_models())
+        .collect()
+}
+
 /// Evaluates the student and the distiller's extra models, logging one line each.
 fn evaluate_all<B, T, D>(
     task: &T,
@@ -415,9 +427,7 @@ where
     D: Distiller<B, T>,
 {
     let mut out = Vec::new();
-    let models =
-        std::iter::once(("student".to_string(), model.valid())).chain(distiller.extra_models());
-    for (name, m) in models {
+    for (name, m) in labelled_models(distiller, model) {
         let stats = task.evaluate(&m)?;
         let mut fields = vec![
             ("epoch", Value::from(state.epoch)),
@@ -444,9 +454,7 @@ where
     D: Distiller<B, T>,
 {
     let mut out = Vec::new();
-    let models =
-        std::iter::once(("student".to_string(), model.valid())).chain(distiller.extra_models());
-    for (name, m) in models {
+    for (name, m) in labelled_models(distiller, model) {
         if let Some(keys) = task.match_keys(&m)? {
             out.push((name, keys));
         }

@@ -14,3 +14,21 @@ pub fn densekd(args: &[&str]) -> (bool, String, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// Overrides of a tiny run: 16 synthetic 64 px images, batches of 4, a 1/4-width backbone and a
+/// 32-wide transformer with 10 queries (4 steps per epoch).
+#[allow(dead_code)] // not every test binary uses it
+pub const TINY_RUN: &[&str] = &[
+    "data.synthetic.train_images=16",
+    "data.synthetic.val_images=8",
+    "data.synthetic.generator.size=64",
+    "data.augment.shorter=64",
+    "data.augment.max_size=64",
+    "data.workers=1",
+    "optim.batch_size=4",
+    "optim.warmup_steps=2",
+    "model.backbone.width=0.25",
+    "model.layer.d_model=32",
+    "model.layer.ffn=64",
+    "model.num_queries=10",
+];
