@@ -82,7 +82,7 @@ fn named_grids() {
             "distill.od_detr.aux=false",
         ]
     );
-    assert!(grid.base_overrides.contains(&"optim.epochs=4".to_string()));
+    assert!(grid.base_overrides.contains(&"optim.epochs=3".to_string()));
 }
 
 /// A grid over keys the current config has, so plans resolve.

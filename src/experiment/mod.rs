@@ -27,7 +27,7 @@ pub const KNOWN_GRIDS: &[&str] = &["od-detr"];
 
 /// Base overrides of the `od-detr` grid, sized so that 5 variants × 3 seeds fit about 90 min on
 /// 2 CPU cores; adjust here (or per call with `--set`, which applies after these).
-pub const OD_DETR_BASE_OVERRIDES: &[&str] = &["optim.epochs=4", "eval.every_epochs=1"];
+pub const OD_DETR_BASE_OVERRIDES: &[&str] = &["optim.epochs=3", "eval.every_epochs=1"];
 
 /// One arm of a grid: a name (also its folder name) and its config overrides.
 #[derive(Debug, Clone, PartialEq)]
