@@ -22,6 +22,15 @@ pub use report::{
 /// The config a grid uses unless the caller names another.
 pub const DEFAULT_CONFIG: &str = "configs/detr_shapes.toml";
 
+/// The overrides every run of `grid` shares: the grid's base, then the caller's `--set`.
+fn shared_overrides(grid: &Grid, options: &ExperimentOptions) -> Vec<String> {
+    grid.base_overrides
+        .iter()
+        .chain(&options.overrides)
+        .cloned()
+        .collect()
+}
+
 /// The grids [`named_grid`] knows.
 pub const KNOWN_GRIDS: &[&str] = &["od-detr"];
 
@@ -185,12 +194,7 @@ pub fn plan(grid: &Grid, options: &ExperimentOptions) -> Result<Vec<PlannedRun>>
             ));
         }
     }
-    let shared: Vec<String> = grid
-        .base_overrides
-        .iter()
-        .chain(&options.overrides)
-        .cloned()
-        .collect();
+    let shared = shared_overrides(grid, options);
     let base_seed = TrainConfig::load(&grid.config, &shared)?.seed;
     let mut runs = Vec::with_capacity(options.seeds * grid.variants.len());
     for k in 0..options.seeds {
@@ -295,12 +299,7 @@ pub fn collect_report(
             runs: records,
         });
     }
-    let shared: Vec<String> = grid
-        .base_overrides
-        .iter()
-        .chain(&options.overrides)
-        .cloned()
-        .collect();
+    let shared = shared_overrides(grid, options);
     Ok(aggregate(
         &grid.name,
         &grid.config,
