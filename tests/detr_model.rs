@@ -5,8 +5,10 @@ use burn::module::Param;
 use burn::nn::attention::{MhaInput, MultiHeadAttentionConfig};
 use burn::tensor::{Bool, Tensor, TensorData};
 use densekd::backend::Inference;
+use densekd::data::detection::DetTarget;
 use densekd::model::backbone::{Arch, BackboneConfig};
-use densekd::model::detr::DetrConfig;
+use densekd::model::denoising::{denoising_groups, DenoisingConfig};
+use densekd::model::detr::{narrow_layers, DetrConfig, InitialQueries};
 use densekd::model::norm::NormKind;
 use densekd::model::position::{box_gaussian_prior, cell_centres, sine_position_encoding};
 use densekd::model::transformer::{biased_attention, group_attention_mask, LayerConfig};
@@ -208,6 +210,7 @@ fn tiny_detr(groups: usize) -> DetrConfig {
         spatial_prior: 0.5,
         two_stage: false,
         encoder_strides: Vec::new(),
+        denoising: DenoisingConfig::default(),
         num_classes: 3,
         num_queries: 5,
         groups,
@@ -262,6 +265,122 @@ fn query_groups_do_not_see_each_other() {
         boxes.iter().all(|v| (0.0..=1.0).contains(v)),
         "boxes are normalised"
     );
+}
+
+fn target(boxes: &[[f32; 4]], classes: &[usize]) -> DetTarget {
+    DetTarget {
+        image_id: 0,
+        boxes: boxes.to_vec(),
+        classes: classes.to_vec(),
+        size: (64, 64),
+        orig_size: (64, 64),
+    }
+}
+
+#[test]
+fn denoising_queries_are_noised_ground_truth_in_masked_groups() {
+    let device = Default::default();
+    let mut cfg = tiny_detr(1);
+    cfg.denoising = DenoisingConfig {
+        groups: 2,
+        box_noise: 0.0,
+        label_noise: 0.0,
+        weight: 1.0,
+    };
+    let targets = [
+        target(&[[0.3, 0.4, 0.2, 0.1], [0.7, 0.6, 0.3, 0.5]], &[2, 0]),
+        target(&[[0.5, 0.5, 0.4, 0.4]], &[1]),
+    ];
+    let model = cfg.init::<Inference>(&device).expect("builds");
+    let dn = denoising_groups(&model, &targets).expect("groups");
+    assert_eq!(dn.group_sizes(), vec![2, 2]);
+    let pairs: Vec<_> = dn.pairs.iter().map(|a| a.pairs.clone()).collect();
+    assert_eq!(
+        pairs,
+        [vec![(0, 0), (1, 1), (2, 0), (3, 1)], vec![(0, 0), (2, 0)]]
+    );
+    // Without noise the references are the boxes; the second image's free slots are padding.
+    let pad = [0.5, 0.5, 0.2, 0.2];
+    let g0 = [[0.3, 0.4, 0.2, 0.1], [0.7, 0.6, 0.3, 0.5]];
+    let expected: Vec<f32> = [
+        g0,
+        g0,
+        [[0.5, 0.5, 0.4, 0.4], pad],
+        [[0.5, 0.5, 0.4, 0.4], pad],
+    ]
+    .iter()
+    .flatten()
+    .flatten()
+    .copied()
+    .collect();
+    assert_close(
+        &values(dn.queries.reference.clone()),
+        &expected,
+        0.0,
+        "refs",
+    );
+    let embed = model.label_embed.as_ref().expect("label embedding").val();
+    let rows = |labels: &[usize]| -> Vec<f32> {
+        labels
+            .iter()
+            .flat_map(|&l| values(embed.clone().narrow(0, l, 1)))
+            .collect()
+    };
+    let expected = rows(&[2, 0, 2, 0, 1, 3, 1, 3]);
+    assert_close(
+        &values(dn.queries.content.clone()),
+        &expected,
+        0.0,
+        "content",
+    );
+
+    // Noise stays inside its bounds: centres within λ/2 of the size, sizes within 1 ± λ.
+    let mut noisy = cfg.clone();
+    noisy.denoising.box_noise = 0.4;
+    noisy.denoising.groups = 50;
+    let model = noisy.init::<Inference>(&device).expect("builds");
+    let dn = denoising_groups(&model, &targets[..1]).expect("groups");
+    let refs = values(dn.queries.reference.clone());
+    let mut moved = 0;
+    for (r, g) in refs.chunks(4).zip(g0.iter().cycle()) {
+        for k in 0..2 {
+            assert!(
+                (r[k] - g[k]).abs() <= 0.2 * g[k + 2] + 1e-6,
+                "{r:?} vs {g:?}"
+            );
+            assert!(
+                (r[k + 2] / g[k + 2] - 1.0).abs() <= 0.4 + 1e-6,
+                "{r:?} vs {g:?}"
+            );
+        }
+        moved += usize::from(r != g);
+    }
+    assert_eq!(moved, 100, "every copy is noised");
+
+    // Decoding the denoising groups after the matching queries leaves the latter unchanged.
+    let images = Tensor::<Inference, 4>::random(
+        [1, 3, 64, 64],
+        burn::tensor::Distribution::Normal(0.0, 1.0),
+        &device,
+    );
+    let padding = vec![false; 64 * 64];
+    let encoded = model.encode(images, &padding);
+    let main = model.initial_queries(&encoded, 1);
+    let alone = model.decode(&encoded, main.clone(), &[5]);
+    let sizes = [vec![5], dn.group_sizes()].concat();
+    let joint = model.decode(
+        &encoded,
+        InitialQueries::cat(vec![main, dn.queries.clone()]),
+        &sizes,
+    );
+    let last = |l: &[densekd::model::detr::LayerPrediction<Inference>]| {
+        values(l[1].boxes.clone().narrow(1, 0, 5))
+    };
+    assert_close(&last(&joint), &last(&alone), 1e-5, "matching queries");
+    let dn_layers = narrow_layers(&joint, 5, dn.queries.len());
+    let loss = dn.loss(&dn_layers, &targets[..1], &Default::default());
+    let loss = values(loss.expect("a loss").unsqueeze::<2>())[0];
+    assert!(loss.is_finite() && loss > 0.0, "{loss}");
 }
 
 #[test]

@@ -23,7 +23,8 @@ use crate::error::{Error, Result};
 use crate::loss::detr::{
     match_batch, matched_box_losses, proposal_losses, set_losses, SetLossWeights, SetLosses,
 };
-use crate::model::detr::{Detr, Encoded, InitialQueries, LayerPrediction};
+use crate::model::denoising::denoising_groups;
+use crate::model::detr::{narrow_layers, Detr, Encoded, InitialQueries, LayerPrediction};
 use crate::ops::boxes::{box_cxcywh_to_xyxy, iou_cxcywh, paired_generalized_box_iou};
 use crate::ops::matcher::{match_cost_matrix, Assignment, MatchCosts};
 use crate::train::checkpoint::{load_record, record_bytes};
@@ -235,23 +236,6 @@ fn pd_loss<B: AutodiffBackend>(
     (per_query * weight).sum() / total
 }
 
-/// Narrows every layer's predictions to queries `start..start + len`.
-fn narrow<B: Backend>(
-    layers: &[LayerPrediction<B>],
-    start: usize,
-    len: usize,
-) -> Vec<LayerPrediction<B>> {
-    layers
-        .iter()
-        .map(|l| LayerPrediction {
-            logits: l.logits.clone().narrow(1, start, len),
-            boxes: l.boxes.clone().narrow(1, start, len),
-            hidden: l.hidden.clone().narrow(1, start, len),
-            state: l.state.clone().narrow(1, start, len),
-        })
-        .collect()
-}
-
 /// For each student query of group 0, the teacher query on the same encoder token (two-stage)
 /// or in the same slot (learned queries), if any.
 fn correspondence<B: Backend, C: Backend>(
@@ -389,6 +373,11 @@ impl<B: AutodiffBackend> Distiller<B, DetrTask> for OdDetr<B> {
             sizes.push(queries.len());
             groups.push(queries.clone());
         }
+        let dn = denoising_groups(student, targets);
+        if let Some(dn) = &dn {
+            sizes.extend(dn.group_sizes());
+            groups.push(dn.queries.clone());
+        }
         let layers = student.decode(&enc, InitialQueries::cat(groups), &sizes);
 
         // Main groups: the student's own matching on every layer, plus (a) on group 0.
@@ -417,7 +406,7 @@ impl<B: AutodiffBackend> Distiller<B, DetrTask> for OdDetr<B> {
             });
         };
         for g in 0..main_groups {
-            for layer in narrow(&layers, g * q, q) {
+            for layer in narrow_layers(&layers, g * q, q) {
                 let own = match_batch(&layer.logits, &layer.boxes, targets, costs)?;
                 add(if g == 0 && c.guided_matching {
                     guided_losses(
@@ -457,7 +446,7 @@ impl<B: AutodiffBackend> Distiller<B, DetrTask> for OdDetr<B> {
                     .reshape([b, q])
                     .detach(),
             );
-            let pd = narrow(&layers, start, q)
+            let pd = narrow_layers(&layers, start, q)
                 .iter()
                 .zip(&t_layers)
                 .map(|(s, t)| pd_loss(s, t, confidence.clone(), c.pd_class_weight, w))
@@ -469,13 +458,21 @@ impl<B: AutodiffBackend> Distiller<B, DetrTask> for OdDetr<B> {
         }
         if let Some((queries, pairs)) = &aux {
             let n = queries.len();
-            let aux_loss = narrow(&layers, start, n)
+            let aux_loss = narrow_layers(&layers, start, n)
                 .into_iter()
                 .map(|l| set_losses(l.logits, l.boxes, targets, pairs, norm, w).weighted(w))
                 .reduce(|x, y| x + y)
                 .unwrap_or_else(|| total.zeros_like());
             total = total + aux_loss.clone().mul_scalar(c.aux_weight * ramp);
             terms.push(("loss_aux".to_string(), aux_loss));
+            start += n;
+        }
+        if let Some(dn) = &dn {
+            let n = dn.queries.len();
+            if let Some(dn_loss) = dn.loss(&narrow_layers(&layers, start, n), targets, w) {
+                total = total + dn_loss.clone().mul_scalar(student.denoising.weight);
+                terms.push(("loss_dn".to_string(), dn_loss));
+            }
         }
         Ok(Losses { total, terms })
     }

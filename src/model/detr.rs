@@ -14,6 +14,7 @@ use burn::tensor::{
 use serde::{Deserialize, Serialize};
 
 use crate::model::backbone::{Backbone, BackboneConfig, BackboneFeatures};
+use crate::model::denoising::DenoisingConfig;
 use crate::model::position::{
     box_gaussian_prior, cell_centres, downsample_padding, padding_tensor, sine_box_embedding,
     sine_position_encoding,
@@ -63,6 +64,9 @@ pub struct DetrConfig {
     /// learned). Without it, query anchors are learned parameters.
     #[serde(default)]
     pub two_stage: bool,
+    /// Denoising query groups in training (DN-DETR); off by default.
+    #[serde(default)]
+    pub denoising: DenoisingConfig,
     /// Transformer layer sizes.
     pub layer: LayerConfig,
     /// Encoder layers (may be 0).
@@ -181,6 +185,9 @@ pub struct Detr<B: Backend> {
     pub query_anchors: Option<Param<Tensor<B, 2>>>,
     /// Dense per-token head of two-stage models.
     pub proposal_head: Option<ProposalHead<B>>,
+    /// Content embeddings of denoising queries by label `[K + 1, D]` (the last row marks a
+    /// padding slot), when denoising is on.
+    pub label_embed: Option<Param<Tensor<B, 2>>>,
     /// Query position from the sine embedding of the current anchor.
     pub anchor_pos: Mlp<B>,
     /// Shared classifier.
@@ -199,6 +206,8 @@ pub struct Detr<B: Backend> {
     pub encoded_levels: Vec<bool>,
     /// σ of the cross-attention's spatial prior relative to the box size (0 = none).
     pub spatial_prior: f64,
+    /// Denoising settings (training only).
+    pub denoising: DenoisingConfig,
 }
 
 /// Two-stage models' per-token head on the encoder memory: class logits and a box refined
@@ -275,6 +284,7 @@ impl DetrConfig {
                 format!("must be ≥ 0, got {}", self.spatial_prior),
             ));
         }
+        self.denoising.validate()?;
         let backbone = self.backbone.init::<B>(device)?;
         let d = self.layer.d_model;
         let [c3, c4, c5] = backbone.channels();
@@ -352,6 +362,13 @@ impl DetrConfig {
             )),
             query_anchors,
             proposal_head,
+            label_embed: (self.denoising.groups > 0).then(|| {
+                Param::from_tensor(Tensor::random(
+                    [self.num_classes + 1, d],
+                    Distribution::Normal(0.0, 1.0),
+                    device,
+                ))
+            }),
             anchor_pos: Mlp::new(&[2 * d, d, d], device),
             class_head: focal_classifier(d, self.num_classes, device),
             box_heads: (0..self.decoder_layers)
@@ -367,6 +384,7 @@ impl DetrConfig {
                 .map(|s| self.encoder_strides.is_empty() || self.encoder_strides.contains(s))
                 .collect(),
             spatial_prior: self.spatial_prior,
+            denoising: self.denoising,
         })
     }
 }
@@ -462,6 +480,11 @@ fn top_k_rows(scores: &[f32], skip: &[bool], cols: usize, k: usize) -> Vec<usize
 }
 
 impl<B: Backend> Detr<B> {
+    /// Number of object classes.
+    pub fn num_classes(&self) -> usize {
+        self.class_head.weight.dims()[1]
+    }
+
     /// Runs the detector on normalised images `[B, 3, H, W]` with their padding mask (host
     /// booleans, `[B, H, W]`, true = padding). `groups` query groups are decoded (the training
     /// value, or 1 at inference).
@@ -681,6 +704,23 @@ impl<B: Backend> Detr<B> {
         }
         layers
     }
+}
+
+/// Narrows every layer's predictions to queries `start..start + len`.
+pub fn narrow_layers<B: Backend>(
+    layers: &[LayerPrediction<B>],
+    start: usize,
+    len: usize,
+) -> Vec<LayerPrediction<B>> {
+    layers
+        .iter()
+        .map(|l| LayerPrediction {
+            logits: l.logits.clone().narrow(1, start, len),
+            boxes: l.boxes.clone().narrow(1, start, len),
+            hidden: l.hidden.clone().narrow(1, start, len),
+            state: l.state.clone().narrow(1, start, len),
+        })
+        .collect()
 }
 
 /// Turns the first query group's final predictions into detections in original-image pixels:
