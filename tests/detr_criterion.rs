@@ -4,7 +4,7 @@
 use burn::tensor::{Tensor, TensorData};
 use densekd::backend::Training;
 use densekd::data::detection::DetTarget;
-use densekd::loss::detr::{match_batch, set_losses, SetLossWeights};
+use densekd::loss::detr::{centre_assignment, match_batch, set_losses, SetLossWeights};
 use densekd::ops::matcher::MatchCosts;
 use serde_json::Value;
 
@@ -161,4 +161,50 @@ fn matcher_and_losses_match_pytorch() {
             }
         }
     }
+}
+
+#[test]
+fn centre_assignment_picks_the_level_and_the_tokens_near_each_centre() {
+    // Two levels: 4×4 cells (anchors 0.5 wide, tokens 0..16) and 2×2 cells (1.0, tokens 16..20).
+    let mut anchors = Vec::new();
+    for (cells, side) in [(4, 0.5f32), (2, 1.0)] {
+        for y in 0..cells {
+            for x in 0..cells {
+                let c = |i: usize| (i as f32 + 0.5) / cells as f32;
+                anchors.extend_from_slice(&[c(x), c(y), side, side]);
+            }
+        }
+    }
+    let mut padding = vec![false; 20];
+    padding[19] = true;
+    let target = DetTarget {
+        image_id: 1,
+        // Small (fine level, one token), large (coarse level, all unpadded tokens), and medium
+        // (fine level) on the small one's token, which the smaller box keeps.
+        boxes: vec![
+            [0.3, 0.3, 0.1, 0.1],
+            [0.5, 0.5, 0.8, 0.8],
+            [0.375, 0.375, 0.3, 0.3],
+        ],
+        classes: vec![0, 1, 2],
+        size: (64, 64),
+        orig_size: (64, 64),
+    };
+    let weights = SetLossWeights::default();
+    let got = centre_assignment(&anchors, &padding, &[target], &weights);
+    assert_eq!(got[0].pairs, vec![(5, 0), (16, 1), (17, 1), (18, 1)]);
+    // A wider radius reaches the medium box's neighbouring tokens inside it.
+    let wide = SetLossWeights {
+        centre_radius: 3.0,
+        ..weights
+    };
+    let target = DetTarget {
+        image_id: 1,
+        boxes: vec![[0.375, 0.375, 0.6, 0.3]],
+        classes: vec![2],
+        size: (64, 64),
+        orig_size: (64, 64),
+    };
+    let got = centre_assignment(&anchors, &padding, &[target], &wide);
+    assert_eq!(got[0].pairs, vec![(4, 0), (5, 0), (6, 0)]);
 }

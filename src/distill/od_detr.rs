@@ -425,7 +425,7 @@ impl<B: AutodiffBackend> Distiller<B, DetrTask> for OdDetr<B> {
             }
         }
         if let Some(p) = &enc.proposals {
-            add(proposal_losses(&p.prediction, targets, w, costs)?);
+            add(proposal_losses(p, targets, w, costs)?);
         }
         let [class, bbox, giou] =
             det.ok_or_else(|| Error::config("od_detr", "the student has no decoder layers"))?;

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::detection::DetTarget;
 use crate::error::{Error, Result};
-use crate::model::detr::{DetrOutput, LayerPrediction};
+use crate::model::detr::{DetrOutput, Proposals};
 use crate::ops::boxes::{box_cxcywh_to_xyxy, paired_generalized_box_iou};
 use crate::ops::losses::sigmoid_focal_loss;
 use crate::ops::matcher::{match_queries, Assignment, MatchCosts};
@@ -26,9 +26,27 @@ pub struct SetLossWeights {
     pub alpha: f64,
     /// Focal γ.
     pub gamma: f64,
-    /// Two-stage models: each target is matched to this many encoder proposals (one-to-many
+    /// Two-stage models: how the dense head's tokens get their targets.
+    pub proposal_assignment: ProposalAssignment,
+    /// `hungarian` assignment: each target is matched to this many encoder proposals (one-to-many
     /// supervision of the dense head, as H-DETR's hybrid matching; 1 = DINO's one-to-one).
     pub proposal_repeats: usize,
+    /// `centre` assignment: tokens within this many cells of a target's centre (and inside it)
+    /// are its positives, FCOS's centre sampling.
+    pub centre_radius: f64,
+}
+
+/// How a two-stage model's per-token proposals are assigned to targets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProposalAssignment {
+    /// Hungarian matching against the targets repeated `proposal_repeats` times: learned, so
+    /// it starts from random matches.
+    #[default]
+    Hungarian,
+    /// Geometric (FCOS centre sampling on the level whose anchor size suits the target): fixed
+    /// from the first step, as dense detectors train.
+    Centre,
 }
 
 impl Default for SetLossWeights {
@@ -39,7 +57,9 @@ impl Default for SetLossWeights {
             giou: 2.0,
             alpha: 0.25,
             gamma: 2.0,
+            proposal_assignment: ProposalAssignment::Hungarian,
             proposal_repeats: 4,
+            centre_radius: 1.5,
         }
     }
 }
@@ -172,31 +192,39 @@ pub struct DetrLoss<B: Backend> {
     pub giou: Tensor<B, 1>,
 }
 
-/// The dense loss of a two-stage model's encoder proposals: every target is repeated
-/// `proposal_repeats` times and Hungarian-matched to the tokens, so each object trains several
-/// nearby tokens; normalised by the number of matches.
+/// The dense loss of a two-stage model's encoder proposals, normalised by the number of
+/// positive tokens. With `hungarian` assignment every target is repeated `proposal_repeats`
+/// times and matched to the tokens; with `centre` assignment, see [`centre_assignment`].
 pub fn proposal_losses<B: Backend>(
-    prediction: &LayerPrediction<B>,
+    proposals: &Proposals<B>,
     targets: &[DetTarget],
     weights: &SetLossWeights,
     costs: &MatchCosts,
 ) -> Result<SetLosses<B>> {
-    let r = weights.proposal_repeats.max(1);
-    let repeated: Vec<DetTarget> = targets
-        .iter()
-        .map(|t| DetTarget {
-            classes: t.classes.repeat(r),
-            boxes: t.boxes.repeat(r),
-            ..t.clone()
-        })
-        .collect();
-    let mut matches = match_batch(&prediction.logits, &prediction.boxes, &repeated, costs)?;
-    let n = targets.iter().map(|t| t.boxes.len()).collect::<Vec<_>>();
-    for (m, &n) in matches.iter_mut().zip(&n) {
-        for pair in &mut m.pairs {
-            pair.1 %= n.max(1);
+    let prediction = &proposals.prediction;
+    let matches = match weights.proposal_assignment {
+        ProposalAssignment::Hungarian => {
+            let r = weights.proposal_repeats.max(1);
+            let repeated: Vec<DetTarget> = targets
+                .iter()
+                .map(|t| DetTarget {
+                    classes: t.classes.repeat(r),
+                    boxes: t.boxes.repeat(r),
+                    ..t.clone()
+                })
+                .collect();
+            let mut matches = match_batch(&prediction.logits, &prediction.boxes, &repeated, costs)?;
+            for (m, t) in matches.iter_mut().zip(targets) {
+                for pair in &mut m.pairs {
+                    pair.1 %= t.boxes.len().max(1);
+                }
+            }
+            matches
         }
-    }
+        ProposalAssignment::Centre => {
+            centre_assignment(&proposals.anchors, &proposals.padding, targets, weights)
+        }
+    };
     let num = matches.iter().map(|m| m.pairs.len()).sum::<usize>() as f64;
     Ok(set_losses(
         prediction.logits.clone(),
@@ -206,6 +234,61 @@ pub fn proposal_losses<B: Backend>(
         num,
         weights,
     ))
+}
+
+/// FCOS-style geometric assignment of tokens to targets. Each target belongs to the level whose
+/// anchor side (two cells) is closest to its longer side in log scale; on that level, the
+/// unpadded tokens whose centres lie inside the box and within `centre_radius` cells of its
+/// centre are positives, and the token containing the centre always is. A token claimed by
+/// several targets keeps the smallest. `anchors` are `B·T·4` (cell centre, two cells wide).
+pub fn centre_assignment(
+    anchors: &[f32],
+    padding: &[bool],
+    targets: &[DetTarget],
+    weights: &SetLossWeights,
+) -> Vec<Assignment> {
+    let tokens = anchors.len() / 4 / targets.len().max(1);
+    let r = weights.centre_radius as f32;
+    targets
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let anchors = &anchors[i * tokens * 4..(i + 1) * tokens * 4];
+            let padding = &padding[i * tokens..(i + 1) * tokens];
+            let mut levels: Vec<f32> = anchors.chunks(4).map(|a| a[2]).collect();
+            levels.sort_by(f32::total_cmp);
+            levels.dedup();
+            let mut owner: Vec<Option<(f32, usize)>> = vec![None; tokens];
+            for (g, b) in t.boxes.iter().enumerate() {
+                let side = b[2].max(b[3]).max(1e-6);
+                let level = levels
+                    .iter()
+                    .copied()
+                    .min_by(|x, y| (x / side).ln().abs().total_cmp(&(y / side).ln().abs()));
+                let area = b[2] * b[3];
+                for (k, a) in anchors.chunks(4).enumerate() {
+                    if padding[k] || Some(a[2]) != level {
+                        continue;
+                    }
+                    let (cw, ch) = (a[2] / 2.0, a[3] / 2.0);
+                    let (dx, dy) = ((a[0] - b[0]).abs(), (a[1] - b[1]).abs());
+                    let contains_centre = dx <= cw / 2.0 && dy <= ch / 2.0;
+                    let near = dx <= (r * cw).min(b[2] / 2.0) && dy <= (r * ch).min(b[3] / 2.0);
+                    if (contains_centre || near) && owner[k].is_none_or(|(o, _)| area < o) {
+                        owner[k] = Some((area, g));
+                    }
+                }
+            }
+            Assignment {
+                pairs: owner
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(k, o)| o.map(|(_, g)| (k, g)))
+                    .collect(),
+                total_cost: 0.0,
+            }
+        })
+        .collect()
 }
 
 /// DETR's loss on every decoder layer (auxiliary losses) and every query group: each group of
@@ -234,7 +317,7 @@ pub fn detr_loss<B: Backend>(
         }
     }
     if let Some(p) = &output.proposals {
-        let l = proposal_losses(&p.prediction, targets, weights, costs)?;
+        let l = proposal_losses(p, targets, weights, costs)?;
         terms = terms.map(|[c, b, g]| [c + l.class, b + l.bbox, g + l.giou]);
     }
     let [class, bbox, giou] =

@@ -416,6 +416,10 @@ pub struct Proposals<B: Backend> {
     /// Token index of each selected query, `B·Q` values (query order within each image), the
     /// correspondence between two models' queries on the same image.
     pub selected: Vec<usize>,
+    /// Each token's anchor (cell centre, two cells wide), normalised `cx, cy, w, h`, `B·T·4`.
+    pub anchors: Vec<f32>,
+    /// Token padding, `B·T` values (true = padding).
+    pub padding: Vec<bool>,
 }
 
 /// The decoder's starting point for a set of queries.
@@ -554,8 +558,11 @@ impl<B: Backend> Detr<B> {
         let t = memory.dims()[1];
         let padding = image_major(&host_pads, b);
         let proposals = self.proposal_head.as_ref().map(|head| {
-            let anchors = image_major(&anchors, b);
-            let anchors = Tensor::<B, 3>::from_data(TensorData::new(anchors, [b, t, 4]), &device);
+            let host_anchors = image_major(&anchors, b);
+            let anchors = Tensor::<B, 3>::from_data(
+                TensorData::new(host_anchors.clone(), [b, t, 4]),
+                &device,
+            );
             let hidden = head.norm.forward(head.proj.forward(memory.clone()));
             let logits = head.class.forward(hidden.clone());
             let boxes = sigmoid(head.boxes.forward(hidden.clone()) + inverse_sigmoid(anchors));
@@ -575,6 +582,8 @@ impl<B: Backend> Detr<B> {
                     hidden,
                 },
                 selected,
+                anchors: host_anchors,
+                padding: padding.clone(),
             }
         });
         Encoded {
