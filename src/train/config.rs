@@ -137,6 +137,11 @@ pub struct OptimConfig {
     /// Decoupled weight decay.
     #[serde(default = "default_weight_decay")]
     pub weight_decay: f64,
+    /// AdamW's ε. PyTorch's 1e-8 by default: burn's own default (1e-5) swamps the per-element
+    /// gradients left after clipping a whole model to norm 0.1 and all but stops small-gradient
+    /// parameters such as the backbone's from learning.
+    #[serde(default = "default_eps")]
+    pub eps: f64,
     /// Maximum global gradient norm (0 disables clipping).
     #[serde(default = "default_clip")]
     pub clip_norm: f64,
@@ -162,6 +167,9 @@ fn default_backbone_mult() -> f64 {
 }
 fn default_weight_decay() -> f64 {
     1e-4
+}
+fn default_eps() -> f64 {
+    1e-8
 }
 fn default_clip() -> f64 {
     0.1
@@ -361,6 +369,7 @@ impl TrainConfig {
         }
         for (key, v) in [
             ("optim.weight_decay", o.weight_decay),
+            ("optim.eps", o.eps),
             ("optim.clip_norm", o.clip_norm),
         ] {
             if !(v.is_finite() && v >= 0.0) {

@@ -165,6 +165,7 @@ where
     let total = schedule.total_steps();
     let mut optim = AdamWConfig::new()
         .with_weight_decay(config.optim.weight_decay as f32)
+        .with_epsilon(config.optim.eps as f32)
         .init::<B, T::Model>();
     let checkpoints = Checkpoints::new(run_dir);
 

@@ -70,6 +70,7 @@ mod tests {
             lr: 1.0,
             backbone_lr_mult: 0.1,
             weight_decay: 0.0,
+            eps: 1e-8,
             clip_norm: 0.0,
             warmup_steps: 4,
             schedule: kind,
