@@ -272,3 +272,16 @@ fn cli_trains_predicts_and_guards_runs() {
     ]);
     assert!(!ok && stderr.contains("no PNG or JPEG"), "{stderr}");
 }
+
+#[test]
+fn denoising_run_resumes_exactly_and_logs_its_loss() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    let cfg = config(&["model.denoising.groups=2"]);
+    check_resume(&cfg, &a, &b);
+    let metrics = lines(&a);
+    let train: Vec<_> = metrics.iter().filter(|l| l["kind"] == "train").collect();
+    assert!(train.iter().all(|l| l["loss_dn"]
+        .as_f64()
+        .is_some_and(|v| v.is_finite() && v > 0.0)));
+}
