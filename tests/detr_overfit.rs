@@ -1,8 +1,8 @@
 //! End-to-end learning check of the DETR path (data → model → matching → losses → AdamW →
 //! post-processing → COCO evaluation): a tiny seeded DETR (50 queries, spatial prior) fitting 8
-//! synthetic images must memorise them: 300 steps at lr 1e-2 (~70 s) reach AP 0.85 / AP50 0.93.
-//! The project's target, AP ≥ 0.9 within two minutes, is not reached yet (AP 0.87 at 400
-//! steps, 100 s).
+//! synthetic images must memorise them: 450 steps at lr 1e-2 (~60 s) reach AP 0.82 / AP50 0.88.
+//! The project's target, AP ≥ 0.9 within two minutes, is not reached yet (the same AP after 700
+//! steps).
 
 use burn::module::AutodiffModule;
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
@@ -81,6 +81,7 @@ fn tiny_detr_learns_eight_images() {
     let mut model = cfg.init::<Training>(&device).expect("model");
     let mut optim = AdamWConfig::new()
         .with_weight_decay(1e-4)
+        .with_epsilon(1e-8)
         .with_grad_clipping(Some(burn::grad_clipping::GradientClippingConfig::Norm(0.1)))
         .init::<Training, Detr<Training>>();
     let images = batch.images_tensor::<Training>(&device);
@@ -102,7 +103,7 @@ fn tiny_detr_learns_eight_images() {
     };
     let before = evaluate(&model.valid());
     let mut losses = Vec::new();
-    let (steps, lr) = (300, 1e-2);
+    let (steps, lr) = (450, 1e-2);
     let t0 = std::time::Instant::now();
     for _ in 0..steps {
         let out = model.forward(images.clone(), &batch.padding, cfg.groups);
