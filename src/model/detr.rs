@@ -493,18 +493,46 @@ impl<B: Backend> Detr<B> {
     /// booleans, `[B, H, W]`, true = padding). `groups` query groups are decoded (the training
     /// value, or 1 at inference).
     pub fn forward(&self, images: Tensor<B, 4>, padding: &[bool], groups: usize) -> DetrOutput<B> {
+        self.forward_with_extra(images, padding, groups, None).0
+    }
+
+    /// [`Detr::forward`] with `extra` queries (in groups of the given sizes, e.g. denoising
+    /// groups) decoded after the main groups and masked from them. Returns the main groups'
+    /// output and the extra queries' per-layer predictions (empty without extras).
+    pub fn forward_with_extra(
+        &self,
+        images: Tensor<B, 4>,
+        padding: &[bool],
+        groups: usize,
+        extra: Option<(InitialQueries<B>, Vec<usize>)>,
+    ) -> (DetrOutput<B>, Vec<LayerPrediction<B>>) {
         let encoded = self.encode(images, padding);
         let groups = groups.clamp(1, self.groups);
         let queries = self.initial_queries(&encoded, groups);
         let group_sizes = vec![self.num_queries; groups];
-        let layers = self.decode(&encoded, queries.clone(), &group_sizes);
-        DetrOutput {
+        let (layers, extra_layers) = match extra {
+            None => (
+                self.decode(&encoded, queries.clone(), &group_sizes),
+                Vec::new(),
+            ),
+            Some((extra, extra_sizes)) => {
+                let (main, n) = (queries.len(), extra.len());
+                let all = self.decode(
+                    &encoded,
+                    InitialQueries::cat(vec![queries.clone(), extra]),
+                    &[group_sizes.clone(), extra_sizes].concat(),
+                );
+                (narrow_layers(&all, 0, main), narrow_layers(&all, main, n))
+            }
+        };
+        let output = DetrOutput {
             layers,
             group_sizes,
             queries,
             proposals: encoded.proposals,
             features: encoded.features,
-        }
+        };
+        (output, extra_layers)
     }
 
     /// Backbone, projections, encoder and (two-stage) the per-token proposals.

@@ -137,9 +137,9 @@ pub struct OptimConfig {
     /// Decoupled weight decay.
     #[serde(default = "default_weight_decay")]
     pub weight_decay: f64,
-    /// AdamW's ε. PyTorch's 1e-8 by default: burn's own default (1e-5) swamps the per-element
-    /// gradients left after clipping a whole model to norm 0.1 and all but stops small-gradient
-    /// parameters such as the backbone's from learning.
+    /// AdamW's ε. PyTorch's 1e-8 by default: burn's own default (1e-5) is comparable to the
+    /// per-element gradients left after clipping a whole model to norm 0.1, and damps the
+    /// updates of small-gradient parameters.
     #[serde(default = "default_eps")]
     pub eps: f64,
     /// Maximum global gradient norm (0 disables clipping).

@@ -17,11 +17,9 @@ use crate::data::loader::{EpochIter, Loader, LoaderConfig, Subset};
 use crate::data::synth::Split;
 use crate::error::{Error, Result};
 use crate::eval::coco::{CocoEvaluator, STAT_KEYS};
-use crate::loss::detr::{detr_loss, DetrLoss};
+use crate::loss::detr::detr_loss;
 use crate::model::denoising::denoising_groups;
-use crate::model::detr::{
-    narrow_layers, postprocess, Detr, DetrConfig, DetrOutput, InitialQueries,
-};
+use crate::model::detr::{postprocess, Detr, DetrConfig};
 use crate::model::weights::{load_native, load_pytorch, safetensors_metadata, save_native};
 use crate::train::config::TrainConfig;
 use crate::train::{Losses, MatchKeys, Stats, Task};
@@ -229,35 +227,20 @@ impl<B: AutodiffBackend> Task<B> for DetrTask {
         let device = model.query_content.device();
         let images = batch.images_tensor::<B>(&device);
         let (w, targets) = (&self.config.loss, &batch.targets);
-        let Some(dn) = denoising_groups(model, targets) else {
-            let out = model.forward(images, &batch.padding, model.groups);
-            return Ok(detr_losses(detr_loss(
-                &out,
-                targets,
-                w,
-                &self.config.matcher,
-            )?));
+        let dn = denoising_groups(model, targets);
+        let extra = dn.as_ref().map(|dn| (dn.queries.clone(), dn.group_sizes()));
+        let (out, dn_layers) =
+            model.forward_with_extra(images, &batch.padding, model.groups, extra);
+        let dn_loss = dn.and_then(|dn| dn.loss(&dn_layers, targets, w));
+        let l = detr_loss(&out, targets, w, &self.config.matcher)?;
+        let mut losses = Losses {
+            total: l.total,
+            terms: vec![
+                ("loss_class".into(), l.class),
+                ("loss_bbox".into(), l.bbox),
+                ("loss_giou".into(), l.giou),
+            ],
         };
-        // The denoising groups decode after the matching groups, masked from them.
-        let encoded = model.encode(images, &batch.padding);
-        let queries = model.initial_queries(&encoded, model.groups);
-        let main = queries.len();
-        let group_sizes = vec![model.num_queries; model.groups];
-        let all_sizes = [group_sizes.clone(), dn.group_sizes()].concat();
-        let layers = model.decode(
-            &encoded,
-            InitialQueries::cat(vec![queries.clone(), dn.queries.clone()]),
-            &all_sizes,
-        );
-        let dn_loss = dn.loss(&narrow_layers(&layers, main, dn.queries.len()), targets, w);
-        let out = DetrOutput {
-            layers: narrow_layers(&layers, 0, main),
-            group_sizes,
-            queries,
-            proposals: encoded.proposals,
-            features: encoded.features,
-        };
-        let mut losses = detr_losses(detr_loss(&out, targets, w, &self.config.matcher)?);
         if let Some(dn_loss) = dn_loss {
             losses.total = losses.total + dn_loss.clone().mul_scalar(model.denoising.weight);
             losses.terms.push(("loss_dn".into(), dn_loss));
@@ -331,18 +314,6 @@ impl<B: AutodiffBackend> Task<B> for DetrTask {
             }
         }
         Ok(Some(keys))
-    }
-}
-
-/// A DETR loss as the trainer's weighted total and named terms.
-fn detr_losses<B: AutodiffBackend>(l: DetrLoss<B>) -> Losses<B> {
-    Losses {
-        total: l.total,
-        terms: vec![
-            ("loss_class".into(), l.class),
-            ("loss_bbox".into(), l.bbox),
-            ("loss_giou".into(), l.giou),
-        ],
     }
 }
 
