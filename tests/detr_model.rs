@@ -1,17 +1,19 @@
 //! DETR building blocks against PyTorch (tests/fixtures/make_detr_fixtures.py) and the model's
 //! structural guarantees.
 
-use burn::module::Param;
+use burn::module::{Module, ModuleVisitor, Param};
 use burn::nn::attention::{MhaInput, MultiHeadAttentionConfig};
 use burn::tensor::{Bool, Tensor, TensorData};
-use densekd::backend::Inference;
+use densekd::backend::{Inference, Training};
 use densekd::data::detection::DetTarget;
 use densekd::model::backbone::{Arch, BackboneConfig};
 use densekd::model::denoising::{denoising_groups, DenoisingConfig};
+use densekd::loss::detr::{detr_loss, ProposalAssignment, SetLossWeights};
 use densekd::model::detr::{narrow_layers, DetrConfig, InitialQueries};
 use densekd::model::norm::NormKind;
 use densekd::model::position::{box_gaussian_prior, cell_centres, sine_position_encoding};
 use densekd::model::transformer::{biased_attention, group_attention_mask, LayerConfig};
+use densekd::ops::matcher::MatchCosts;
 use serde_json::Value;
 
 fn fixture() -> Value {
@@ -209,6 +211,7 @@ fn tiny_detr(groups: usize) -> DetrConfig {
         feature_strides: vec![8, 32],
         spatial_prior: 0.5,
         two_stage: false,
+        dense_head: false,
         encoder_strides: Vec::new(),
         denoising: DenoisingConfig::default(),
         num_classes: 3,
@@ -400,4 +403,81 @@ fn feature_strides_accept_the_former_single_stride() {
     assert_eq!(parse(&json).feature_strides, vec![8, 16, 32]);
     json["feature_strides"] = serde_json::json!([4]);
     assert!(parse(&json).init::<Inference>(&Default::default()).is_err());
+}
+
+/// Names of the trainable float parameters that got no gradient (burn's running statistics are
+/// skipped: they are buffers, not parameters).
+struct Untrained<'a> {
+    grads: &'a <Training as burn::tensor::backend::AutodiffBackend>::Gradients,
+    path: Vec<String>,
+    missing: Vec<String>,
+    seen: usize,
+}
+
+impl ModuleVisitor<Training> for Untrained<'_> {
+    fn enter_module(&mut self, name: &str, _: &str) {
+        self.path.push(name.to_string());
+    }
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.path.pop();
+    }
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<Training, D>>) {
+        if self.path.last().is_some_and(|n| n.starts_with("running_")) {
+            return;
+        }
+        self.seen += 1;
+        if param.grad(self.grads).is_none() {
+            self.missing.push(self.path.join("."));
+        }
+    }
+}
+
+#[test]
+fn every_parameter_of_a_fresh_model_is_trained() {
+    // Zero- or constant-initialised heads once lost `require_grad` (burn's `Param::map` takes it
+    // from the new tensor), so the box refinement never learned and every query kept its anchor.
+    let device = Default::default();
+    let mut cfg = tiny_detr(2);
+    cfg.dense_head = true;
+    cfg.denoising = DenoisingConfig {
+        groups: 2,
+        ..DenoisingConfig::default()
+    };
+    let model = cfg.init::<Training>(&device).expect("builds");
+    let images = Tensor::<Training, 4>::random(
+        [2, 3, 64, 64],
+        burn::tensor::Distribution::Normal(0.0, 1.0),
+        &device,
+    );
+    let targets = vec![
+        target(&[[0.3, 0.4, 0.2, 0.3], [0.7, 0.6, 0.4, 0.3]], &[0, 2]),
+        target(&[[0.5, 0.5, 0.6, 0.5]], &[1]),
+    ];
+    let dn = denoising_groups(&model, &targets).expect("denoising is on");
+    let (output, extra) = model.forward_with_extra(
+        images,
+        &vec![false; 2 * 64 * 64],
+        2,
+        Some((dn.queries.clone(), dn.group_sizes())),
+    );
+    let weights = SetLossWeights {
+        proposal_assignment: ProposalAssignment::Centre,
+        ..SetLossWeights::default()
+    };
+    let loss = detr_loss(&output, &targets, &weights, &MatchCosts::default()).expect("loss");
+    let total = loss.total + dn.loss(&extra, &targets, &weights).expect("dn loss");
+    let grads = total.backward();
+    let mut visitor = Untrained {
+        grads: &grads,
+        path: Vec::new(),
+        missing: Vec::new(),
+        seen: 0,
+    };
+    model.visit(&mut visitor);
+    assert!(visitor.seen > 50, "visited only {} parameters", visitor.seen);
+    assert!(
+        visitor.missing.is_empty(),
+        "parameters without gradient: {:?}",
+        visitor.missing
+    );
 }

@@ -63,6 +63,7 @@ fn tiny_detr_learns_eight_images() {
         num_classes: NUM_CLASSES,
         spatial_prior: 0.5,
         two_stage: false,
+        dense_head: false,
         denoising: Default::default(),
         encoder_strides: vec![16, 32],
         num_queries: 50,

@@ -244,11 +244,13 @@ fn correspondence<B: Backend, C: Backend>(
     batch: usize,
     queries: usize,
 ) -> Vec<Vec<Option<usize>>> {
-    match (&student.proposals, &teacher.proposals) {
+    let student = student.proposals.as_ref().and_then(|p| p.selected.as_ref());
+    let teacher = teacher.proposals.as_ref().and_then(|p| p.selected.as_ref());
+    match (student, teacher) {
         (Some(s), Some(t)) => (0..batch)
             .map(|i| {
-                let t_rows = &t.selected[i * queries..(i + 1) * queries];
-                s.selected[i * queries..(i + 1) * queries]
+                let t_rows = &t[i * queries..(i + 1) * queries];
+                s[i * queries..(i + 1) * queries]
                     .iter()
                     .map(|tok| t_rows.iter().position(|x| x == tok))
                     .collect()

@@ -5,7 +5,7 @@
 
 use burn::module::{Module, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
-use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::nn::{Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::tensor::{
     activation::{relu, sigmoid},
     backend::Backend,
@@ -64,6 +64,12 @@ pub struct DetrConfig {
     /// learned). Without it, query anchors are learned parameters.
     #[serde(default)]
     pub two_stage: bool,
+    /// Dense auxiliary head (Co-DETR): the same per-token head as two-stage, trained with the
+    /// proposal loss (`loss.proposal_assignment`, one-to-many) so that every encoder token gets
+    /// a direct classification and box signal, but without selecting queries from it. Dropped
+    /// at inference; implied by `two_stage`.
+    #[serde(default)]
+    pub dense_head: bool,
     /// Denoising query groups in training (DN-DETR); off by default.
     #[serde(default)]
     pub denoising: DenoisingConfig,
@@ -229,21 +235,22 @@ pub struct ProposalHead<B: Backend> {
 fn focal_classifier<B: Backend>(d: usize, classes: usize, device: &B::Device) -> Linear<B> {
     let prior = -((1.0 - 0.01f64) / 0.01).ln();
     let mut head = LinearConfig::new(d, classes).init(device);
-    if let Some(bias) = head.bias.take() {
-        head.bias = Some(bias.map(|b| b.zeros_like().add_scalar(prior)));
-    }
+    // A fresh trainable parameter: `Param::map` would take `require_grad` from the new tensor,
+    // which has none, and silently freeze the bias.
+    head.bias = head
+        .bias
+        .map(|b| Param::from_tensor(b.val().full_like(prior)));
     head
 }
 
 /// A box-refinement MLP whose last layer starts at zero, so it first keeps its input anchor.
 fn refinement_mlp<B: Backend>(d: usize, device: &B::Device) -> Mlp<B> {
-    let mut mlp = Mlp::new(&[d, d, d, 4], device);
-    if let Some(last) = mlp.layers.last_mut() {
-        last.weight = last.weight.clone().map(|w| w.zeros_like());
-        if let Some(bias) = last.bias.take() {
-            last.bias = Some(bias.map(|b| b.zeros_like()));
-        }
-    }
+    let mut mlp = Mlp::new(&[d, d, d], device);
+    mlp.layers.push(
+        LinearConfig::new(d, 4)
+            .with_initializer(Initializer::Zeros)
+            .init(device),
+    );
     mlp
 }
 
@@ -334,7 +341,7 @@ impl DetrConfig {
                 device,
             )))
         });
-        let proposal_head = self.two_stage.then(|| ProposalHead {
+        let proposal_head = (self.two_stage || self.dense_head).then(|| ProposalHead {
             proj: LinearConfig::new(d, d).init(device),
             norm: LayerNormConfig::new(d).init(device),
             class: focal_classifier(d, self.num_classes, device),
@@ -413,9 +420,10 @@ pub struct Encoded<B: Backend> {
 pub struct Proposals<B: Backend> {
     /// Class logits `[B, T, K]` and boxes `[B, T, 4]` of every token.
     pub prediction: LayerPrediction<B>,
-    /// Token index of each selected query, `B·Q` values (query order within each image), the
-    /// correspondence between two models' queries on the same image.
-    pub selected: Vec<usize>,
+    /// Two-stage models: token index of each selected query, `B·Q` values (query order within
+    /// each image), the correspondence between two models' queries on the same image. `None`
+    /// for a dense auxiliary head, whose queries are the learned ones.
+    pub selected: Option<Vec<usize>>,
     /// Each token's anchor (cell centre, two cells wide), normalised `cx, cy, w, h`, `B·T·4`.
     pub anchors: Vec<f32>,
     /// Token padding, `B·T` values (true = padding).
@@ -594,14 +602,17 @@ impl<B: Backend> Detr<B> {
             let hidden = head.norm.forward(head.proj.forward(memory.clone()));
             let logits = head.class.forward(hidden.clone());
             let boxes = sigmoid(head.boxes.forward(hidden.clone()) + inverse_sigmoid(anchors));
-            let best: Vec<f32> = logits
-                .clone()
-                .max_dim(2)
-                .into_data()
-                .convert::<f32>()
-                .to_vec()
-                .unwrap_or_default();
-            let selected = top_k_rows(&best, &padding, t, self.num_queries);
+            // Only two-stage models select queries; a dense auxiliary head skips the copy.
+            let selected = self.query_anchors.is_none().then(|| {
+                let best: Vec<f32> = logits
+                    .clone()
+                    .max_dim(2)
+                    .into_data()
+                    .convert::<f32>()
+                    .to_vec()
+                    .unwrap_or_default();
+                top_k_rows(&best, &padding, t, self.num_queries)
+            });
             Proposals {
                 prediction: LayerPrediction {
                     logits,
@@ -663,12 +674,15 @@ impl<B: Backend> Detr<B> {
         let q = self.num_queries * groups;
         let batch = |t: Tensor<B, 2>| t.narrow(0, 0, q).unsqueeze_dim::<3>(0).repeat_dim(0, b);
         let content = batch(self.query_content.val());
-        let reference = match (&self.query_anchors, &encoded.proposals) {
+        let selected = encoded.proposals.as_ref().and_then(|p| {
+            let selected = p.selected.as_ref()?;
+            Some((p, selected))
+        });
+        let reference = match (&self.query_anchors, selected) {
             (Some(anchors), _) => sigmoid(batch(anchors.val())),
-            (None, Some(p)) => {
+            (None, Some((p, selected))) => {
                 let t = encoded.memory.dims()[1];
-                let rows: Vec<i64> = p
-                    .selected
+                let rows: Vec<i64> = selected
                     .iter()
                     .enumerate()
                     .map(|(i, &tok)| ((i / self.num_queries) * t + tok) as i64)
@@ -687,7 +701,7 @@ impl<B: Backend> Detr<B> {
                     .detach();
                 boxes.repeat_dim(1, groups)
             }
-            (None, None) => unreachable!("a DETR has learned anchors or a proposal head"),
+            (None, None) => unreachable!("a DETR without learned anchors selects proposals"),
         };
         InitialQueries { content, reference }
     }

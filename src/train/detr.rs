@@ -296,7 +296,7 @@ impl<B: AutodiffBackend> Task<B> for DetrTask {
             let tokens = out
                 .proposals
                 .as_ref()
-                .map(|p| (p.selected.clone(), p.prediction.logits.dims()[1]));
+                .and_then(|p| Some((p.selected.clone()?, p.prediction.logits.dims()[1])));
             for (i, (m, t)) in matches.iter().zip(&batch.targets).enumerate() {
                 let (slots, of_query): (usize, Box<dyn Fn(usize) -> usize>) = match &tokens {
                     Some((selected, n)) => {
