@@ -6,15 +6,13 @@ use burn::nn::attention::{MhaInput, MultiHeadAttentionConfig};
 use burn::tensor::{Bool, Tensor, TensorData};
 use densekd::backend::{Inference, Training};
 use densekd::data::detection::DetTarget;
-use densekd::loss::detr::{detr_loss, ProposalAssignment, SetLossWeights};
 use densekd::model::backbone::{Arch, BackboneConfig};
 use densekd::model::denoising::{denoising_groups, DenoisingConfig};
+use densekd::loss::detr::{detr_loss, ProposalAssignment, SetLossWeights};
 use densekd::model::detr::{narrow_layers, DetrConfig, InitialQueries};
 use densekd::model::norm::NormKind;
 use densekd::model::position::{box_gaussian_prior, cell_centres, sine_position_encoding};
-use densekd::model::transformer::{
-    attention_geometry, biased_attention, group_attention_mask, LayerConfig,
-};
+use densekd::model::transformer::{biased_attention, group_attention_mask, LayerConfig};
 use densekd::ops::matcher::MatchCosts;
 use serde_json::Value;
 
@@ -214,7 +212,6 @@ fn tiny_detr(groups: usize) -> DetrConfig {
         spatial_prior: 0.5,
         two_stage: false,
         dense_head: false,
-        attention_geometry: true,
         encoder_strides: Vec::new(),
         denoising: DenoisingConfig::default(),
         num_classes: 3,
@@ -477,43 +474,10 @@ fn every_parameter_of_a_fresh_model_is_trained() {
         seen: 0,
     };
     model.visit(&mut visitor);
-    assert!(
-        visitor.seen > 50,
-        "visited only {} parameters",
-        visitor.seen
-    );
+    assert!(visitor.seen > 50, "visited only {} parameters", visitor.seen);
     assert!(
         visitor.missing.is_empty(),
         "parameters without gradient: {:?}",
         visitor.missing
     );
-}
-
-#[test]
-fn attention_geometry_is_the_centroid_and_spread_relative_to_the_box() {
-    let device = Default::default();
-    // One image, two heads, one query with box (0.5, 0.5, 0.2, 0.4); three cells.
-    let centres = Tensor::<Inference, 3>::from_data(
-        TensorData::new(vec![0.4f32, 0.5, 0.6, 0.5, 0.5, 0.9], [1, 3, 2]),
-        &device,
-    );
-    let weights = Tensor::<Inference, 4>::from_data(
-        TensorData::new(vec![1.0f32, 0.0, 0.0, 0.5, 0.5, 0.0], [1, 2, 1, 3]),
-        &device,
-    );
-    let boxes = Tensor::<Inference, 3>::from_data(
-        TensorData::new(vec![0.5f32, 0.5, 0.2, 0.4], [1, 1, 4]),
-        &device,
-    );
-    let got: Vec<f32> = attention_geometry(weights, centres, boxes)
-        .into_data()
-        .to_vec()
-        .expect("f32");
-    // Head 1 looks only at (0.4, 0.5): half a box width left, no spread. Head 2 splits between
-    // (0.4, 0.5) and (0.6, 0.5): centred, spread 0.1 = half a box width in x, none in y.
-    let want = [-0.5f32, 0.0, 0.0, 0.0, 0.0, 0.0, 0.5, 0.0];
-    for (g, w) in got.iter().zip(want) {
-        assert!((g - w).abs() < 1e-2, "{got:?} vs {want:?}");
-    }
-    assert_eq!(got.len(), 8);
 }

@@ -63,7 +63,6 @@ fn tiny_detr_learns_eight_images() {
         spatial_prior: 0.5,
         two_stage: false,
         dense_head: false,
-        attention_geometry: true,
         denoising: Default::default(),
         encoder_strides: vec![16, 32],
         num_queries: 50,

@@ -70,12 +70,6 @@ pub struct DetrConfig {
     /// at inference; implied by `two_stage`.
     #[serde(default)]
     pub dense_head: bool,
-    /// Decoder layers read where their cross-attention looked (the attention-weighted centroid
-    /// and spread of the memory cells relative to each query's box, see
-    /// `transformer::attention_geometry`), which the box heads need to localise; off in older
-    /// configs.
-    #[serde(default)]
-    pub attention_geometry: bool,
     /// Denoising query groups in training (DN-DETR); off by default.
     #[serde(default)]
     pub denoising: DenoisingConfig,
@@ -365,7 +359,7 @@ impl DetrConfig {
                 .map(|_| EncoderLayer::new(&self.layer, device))
                 .collect(),
             decoder: (0..self.decoder_layers)
-                .map(|_| DecoderLayer::new(&self.layer, self.attention_geometry, device))
+                .map(|_| DecoderLayer::new(&self.layer, device))
                 .collect(),
             decoder_norm: LayerNormConfig::new(d).init(device),
             query_content: Param::from_tensor(Tensor::random(
@@ -728,7 +722,6 @@ impl<B: Backend> Detr<B> {
             memory_padding: encoded.memory_padding.clone(),
             self_attn_mask: (group_sizes.len() > 1)
                 .then(|| group_attention_mask(group_sizes, b, &device)),
-            centres: encoded.centres.clone(),
         };
         let InitialQueries {
             content: mut tgt,
@@ -746,7 +739,7 @@ impl<B: Backend> Detr<B> {
                     self.spatial_prior,
                 )
             });
-            tgt = layer.forward(tgt, query_pos, reference.clone(), &ctx, prior);
+            tgt = layer.forward(tgt, query_pos, &ctx, prior);
             let hidden = self.decoder_norm.forward(tgt.clone());
             let boxes =
                 sigmoid(box_head.forward(hidden.clone()) + inverse_sigmoid(reference.clone()));

@@ -113,9 +113,6 @@ pub struct DecoderLayer<B: Backend> {
     pub ffn: FeedForward<B>,
     /// Norm after the FFN.
     pub norm3: LayerNorm<B>,
-    /// Projection of the cross-attention's [`attention_geometry`] `4·heads → D`, added to its
-    /// output (when the model reads attention geometry).
-    pub geometry: Option<Linear<B>>,
 }
 
 /// Inputs of a decoder layer besides the queries.
@@ -128,8 +125,6 @@ pub struct DecoderContext<B: Backend> {
     pub memory_padding: Tensor<B, 2, Bool>,
     /// Query self-attention mask `[B, Q, Q]` (true = blocked), e.g. between query groups.
     pub self_attn_mask: Option<Tensor<B, 3, Bool>>,
-    /// Normalised `(x, y)` centres of the memory cells `[B, L, 2]`.
-    pub centres: Tensor<B, 3>,
 }
 
 /// Multi-head attention with burn's projections and an optional additive bias `[B, Lq, Lk]` on
@@ -143,18 +138,6 @@ pub fn biased_attention<B: Backend>(
     key_padding: Tensor<B, 2, Bool>,
     bias: Option<Tensor<B, 3>>,
 ) -> Tensor<B, 3> {
-    let weights = attention_weights(mha, query, key, key_padding, bias);
-    attend(mha, weights, value)
-}
-
-/// The attention weights `[B, heads, Lq, Lk]` of [`biased_attention`].
-pub fn attention_weights<B: Backend>(
-    mha: &MultiHeadAttention<B>,
-    query: Tensor<B, 3>,
-    key: Tensor<B, 3>,
-    key_padding: Tensor<B, 2, Bool>,
-    bias: Option<Tensor<B, 3>>,
-) -> Tensor<B, 4> {
     let [b, lq, d] = query.dims();
     let lk = key.dims()[1];
     let heads = mha.n_heads;
@@ -162,6 +145,7 @@ pub fn attention_weights<B: Backend>(
     let split = |t: Tensor<B, 3>, l: usize| t.reshape([b, l, heads, dh]).swap_dims(1, 2);
     let q = split(mha.query.forward(query), lq);
     let k = split(mha.key.forward(key), lk);
+    let v = split(mha.value.forward(value), lk);
     let scores = q.matmul(k.swap_dims(2, 3)).div_scalar((dh as f64).sqrt());
     // One additive bias with the padding folded in, materialised per head: flex adds
     // contiguous tensors with SIMD but walks broadcast ones element by element.
@@ -172,57 +156,15 @@ pub fn attention_weights<B: Backend>(
         None => pad.repeat_dim(1, lq),
     };
     let bias = bias.unsqueeze_dim::<4>(1).repeat_dim(1, heads);
-    softmax(scores + bias, 3)
-}
-
-/// Pools `value` `[B, Lk, D]` with attention `weights` `[B, heads, Lq, Lk]` and projects the
-/// heads back to `[B, Lq, D]`.
-pub fn attend<B: Backend>(
-    mha: &MultiHeadAttention<B>,
-    weights: Tensor<B, 4>,
-    value: Tensor<B, 3>,
-) -> Tensor<B, 3> {
-    let [b, heads, lq, lk] = weights.dims();
-    let d = value.dims()[2];
-    let v = mha
-        .value
-        .forward(value)
-        .reshape([b, lk, heads, d / heads])
-        .swap_dims(1, 2);
+    let weights = softmax(scores + bias, 3);
     let context = mha.dropout.forward(weights).matmul(v);
     mha.output
         .forward(context.swap_dims(1, 2).reshape([b, lq, d]))
 }
 
-/// Where each head looked, relative to each query's box: the attention-weighted mean and
-/// standard deviation of the key cells' centres, as `(mean − box centre) / box size` and
-/// `std / box size`, `[B, Lq, 4·heads]` (clamped to ±4). Attention pools content only (values
-/// carry no position), so without this the box head cannot tell where the attended object lies
-/// inside the box; the centroid and spread of attention on it are direct evidence.
-pub fn attention_geometry<B: Backend>(
-    weights: Tensor<B, 4>,
-    centres: Tensor<B, 3>,
-    boxes: Tensor<B, 3>,
-) -> Tensor<B, 3> {
-    let [b, heads, lq, _] = weights.dims();
-    let centres = centres.unsqueeze_dim::<4>(1).repeat_dim(1, heads);
-    let mean = weights.clone().matmul(centres.clone());
-    let second = weights.matmul(centres.clone() * centres);
-    let std = (second - mean.clone().powi_scalar(2))
-        .clamp_min(0.0)
-        .add_scalar(1e-6)
-        .sqrt();
-    let boxes = boxes.unsqueeze_dim::<4>(1);
-    let centre = boxes.clone().narrow(3, 0, 2);
-    let size = boxes.narrow(3, 2, 2).clamp_min(1e-3);
-    let geometry =
-        Tensor::cat(vec![(mean - centre) / size.clone(), std / size], 3).clamp(-4.0, 4.0);
-    geometry.swap_dims(1, 2).reshape([b, lq, 4 * heads])
-}
-
 impl<B: Backend> DecoderLayer<B> {
-    /// A fresh layer, reading the cross-attention's geometry if `geometry`.
-    pub fn new(c: &LayerConfig, geometry: bool, device: &B::Device) -> Self {
+    /// A fresh layer.
+    pub fn new(c: &LayerConfig, device: &B::Device) -> Self {
         DecoderLayer {
             self_attn: mha(c, device),
             norm1: LayerNormConfig::new(c.d_model).init(device),
@@ -230,18 +172,15 @@ impl<B: Backend> DecoderLayer<B> {
             norm2: LayerNormConfig::new(c.d_model).init(device),
             ffn: FeedForward::new(c, device),
             norm3: LayerNormConfig::new(c.d_model).init(device),
-            geometry: geometry.then(|| LinearConfig::new(4 * c.heads, c.d_model).init(device)),
         }
     }
 
-    /// `tgt, query_pos: [B, Q, D]`, `boxes` `[B, Q, 4]` the queries' current boxes;
-    /// `cross_bias` `[B, Q, L]` is added to the cross-attention logits (e.g. a spatial prior
-    /// around each query's box).
+    /// `tgt, query_pos: [B, Q, D]`; `cross_bias` `[B, Q, L]` is added to the cross-attention
+    /// logits (e.g. a spatial prior around each query's box).
     pub fn forward(
         &self,
         tgt: Tensor<B, 3>,
         query_pos: Tensor<B, 3>,
-        boxes: Tensor<B, 3>,
         ctx: &DecoderContext<B>,
         cross_bias: Option<Tensor<B, 3>>,
     ) -> Tensor<B, 3> {
@@ -253,17 +192,14 @@ impl<B: Backend> DecoderLayer<B> {
         let tgt = self
             .norm1
             .forward(tgt + self.self_attn.forward(input).context);
-        let weights = attention_weights(
+        let cross = biased_attention(
             &self.cross_attn,
             tgt.clone() + query_pos,
             ctx.memory.clone() + ctx.memory_pos.clone(),
+            ctx.memory.clone(),
             ctx.memory_padding.clone(),
             cross_bias,
         );
-        let mut cross = attend(&self.cross_attn, weights.clone(), ctx.memory.clone());
-        if let Some(proj) = &self.geometry {
-            cross = cross + proj.forward(attention_geometry(weights, ctx.centres.clone(), boxes));
-        }
         let tgt = self.norm2.forward(tgt + cross);
         self.norm3.forward(tgt.clone() + self.ffn.forward(tgt))
     }
