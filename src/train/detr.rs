@@ -177,7 +177,9 @@ impl DetrTask {
     pub fn init_model<B: Backend>(&self, device: &B::Device) -> Result<Detr<B>> {
         B::seed(device, self.config.seed);
         let mut model = self.config.model.init::<B>(device)?;
-        if let Some(path) = &self.config.backbone_weights {
+        if let Some(spec) = &self.config.backbone_weights {
+            let path =
+                &crate::model::pretrained::resolve(spec, &crate::model::pretrained::cache_dir())?;
             let options = crate::model::weights::LoadOptions {
                 key_rules: model.backbone.torchvision_key_rules(),
                 top_level_key: None,
