@@ -66,8 +66,8 @@ pub struct DetrConfig {
     pub two_stage: bool,
     /// Dense auxiliary head (Co-DETR): the same per-token head as two-stage, trained with the
     /// proposal loss (`loss.proposal_assignment`, one-to-many) so that every encoder token gets
-    /// a direct classification and box signal, but without selecting queries from it. Dropped
-    /// at inference; implied by `two_stage`.
+    /// a direct classification and box signal, but without selecting queries from it. Not run
+    /// at inference (without autodiff); implied by `two_stage`.
     #[serde(default)]
     pub dense_head: bool,
     /// Denoising query groups in training (DN-DETR); off by default.
@@ -593,7 +593,9 @@ impl<B: Backend> Detr<B> {
         let memory_padding: Tensor<B, 2, Bool> = Tensor::cat(pads, 1);
         let t = memory.dims()[1];
         let padding = image_major(&host_pads, b);
-        let proposals = self.proposal_head.as_ref().map(|head| {
+        // A dense auxiliary head only feeds the training loss: skipped without autodiff.
+        let needed = self.query_anchors.is_none() || B::ad_enabled(&device);
+        let proposals = self.proposal_head.as_ref().filter(|_| needed).map(|head| {
             let host_anchors = image_major(&anchors, b);
             let anchors = Tensor::<B, 3>::from_data(
                 TensorData::new(host_anchors.clone(), [b, t, 4]),

