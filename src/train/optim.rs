@@ -15,16 +15,22 @@ pub struct ParamGroup {
     pub grads: GradientsParams,
 }
 
+/// Sums the squared gradients, storing each gradient back contiguous: conv weight gradients
+/// come out of the backward pass transposed, and every later element-wise pass over them
+/// (this norm, the clipping scale, AdamW's moments) is several times slower on a strided layout.
 struct SquaredNorm<'a, B: AutodiffBackend> {
-    groups: &'a [ParamGroup],
+    groups: &'a mut [ParamGroup],
     total: Option<Tensor<B::InnerBackend, 1>>,
 }
 
 impl<B: AutodiffBackend> ModuleVisitor<B> for SquaredNorm<'_, B> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        for g in self.groups {
-            if let Some(grad) = g.grads.get::<B::InnerBackend, D>(param.id) {
-                let sq = grad.powi_scalar(2).sum();
+        for g in self.groups.iter_mut() {
+            if let Some(grad) = g.grads.remove::<B::InnerBackend, D>(param.id) {
+                let dims = grad.dims();
+                let flat = grad.reshape([dims.iter().product::<usize>()]);
+                let sq = (flat.clone() * flat.clone()).sum();
+                g.grads.register(param.id, flat.reshape(dims));
                 self.total = Some(match self.total.take() {
                     Some(t) => t + sq,
                     None => sq,
