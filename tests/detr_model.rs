@@ -210,6 +210,7 @@ fn tiny_detr(groups: usize) -> DetrConfig {
         },
         feature_strides: vec![8, 32],
         spatial_prior: 0.5,
+        deformable_points: 0,
         two_stage: false,
         dense_head: false,
         encoder_strides: Vec::new(),
@@ -436,52 +437,56 @@ impl ModuleVisitor<Training> for Untrained<'_> {
 fn every_parameter_of_a_fresh_model_is_trained() {
     // Zero- or constant-initialised heads once lost `require_grad` (burn's `Param::map` takes it
     // from the new tensor), so the box refinement never learned and every query kept its anchor.
-    let device = Default::default();
-    let mut cfg = tiny_detr(2);
-    cfg.dense_head = true;
-    cfg.denoising = DenoisingConfig {
-        groups: 2,
-        ..DenoisingConfig::default()
-    };
-    let model = cfg.init::<Training>(&device).expect("builds");
-    let images = Tensor::<Training, 4>::random(
-        [2, 3, 64, 64],
-        burn::tensor::Distribution::Normal(0.0, 1.0),
-        &device,
-    );
-    let targets = vec![
-        target(&[[0.3, 0.4, 0.2, 0.3], [0.7, 0.6, 0.4, 0.3]], &[0, 2]),
-        target(&[[0.5, 0.5, 0.6, 0.5]], &[1]),
-    ];
-    let dn = denoising_groups(&model, &targets).expect("denoising is on");
-    let (output, extra) = model.forward_with_extra(
-        images,
-        &vec![false; 2 * 64 * 64],
-        2,
-        Some((dn.queries.clone(), dn.group_sizes())),
-    );
-    let weights = SetLossWeights {
-        proposal_assignment: ProposalAssignment::Centre,
-        ..SetLossWeights::default()
-    };
-    let loss = detr_loss(&output, &targets, &weights, &MatchCosts::default()).expect("loss");
-    let total = loss.total + dn.loss(&extra, &targets, &weights).expect("dn loss");
-    let grads = total.backward();
-    let mut visitor = Untrained {
-        grads: &grads,
-        path: Vec::new(),
-        missing: Vec::new(),
-        seen: 0,
-    };
-    model.visit(&mut visitor);
-    assert!(
-        visitor.seen > 50,
-        "visited only {} parameters",
-        visitor.seen
-    );
-    assert!(
-        visitor.missing.is_empty(),
-        "parameters without gradient: {:?}",
-        visitor.missing
-    );
+    // Global and deformable cross-attention.
+    for deformable_points in [0, 2] {
+        let device = Default::default();
+        let mut cfg = tiny_detr(2);
+        cfg.deformable_points = deformable_points;
+        cfg.dense_head = true;
+        cfg.denoising = DenoisingConfig {
+            groups: 2,
+            ..DenoisingConfig::default()
+        };
+        let model = cfg.init::<Training>(&device).expect("builds");
+        let images = Tensor::<Training, 4>::random(
+            [2, 3, 64, 64],
+            burn::tensor::Distribution::Normal(0.0, 1.0),
+            &device,
+        );
+        let targets = vec![
+            target(&[[0.3, 0.4, 0.2, 0.3], [0.7, 0.6, 0.4, 0.3]], &[0, 2]),
+            target(&[[0.5, 0.5, 0.6, 0.5]], &[1]),
+        ];
+        let dn = denoising_groups(&model, &targets).expect("denoising is on");
+        let (output, extra) = model.forward_with_extra(
+            images,
+            &vec![false; 2 * 64 * 64],
+            2,
+            Some((dn.queries.clone(), dn.group_sizes())),
+        );
+        let weights = SetLossWeights {
+            proposal_assignment: ProposalAssignment::Centre,
+            ..SetLossWeights::default()
+        };
+        let loss = detr_loss(&output, &targets, &weights, &MatchCosts::default()).expect("loss");
+        let total = loss.total + dn.loss(&extra, &targets, &weights).expect("dn loss");
+        let grads = total.backward();
+        let mut visitor = Untrained {
+            grads: &grads,
+            path: Vec::new(),
+            missing: Vec::new(),
+            seen: 0,
+        };
+        model.visit(&mut visitor);
+        assert!(
+            visitor.seen > 50,
+            "visited only {} parameters",
+            visitor.seen
+        );
+        assert!(
+            visitor.missing.is_empty(),
+            "parameters without gradient (deformable_points {deformable_points}): {:?}",
+            visitor.missing
+        );
+    }
 }

@@ -61,6 +61,7 @@ fn tiny_detr_learns_eight_images() {
         feature_strides: vec![8, 16, 32],
         num_classes: NUM_CLASSES,
         spatial_prior: 0.5,
+        deformable_points: 0,
         two_stage: false,
         dense_head: false,
         denoising: Default::default(),

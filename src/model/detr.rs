@@ -14,10 +14,11 @@ use burn::tensor::{
 use serde::{Deserialize, Serialize};
 
 use crate::model::backbone::{Backbone, BackboneConfig, BackboneFeatures};
+use crate::model::deformable::LevelGrid;
 use crate::model::denoising::DenoisingConfig;
 use crate::model::position::{
     box_gaussian_prior, cell_centres, downsample_padding, padding_tensor, sine_box_embedding,
-    sine_position_encoding,
+    sine_position_encoding, valid_extent,
 };
 use crate::model::transformer::{
     group_attention_mask, DecoderContext, DecoderLayer, EncoderLayer, LayerConfig,
@@ -58,6 +59,11 @@ pub struct DetrConfig {
     /// their own region from the first step, which is what makes DETR learn in minutes.
     #[serde(default)]
     pub spatial_prior: f64,
+    /// Deformable cross-attention in the decoder (Deformable DETR): each query samples this many
+    /// points per head and level around its box instead of attending to every token
+    /// (`spatial_prior` then has no effect); 0 = global attention.
+    #[serde(default)]
+    pub deformable_points: usize,
     /// Two-stage queries (Deformable-DETR two-stage, DINO's mixed query selection): every encoder
     /// token predicts classes and a box around its own cell, trained densely; the decoder's
     /// queries start from the `num_queries` best-scoring tokens' boxes (content embeddings stay
@@ -359,7 +365,11 @@ impl DetrConfig {
                 .map(|_| EncoderLayer::new(&self.layer, device))
                 .collect(),
             decoder: (0..self.decoder_layers)
-                .map(|_| DecoderLayer::new(&self.layer, device))
+                .map(|_| {
+                    let deformable = (self.deformable_points > 0)
+                        .then_some((self.feature_strides.len(), self.deformable_points));
+                    DecoderLayer::new(&self.layer, deformable, device)
+                })
                 .collect(),
             decoder_norm: LayerNormConfig::new(d).init(device),
             query_content: Param::from_tensor(Tensor::random(
@@ -409,6 +419,8 @@ pub struct Encoded<B: Backend> {
     pub padding: Vec<bool>,
     /// Normalised cell centres of the tokens `[B, T, 2]`.
     pub centres: Tensor<B, 3>,
+    /// Where each level's tokens lie in the memory.
+    pub grids: Vec<LevelGrid>,
     /// Dense per-token predictions of two-stage models.
     pub proposals: Option<Proposals<B>>,
     /// The backbone's features.
@@ -552,6 +564,7 @@ impl<B: Backend> Detr<B> {
         let (mut srcs, mut poss, mut pads, mut centres, mut anchors) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let mut host_pads: Vec<Vec<bool>> = Vec::new();
+        let mut grids = Vec::new();
         for (l, (proj, &stride)) in self
             .input_proj
             .iter()
@@ -585,6 +598,12 @@ impl<B: Backend> Detr<B> {
                 TensorData::new(xy, [b, fh * fw, 2]),
                 &device,
             ));
+            grids.push(LevelGrid {
+                h: fh,
+                w: fw,
+                start: grids.iter().map(|g: &LevelGrid| g.h * g.w).sum(),
+                valid: valid_extent(&mask, [b, fh, fw]),
+            });
             host_pads.push(mask.clone());
             pads.push(padding_tensor(mask, [b, fh, fw], &device));
         }
@@ -633,6 +652,7 @@ impl<B: Backend> Detr<B> {
             memory_padding,
             padding,
             centres: Tensor::cat(centres, 1),
+            grids,
             proposals,
             features,
         }
@@ -724,6 +744,7 @@ impl<B: Backend> Detr<B> {
             memory_padding: encoded.memory_padding.clone(),
             self_attn_mask: (group_sizes.len() > 1)
                 .then(|| group_attention_mask(group_sizes, b, &device)),
+            grids: encoded.grids.clone(),
         };
         let InitialQueries {
             content: mut tgt,
@@ -734,14 +755,14 @@ impl<B: Backend> Detr<B> {
             let query_pos = self
                 .anchor_pos
                 .forward(sine_box_embedding(reference.clone(), self.d_model / 2));
-            let prior = (self.spatial_prior > 0.0).then(|| {
+            let prior = (self.spatial_prior > 0.0 && layer.deformable.is_none()).then(|| {
                 box_gaussian_prior(
                     reference.clone(),
                     encoded.centres.clone(),
                     self.spatial_prior,
                 )
             });
-            tgt = layer.forward(tgt, query_pos, &ctx, prior);
+            tgt = layer.forward(tgt, query_pos, reference.clone(), &ctx, prior);
             let hidden = self.decoder_norm.forward(tgt.clone());
             let boxes =
                 sigmoid(box_head.forward(hidden.clone()) + inverse_sigmoid(reference.clone()));

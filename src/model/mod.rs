@@ -2,6 +2,7 @@
 
 pub mod backbone;
 pub mod classify;
+pub mod deformable;
 pub mod denoising;
 pub mod detr;
 pub mod norm;

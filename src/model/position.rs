@@ -94,10 +94,7 @@ pub fn sine_box_embedding<B: Backend>(boxes: Tensor<B, 3>, f: usize) -> Tensor<B
 /// normalisation as [`sine_position_encoding`]. Padded cells get coordinates beyond 1.
 pub fn cell_centres(padding: &[bool], [b, h, w]: [usize; 3]) -> Vec<f32> {
     let mut out = Vec::with_capacity(b * h * w * 2);
-    for n in 0..b {
-        let valid = |y: usize, x: usize| !padding[(n * h + y) * w + x];
-        let valid_w = (0..w).filter(|&x| valid(0, x)).count().max(1) as f32;
-        let valid_h = (0..h).filter(|&y| valid(y, 0)).count().max(1) as f32;
+    for (valid_w, valid_h) in valid_extent(padding, [b, h, w]) {
         for y in 0..h {
             for x in 0..w {
                 out.push((x as f32 + 0.5) / valid_w);
@@ -106,6 +103,19 @@ pub fn cell_centres(padding: &[bool], [b, h, w]: [usize; 3]) -> Vec<f32> {
         }
     }
     out
+}
+
+/// Unpadded `(columns, rows)` of each image's map (padding `[b, h, w]`, true = padding, at the
+/// right and bottom), at least 1.
+pub fn valid_extent(padding: &[bool], [b, h, w]: [usize; 3]) -> Vec<(f32, f32)> {
+    (0..b)
+        .map(|n| {
+            let valid = |y: usize, x: usize| !padding[(n * h + y) * w + x];
+            let columns = (0..w).filter(|&x| valid(0, x)).count().max(1);
+            let rows = (0..h).filter(|&y| valid(y, 0)).count().max(1);
+            (columns as f32, rows as f32)
+        })
+        .collect()
 }
 
 /// Log-domain Gaussian prior `[B, Q, L]` of attending from queries with boxes `[B, Q, 4]`

@@ -1,6 +1,7 @@
 //! DETR's post-norm transformer layers on burn's `MultiHeadAttention`, with positional inputs,
 //! key padding masks and a self-attention mask for query groups.
 
+use crate::model::deformable::{DeformableAttention, LevelGrid};
 use burn::module::Module;
 use burn::nn::attention::{MhaInput, MultiHeadAttention, MultiHeadAttentionConfig};
 use burn::nn::{Dropout, DropoutConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
@@ -105,8 +106,10 @@ pub struct DecoderLayer<B: Backend> {
     pub self_attn: MultiHeadAttention<B>,
     /// Norm after self-attention.
     pub norm1: LayerNorm<B>,
-    /// Cross-attention to the encoder memory.
-    pub cross_attn: MultiHeadAttention<B>,
+    /// Global cross-attention to the encoder memory (absent with deformable attention).
+    pub cross_attn: Option<MultiHeadAttention<B>>,
+    /// Deformable cross-attention (instead of the global one).
+    pub deformable: Option<DeformableAttention<B>>,
     /// Norm after cross-attention.
     pub norm2: LayerNorm<B>,
     /// Feed-forward block.
@@ -125,6 +128,8 @@ pub struct DecoderContext<B: Backend> {
     pub memory_padding: Tensor<B, 2, Bool>,
     /// Query self-attention mask `[B, Q, Q]` (true = blocked), e.g. between query groups.
     pub self_attn_mask: Option<Tensor<B, 3, Bool>>,
+    /// The memory's levels, for deformable attention.
+    pub grids: Vec<LevelGrid>,
 }
 
 /// Multi-head attention with burn's projections and an optional additive bias `[B, Lq, Lk]` on
@@ -163,24 +168,29 @@ pub fn biased_attention<B: Backend>(
 }
 
 impl<B: Backend> DecoderLayer<B> {
-    /// A fresh layer.
-    pub fn new(c: &LayerConfig, device: &B::Device) -> Self {
+    /// A fresh layer; `deformable` = `Some((levels, points))` samples the memory instead of
+    /// attending to all of it.
+    pub fn new(c: &LayerConfig, deformable: Option<(usize, usize)>, device: &B::Device) -> Self {
         DecoderLayer {
             self_attn: mha(c, device),
             norm1: LayerNormConfig::new(c.d_model).init(device),
-            cross_attn: mha(c, device),
+            cross_attn: deformable.is_none().then(|| mha(c, device)),
+            deformable: deformable.map(|(levels, points)| {
+                DeformableAttention::new(c.d_model, c.heads, levels, points, device)
+            }),
             norm2: LayerNormConfig::new(c.d_model).init(device),
             ffn: FeedForward::new(c, device),
             norm3: LayerNormConfig::new(c.d_model).init(device),
         }
     }
 
-    /// `tgt, query_pos: [B, Q, D]`; `cross_bias` `[B, Q, L]` is added to the cross-attention
-    /// logits (e.g. a spatial prior around each query's box).
+    /// `tgt, query_pos: [B, Q, D]`, `reference` boxes `[B, Q, 4]`; `cross_bias` `[B, Q, L]` is
+    /// added to the global cross-attention's logits (e.g. a spatial prior around each box).
     pub fn forward(
         &self,
         tgt: Tensor<B, 3>,
         query_pos: Tensor<B, 3>,
+        reference: Tensor<B, 3>,
         ctx: &DecoderContext<B>,
         cross_bias: Option<Tensor<B, 3>>,
     ) -> Tensor<B, 3> {
@@ -192,14 +202,21 @@ impl<B: Backend> DecoderLayer<B> {
         let tgt = self
             .norm1
             .forward(tgt + self.self_attn.forward(input).context);
-        let cross = biased_attention(
-            &self.cross_attn,
-            tgt.clone() + query_pos,
-            ctx.memory.clone() + ctx.memory_pos.clone(),
-            ctx.memory.clone(),
-            ctx.memory_padding.clone(),
-            cross_bias,
-        );
+        let query = tgt.clone() + query_pos;
+        let cross = match (&self.deformable, &self.cross_attn) {
+            (Some(deformable), _) => {
+                deformable.forward(query, reference, ctx.memory.clone(), &ctx.grids)
+            }
+            (None, Some(mha)) => biased_attention(
+                mha,
+                query,
+                ctx.memory.clone() + ctx.memory_pos.clone(),
+                ctx.memory.clone(),
+                ctx.memory_padding.clone(),
+                cross_bias,
+            ),
+            (None, None) => unreachable!("a decoder layer has one kind of cross-attention"),
+        };
         let tgt = self.norm2.forward(tgt + cross);
         self.norm3.forward(tgt.clone() + self.ffn.forward(tgt))
     }
