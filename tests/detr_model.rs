@@ -296,7 +296,7 @@ fn denoising_queries_are_noised_ground_truth_in_masked_groups() {
         target(&[[0.5, 0.5, 0.4, 0.4]], &[1]),
     ];
     let model = cfg.init::<Inference>(&device).expect("builds");
-    let dn = denoising_groups(&model, &targets).expect("groups");
+    let dn = denoising_groups(&model, &targets, 0).expect("groups");
     assert_eq!(dn.group_sizes(), vec![2, 2]);
     let pairs: Vec<_> = dn.pairs.iter().map(|a| a.pairs.clone()).collect();
     assert_eq!(
@@ -343,7 +343,7 @@ fn denoising_queries_are_noised_ground_truth_in_masked_groups() {
     noisy.denoising.box_noise = 0.4;
     noisy.denoising.groups = 50;
     let model = noisy.init::<Inference>(&device).expect("builds");
-    let dn = denoising_groups(&model, &targets[..1]).expect("groups");
+    let dn = denoising_groups(&model, &targets[..1], 0).expect("groups");
     let refs = values(dn.queries.reference.clone());
     let mut moved = 0;
     for (r, g) in refs.chunks(4).zip(g0.iter().cycle()) {
@@ -457,7 +457,7 @@ fn every_parameter_of_a_fresh_model_is_trained() {
             target(&[[0.3, 0.4, 0.2, 0.3], [0.7, 0.6, 0.4, 0.3]], &[0, 2]),
             target(&[[0.5, 0.5, 0.6, 0.5]], &[1]),
         ];
-        let dn = denoising_groups(&model, &targets).expect("denoising is on");
+        let dn = denoising_groups(&model, &targets, 0).expect("denoising is on");
         let (output, extra) = model.forward_with_extra(
             images,
             &vec![false; 2 * 64 * 64],

@@ -291,3 +291,48 @@ fn denoising_run_resumes_exactly_and_logs_its_loss() {
         .as_f64()
         .is_some_and(|v| v.is_finite() && v > 0.0)));
 }
+
+/// The first step's loss and gradient norm with two data-parallel replicas are the whole
+/// batch's: every set-loss term is normalised by the batch's boxes, and the shards are weighted
+/// by theirs. (Without the dense head, whose loss is normalised by positive tokens, and with
+/// frozen norms, as replicas require.) With denoising, whose noise each shard draws on its
+/// own thread, a replicated run resumes exactly.
+#[test]
+fn data_parallel_replicas_sum_to_the_batch_and_resume_exactly() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let base = ["model.dense_head=false", "model.backbone.norm=\"frozen\""];
+    let first = |extra: &[&str], dir: &str| {
+        let cfg = config(&[&base[..], extra].concat());
+        let summary = run(&cfg, &tmp.path().join(dir), false, Some(1));
+        assert_eq!(summary.steps, 1);
+        let line = lines(&tmp.path().join(dir))
+            .into_iter()
+            .find(|l| l["kind"] == "train")
+            .expect("train line");
+        (
+            line["loss"].as_f64().expect("loss"),
+            line["grad_norm"].as_f64().expect("grad_norm"),
+        )
+    };
+    let (loss1, norm1) = first(&[], "one");
+    let (loss2, norm2) = first(&["optim.replicas=2"], "two");
+    assert!(
+        (loss1 - loss2).abs() < 1e-5 * loss1,
+        "loss {loss1} vs {loss2}"
+    );
+    assert!(
+        (norm1 - norm2).abs() < 1e-4 * norm1,
+        "grad norm {norm1} vs {norm2}"
+    );
+
+    let cfg = config(&[&base[..], &["optim.replicas=2", "model.denoising.groups=2"]].concat());
+    check_resume(&cfg, &tmp.path().join("a"), &tmp.path().join("b"));
+
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/detr_shapes.toml");
+    let sets: Vec<String> = tiny()
+        .chain(["optim.replicas=2"])
+        .map(String::from)
+        .collect();
+    let err = TrainConfig::load(&path, &sets).expect_err("batch norm with replicas");
+    assert!(err.to_string().contains("optim.replicas"), "{err}");
+}

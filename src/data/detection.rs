@@ -214,6 +214,9 @@ pub struct DetBatch {
     pub shape: [usize; 4],
     /// One per image.
     pub targets: Vec<DetTarget>,
+    /// Seed of the batch's training randomness (denoising noise), set by the trainer per step
+    /// and shard.
+    pub seed: u64,
 }
 
 /// Rounds `v` up to a multiple of `divisor`.
@@ -277,10 +280,43 @@ pub fn collate_detection(samples: Vec<DetSample>, size_divisor: u32) -> Result<D
         padding,
         shape: [n, 3, h, w],
         targets,
+        seed: 0,
     })
 }
 
 impl DetBatch {
+    /// Splits the batch into at most `parts` shards of consecutive images for data-parallel
+    /// replicas, each with the weight of its loss and a seed derived from `seed`. A shard's
+    /// losses are normalised by its own boxes, so weighting it by its share of the boxes makes
+    /// the weighted sum the whole batch's loss (Deformable-DETR all-reduces the box count for
+    /// the same reason); a shard without boxes counts as one box.
+    pub fn split(self, parts: usize, seed: u64) -> Vec<(DetBatch, f64)> {
+        let [n, c, h, w] = self.shape;
+        let per = n.div_ceil(parts.max(1)).max(1);
+        let counts: Vec<f64> = self
+            .targets
+            .chunks(per)
+            .map(|t| t.iter().map(|t| t.boxes.len()).sum::<usize>().max(1) as f64)
+            .collect();
+        let total: f64 = counts.iter().sum();
+        self.targets
+            .chunks(per)
+            .zip(counts)
+            .enumerate()
+            .map(|(k, (targets, count))| {
+                let (start, m) = (k * per, targets.len());
+                let shard = DetBatch {
+                    images: self.images[start * c * h * w..(start + m) * c * h * w].to_vec(),
+                    padding: self.padding[start * h * w..(start + m) * h * w].to_vec(),
+                    shape: [m, c, h, w],
+                    targets: targets.to_vec(),
+                    seed: crate::data::derive_seed(&[seed, k as u64]),
+                };
+                (shard, count / total)
+            })
+            .collect()
+    }
+
     /// The images as a `[N, 3, H, W]` tensor.
     pub fn images_tensor<B: Backend>(&self, device: &B::Device) -> Tensor<B, 4> {
         Tensor::from_data(TensorData::new(self.images.clone(), self.shape), device)

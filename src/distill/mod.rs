@@ -17,7 +17,7 @@ pub type InnerModel<B, T> = <<T as Task<B>>::Model as AutodiffModule<B>>::InnerM
 /// A distillation method, generic over the task it distils.
 pub trait Distiller<B: AutodiffBackend, T: Task<B>> {
     /// The loss of one batch; plain training is the task's own loss.
-    fn loss(&mut self, task: &T, student: &T::Model, batch: &T::Batch) -> Result<Losses<B>> {
+    fn loss(&self, task: &T, student: &T::Model, batch: &T::Batch) -> Result<Losses<B>> {
         task.loss(student, batch)
     }
 

@@ -334,7 +334,7 @@ fn aux_group<B: AutodiffBackend>(
 }
 
 impl<B: AutodiffBackend> Distiller<B, DetrTask> for OdDetr<B> {
-    fn loss(&mut self, task: &DetrTask, student: &Detr<B>, batch: &DetBatch) -> Result<Losses<B>> {
+    fn loss(&self, task: &DetrTask, student: &Detr<B>, batch: &DetBatch) -> Result<Losses<B>> {
         let c = self.config;
         if !(c.guided_matching || c.pd || c.aux) {
             return task.loss(student, batch);
@@ -375,7 +375,7 @@ impl<B: AutodiffBackend> Distiller<B, DetrTask> for OdDetr<B> {
             sizes.push(queries.len());
             groups.push(queries.clone());
         }
-        let dn = denoising_groups(student, targets);
+        let dn = denoising_groups(student, targets, batch.seed);
         if let Some(dn) = &dn {
             sizes.extend(dn.group_sizes());
             groups.push(dn.queries.clone());

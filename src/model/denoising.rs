@@ -4,7 +4,9 @@
 //! which is what makes DN-DETR and DINO converge several times faster. Training only: the groups
 //! are masked from the matching queries and inference never builds them.
 
-use burn::tensor::{backend::Backend, Distribution, Int, Tensor, TensorData};
+use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::data::detection::DetTarget;
@@ -110,11 +112,12 @@ impl<B: Backend> DenoisingGroups<B> {
 }
 
 /// Builds the batch's denoising queries, or `None` when denoising is off or there are no boxes.
-/// The noise comes from the backend's generator, which the trainer seeds per step, so resumed
-/// runs draw the same noise.
+/// The noise is drawn on the host from `seed` (the batch's), so that data-parallel shards draw
+/// independently of thread timing and resumed runs draw the same noise.
 pub fn denoising_groups<B: Backend>(
     model: &Detr<B>,
     targets: &[DetTarget],
+    seed: u64,
 ) -> Option<DenoisingGroups<B>> {
     let cfg = model.denoising;
     let embed = model.label_embed.as_ref()?;
@@ -125,12 +128,9 @@ pub fn denoising_groups<B: Backend>(
     let device = embed.val().device();
     let (b, copies) = (targets.len(), cfg.groups);
     let n = b * copies * slots;
-    let draw = |cols: usize, lo: f64| -> Vec<f32> {
-        Tensor::<B, 2>::random([n, cols], Distribution::Uniform(lo, 1.0), &device)
-            .into_data()
-            .convert::<f32>()
-            .to_vec()
-            .unwrap_or_else(|_| vec![0.0; n * cols])
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut draw = |cols: usize, lo: f32| -> Vec<f32> {
+        (0..n * cols).map(|_| rng.random_range(lo..1.0)).collect()
     };
     let (shift, flip) = (draw(4, -1.0), draw(2, 0.0));
     let no_object = model.num_classes();

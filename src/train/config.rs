@@ -131,6 +131,13 @@ pub struct OptimConfig {
     pub batch_size: usize,
     /// Passes over the training set.
     pub epochs: usize,
+    /// Data-parallel replicas: each batch is split into this many shards whose forward and
+    /// backward passes run on their own threads; their gradients are summed before the step.
+    /// The flex backend computes on one core, so 2 uses both of a 2-core machine. Results do
+    /// not depend on the machine's core count, but do on this value (per-shard matching and
+    /// normalisation, as multi-GPU DETR training).
+    #[serde(default = "default_replicas")]
+    pub replicas: usize,
     /// Base learning rate.
     pub lr: f64,
     /// Backbone learning rate as a fraction of `lr`.
@@ -164,6 +171,9 @@ pub struct OptimConfig {
     pub min_lr_ratio: f64,
 }
 
+fn default_replicas() -> usize {
+    1
+}
 fn default_backbone_mult() -> f64 {
     0.1
 }
@@ -351,6 +361,7 @@ impl TrainConfig {
             ("optim.lr", o.lr),
             ("optim.batch_size", o.batch_size as f64),
             ("optim.epochs", o.epochs as f64),
+            ("optim.replicas", o.replicas as f64),
             ("eval.every_epochs", self.eval.every_epochs as f64),
             ("eval.max_dets", self.eval.max_dets as f64),
             ("data.size_divisor", self.data.size_divisor as f64),
@@ -390,6 +401,30 @@ impl TrainConfig {
             return Err(Error::config(
                 "optim.milestones",
                 format!("{m} is not an epoch in 1..={}", o.epochs),
+            ));
+        }
+        if o.replicas > 1 && self.model.backbone.norm == crate::model::norm::NormKind::Batch {
+            // Each replica would fold its own batch statistics into the shared running averages,
+            // in thread-timing order (burn averages the threads' latest updates).
+            return Err(Error::config(
+                "optim.replicas",
+                format!(
+                    "{} replicas need model.backbone.norm = \"frozen\" (trainable batch norm's \
+                     running statistics would depend on thread timing)",
+                    o.replicas
+                ),
+            ));
+        }
+        if o.replicas > 1 && self.model.layer.dropout > 0.0 {
+            // flex's random generator is global: concurrent replicas would draw dropout masks
+            // in thread-timing order, and runs would stop being reproducible.
+            return Err(Error::config(
+                "optim.replicas",
+                format!(
+                    "{} replicas need model.layer.dropout = 0 (dropout masks drawn concurrently \
+                     are not reproducible), got dropout {}",
+                    o.replicas, self.model.layer.dropout
+                ),
             ));
         }
         if self.data.coco.is_none() {

@@ -229,7 +229,7 @@ impl<B: AutodiffBackend> Task<B> for DetrTask {
         let device = model.query_content.device();
         let images = batch.images_tensor::<B>(&device);
         let (w, targets) = (&self.config.loss, &batch.targets);
-        let dn = denoising_groups(model, targets);
+        let dn = denoising_groups(model, targets, batch.seed);
         let extra = dn.as_ref().map(|dn| (dn.queries.clone(), dn.group_sizes()));
         let (out, dn_layers) =
             model.forward_with_extra(images, &batch.padding, model.groups, extra);
@@ -248,6 +248,10 @@ impl<B: AutodiffBackend> Task<B> for DetrTask {
             losses.terms.push(("loss_dn".into(), dn_loss));
         }
         Ok(losses)
+    }
+
+    fn split(&self, batch: DetBatch, parts: usize, seed: u64) -> Vec<(DetBatch, f64)> {
+        batch.split(parts, seed)
     }
 
     fn backbone_grads(&self, model: &Detr<B>, grads: &mut B::Gradients) -> GradientsParams {

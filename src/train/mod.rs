@@ -27,7 +27,7 @@ use crate::error::{Error, Result};
 use checkpoint::{load_record, record_bytes, Checkpoints, LoopState, Saved};
 use config::{CheckpointConfig, EvalConfig, OptimConfig};
 use metrics::{number, MetricsLog};
-use optim::{clip_global_norm, step_groups, ParamGroup};
+use optim::{add_grads, clip_global_norm, make_contiguous, replica, step_groups, ParamGroup};
 use schedule::LrSchedule;
 
 /// A scalar loss and its named, weighted terms (the terms are for logging).
@@ -57,6 +57,9 @@ pub trait Task<B: AutodiffBackend> {
     fn train_batches(&self, epoch: usize, skip: usize) -> EpochIter<Self::Batch>;
     /// The supervised loss of one batch.
     fn loss(&self, model: &Self::Model, batch: &Self::Batch) -> Result<Losses<B>>;
+    /// Splits a batch into at most `parts` shards for data-parallel replicas, each with the
+    /// weight of its loss (the weights sum to 1), and seeds each shard's randomness from `seed`.
+    fn split(&self, batch: Self::Batch, parts: usize, seed: u64) -> Vec<(Self::Batch, f64)>;
     /// Moves the backbone's gradients out of `grads` (they get `backbone_lr_mult`).
     fn backbone_grads(&self, model: &Self::Model, grads: &mut B::Gradients) -> GradientsParams;
     /// Evaluates an inference model on the validation split: named stats in report order.
@@ -152,8 +155,8 @@ pub fn fit<B, T, D>(
 ) -> Result<RunSummary>
 where
     B: AutodiffBackend,
-    T: Task<B>,
-    D: Distiller<B, T>,
+    T: Task<B> + Sync,
+    D: Distiller<B, T> + Sync,
 {
     let start = Instant::now();
     let run_dir = &options.run_dir;
@@ -261,37 +264,35 @@ where
             // run draws exactly what the uninterrupted run would have.
             B::seed(device, derive_seed(&[config.seed, state.step as u64, 0xd0]));
             let lr = schedule.lr(state.step);
-            let losses = distiller.loss(task, &model, &batch)?;
             let log_now = state.step.is_multiple_of(config.checkpoint.log_every_steps);
-            let total_loss = losses.total.clone().into_scalar().elem::<f64>();
-            if !total_loss.is_finite() {
-                let terms = loss_values(&losses)
-                    .iter()
-                    .map(|(k, v)| format!("{k} = {v}"))
-                    .collect::<Vec<_>>()
-                    .join(", ");
-                return Err(Error::config(
-                    "training",
-                    format!(
-                        "step {}: the loss is not finite ({terms}); the last checkpoint in {} \
-                         is intact — lower optim.lr or raise optim.warmup_steps and resume",
-                        state.step,
-                        checkpoints.root().display()
+            let shards = task.split(
+                batch,
+                config.optim.replicas,
+                derive_seed(&[config.seed, state.step as u64, 0xd1]),
+            );
+            let step = data_parallel_step(task, &*distiller, &model, shards, log_now).map_err(
+                |e| match e {
+                    StepError::NotFinite(terms) => Error::config(
+                        "training",
+                        format!(
+                            "step {}: the loss is not finite ({terms}); the last checkpoint in {} \
+                             is intact — lower optim.lr or raise optim.warmup_steps and resume",
+                            state.step,
+                            checkpoints.root().display()
+                        ),
                     ),
-                ));
-            }
-            let values = log_now.then(|| loss_values(&losses));
-            let mut grads = losses.total.backward();
-            let backbone = task.backbone_grads(&model, &mut grads);
-            let rest = GradientsParams::from_grads(grads, &model);
+                    StepError::Failed(e) => e,
+                },
+            )?;
+            let (total_loss, values) = (step.total, step.values);
             let mut groups = vec![
                 ParamGroup {
                     lr_mult: config.optim.backbone_lr_mult,
-                    grads: backbone,
+                    grads: step.backbone,
                 },
                 ParamGroup {
                     lr_mult: 1.0,
-                    grads: rest,
+                    grads: step.rest,
                 },
             ];
             let grad_norm = clip_global_norm(&model, &mut groups, config.optim.clip_norm);
@@ -400,6 +401,132 @@ where
         wall_s: start.elapsed().as_secs_f64(),
         finished,
     })
+}
+
+/// The summed gradients of one optimiser step over its data-parallel shards.
+struct StepGrads {
+    /// Backbone gradients.
+    backbone: GradientsParams,
+    /// All other gradients.
+    rest: GradientsParams,
+    /// The loss (weighted sum over the shards).
+    total: f64,
+    /// The loss and its terms for the log, when asked for.
+    values: Option<Stats>,
+}
+
+/// Why a step produced no gradients.
+enum StepError {
+    /// The loss was not finite; its terms, formatted.
+    NotFinite(String),
+    /// Anything else.
+    Failed(Error),
+}
+
+impl From<Error> for StepError {
+    fn from(e: Error) -> Self {
+        StepError::Failed(e)
+    }
+}
+
+/// Forward and backward of one weighted shard.
+fn shard_grads<B, T, D>(
+    task: &T,
+    distiller: &D,
+    model: &T::Model,
+    batch: &T::Batch,
+    weight: f64,
+    log: bool,
+) -> std::result::Result<StepGrads, StepError>
+where
+    B: AutodiffBackend,
+    T: Task<B>,
+    D: Distiller<B, T>,
+{
+    let mut losses = distiller.loss(task, model, batch)?;
+    losses.total = losses.total.mul_scalar(weight);
+    for (_, term) in &mut losses.terms {
+        *term = term.clone().mul_scalar(weight);
+    }
+    let total = losses.total.clone().into_scalar().elem::<f64>();
+    if !total.is_finite() {
+        let terms = loss_values(&losses)
+            .iter()
+            .map(|(k, v)| format!("{k} = {v}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        return Err(StepError::NotFinite(terms));
+    }
+    let values = log.then(|| loss_values(&losses));
+    let mut grads = losses.total.backward();
+    let mut backbone = task.backbone_grads(model, &mut grads);
+    let mut rest = GradientsParams::from_grads(grads, model);
+    make_contiguous(model, &mut backbone);
+    make_contiguous(model, &mut rest);
+    Ok(StepGrads {
+        backbone,
+        rest,
+        total,
+        values,
+    })
+}
+
+/// Runs every shard's forward and backward on its own thread (the first on this one) and sums
+/// their gradients in shard order, so the result does not depend on thread timing.
+fn data_parallel_step<B, T, D>(
+    task: &T,
+    distiller: &D,
+    model: &T::Model,
+    shards: Vec<(T::Batch, f64)>,
+    log: bool,
+) -> std::result::Result<StepGrads, StepError>
+where
+    B: AutodiffBackend,
+    T: Task<B> + Sync,
+    D: Distiller<B, T> + Sync,
+{
+    let outcomes = std::thread::scope(|scope| {
+        let mut shards = shards.into_iter();
+        let first = shards.next();
+        let handles: Vec<_> = shards
+            .map(|(batch, weight)| {
+                let model = replica(model);
+                scope.spawn(move || shard_grads(task, distiller, &model, &batch, weight, log))
+            })
+            .collect();
+        let mut outcomes: Vec<_> = first
+            .map(|(batch, weight)| shard_grads(task, distiller, model, &batch, weight, log))
+            .into_iter()
+            .collect();
+        outcomes.extend(handles.into_iter().map(|h| {
+            h.join().unwrap_or_else(|_| {
+                Err(StepError::Failed(Error::config(
+                    "training",
+                    "a data-parallel replica panicked",
+                )))
+            })
+        }));
+        outcomes
+    });
+    let mut sum: Option<StepGrads> = None;
+    for outcome in outcomes {
+        let shard = outcome?;
+        sum = Some(match sum {
+            None => shard,
+            Some(mut acc) => {
+                add_grads(model, &mut acc.backbone, shard.backbone);
+                add_grads(model, &mut acc.rest, shard.rest);
+                acc.total += shard.total;
+                if let (Some(a), Some(b)) = (&mut acc.values, shard.values) {
+                    for ((_, x), (_, y)) in a.iter_mut().zip(b) {
+                        *x += y;
+                    }
+                }
+                acc
+            }
+        });
+    }
+    sum.ok_or_else(|| StepError::Failed(Error::config("training", "an empty batch")))
 }
 
 /// The student's inference form, labelled `student`, then the distiller's extra models.

@@ -2,7 +2,7 @@
 //! groups (torch's `clip_grad_norm_`; burn's own clipping is per tensor) and one AdamW step
 //! per group at its own learning rate.
 
-use burn::module::{AutodiffModule, ModuleVisitor, Param, ParamId};
+use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::{GradientsParams, Optimizer};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{ElementConversion, Tensor};
@@ -15,22 +15,42 @@ pub struct ParamGroup {
     pub grads: GradientsParams,
 }
 
-/// Sums the squared gradients, storing each gradient back contiguous: conv weight gradients
-/// come out of the backward pass transposed, and every later element-wise pass over them
-/// (this norm, the clipping scale, AdamW's moments) is several times slower on a strided layout.
+/// Stores every gradient back contiguous: conv weight gradients come out of the backward pass
+/// transposed, and every later element-wise pass over them (summing replicas, the norm, the
+/// clipping scale, AdamW's moments) is several times slower on a strided layout.
+struct Contiguous<'a> {
+    grads: &'a mut GradientsParams,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for Contiguous<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        if let Some(grad) = self.grads.remove::<B::InnerBackend, D>(param.id) {
+            let dims = grad.dims();
+            let flat = grad.reshape([dims.iter().product::<usize>()]);
+            self.grads.register(param.id, flat.reshape(dims));
+        }
+    }
+}
+
+/// Makes `model`'s gradients in `grads` contiguous (see [`Contiguous`]).
+pub fn make_contiguous<B: AutodiffBackend, M: AutodiffModule<B>>(
+    model: &M,
+    grads: &mut GradientsParams,
+) {
+    model.visit(&mut Contiguous { grads });
+}
+
+/// Sums the squared gradients of all groups.
 struct SquaredNorm<'a, B: AutodiffBackend> {
-    groups: &'a mut [ParamGroup],
+    groups: &'a [ParamGroup],
     total: Option<Tensor<B::InnerBackend, 1>>,
 }
 
 impl<B: AutodiffBackend> ModuleVisitor<B> for SquaredNorm<'_, B> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        for g in self.groups.iter_mut() {
-            if let Some(grad) = g.grads.remove::<B::InnerBackend, D>(param.id) {
-                let dims = grad.dims();
-                let flat = grad.reshape([dims.iter().product::<usize>()]);
-                let sq = (flat.clone() * flat.clone()).sum();
-                g.grads.register(param.id, flat.reshape(dims));
+        for g in self.groups {
+            if let Some(grad) = g.grads.get::<B::InnerBackend, D>(param.id) {
+                let sq = (grad.clone() * grad).sum();
                 self.total = Some(match self.total.take() {
                     Some(t) => t + sq,
                     None => sq,
@@ -59,6 +79,55 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for Scale<'_> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
         self.scale::<B, D>(param.id);
     }
+}
+
+/// Moves every gradient of `from` into `into`, adding where both have one.
+struct Accumulate<'a> {
+    into: &'a mut GradientsParams,
+    from: GradientsParams,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for Accumulate<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        if let Some(g) = self.from.remove::<B::InnerBackend, D>(param.id) {
+            let sum = match self.into.remove::<B::InnerBackend, D>(param.id) {
+                Some(acc) => acc + g,
+                None => g,
+            };
+            self.into.register(param.id, sum);
+        }
+    }
+}
+
+/// Adds `from`'s gradients of `model`'s parameters into `into` (data-parallel shards).
+pub fn add_grads<B: AutodiffBackend, M: AutodiffModule<B>>(
+    model: &M,
+    into: &mut GradientsParams,
+    from: GradientsParams,
+) {
+    model.visit(&mut Accumulate { into, from });
+}
+
+/// Gives every trainable parameter a fresh autodiff leaf with the same id and data.
+struct FreshLeaves;
+
+impl<B: AutodiffBackend> ModuleMapper<B> for FreshLeaves {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let (id, value, mapper) = param.consume();
+        let value = if value.is_require_grad() {
+            value.detach().require_grad()
+        } else {
+            value
+        };
+        Param::from_mapped_value(id, value, mapper)
+    }
+}
+
+/// A replica of `model` for another thread: same parameter ids and data, but its own autodiff
+/// leaves. burn's graph locator merges the graphs of losses that share a node (here, the
+/// parameters), and two threads back-propagating through a merged graph deadlock on its locks.
+pub fn replica<B: AutodiffBackend, M: AutodiffModule<B>>(model: &M) -> M {
+    model.clone().map(&mut FreshLeaves)
 }
 
 /// Scales all groups' gradients so their joint L2 norm is at most `max_norm` (0 = no clipping);

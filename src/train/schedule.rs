@@ -67,6 +67,7 @@ mod tests {
         OptimConfig {
             batch_size: 1,
             epochs: 10,
+            replicas: 1,
             lr: 1.0,
             backbone_lr_mult: 0.1,
             weight_decay: 0.0,
