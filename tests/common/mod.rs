@@ -32,6 +32,8 @@ pub const TINY_RUN: &[&str] = &[
     "model.backbone.width=0.25",
     "model.backbone.blocks=[1,1,1,1]",
     "model.backbone.norm=batch",
+    // Trainable batch norm rules out data-parallel replicas (the default config has 2).
+    "optim.replicas=1",
     "model.backbone.frozen_stages=0",
     "model.layer.d_model=32",
     "model.layer.ffn=64",
