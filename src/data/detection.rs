@@ -293,6 +293,11 @@ impl DetBatch {
     pub fn split(self, parts: usize, seed: u64) -> Vec<(DetBatch, f64)> {
         let [n, c, h, w] = self.shape;
         let per = n.div_ceil(parts.max(1)).max(1);
+        if per >= n {
+            // One shard: the batch itself, without copying its pixels.
+            let seed = crate::data::derive_seed(&[seed, 0]);
+            return vec![(DetBatch { seed, ..self }, 1.0)];
+        }
         let counts: Vec<f64> = self
             .targets
             .chunks(per)

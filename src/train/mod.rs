@@ -443,11 +443,7 @@ where
     T: Task<B>,
     D: Distiller<B, T>,
 {
-    let mut losses = distiller.loss(task, model, batch)?;
-    losses.total = losses.total.mul_scalar(weight);
-    for (_, term) in &mut losses.terms {
-        *term = term.clone().mul_scalar(weight);
-    }
+    let losses = distiller.loss(task, model, batch)?;
     let total = losses.total.clone().into_scalar().elem::<f64>();
     if !total.is_finite() {
         let terms = loss_values(&losses)
@@ -457,8 +453,13 @@ where
             .join(", ");
         return Err(StepError::NotFinite(terms));
     }
-    let values = log.then(|| loss_values(&losses));
-    let mut grads = losses.total.backward();
+    // The logged terms are weighted on the host: only the total is back-propagated.
+    let values = log.then(|| {
+        let mut values = loss_values(&losses);
+        values.iter_mut().for_each(|(_, v)| *v *= weight);
+        values
+    });
+    let mut grads = losses.total.mul_scalar(weight).backward();
     let mut backbone = task.backbone_grads(model, &mut grads);
     let mut rest = GradientsParams::from_grads(grads, model);
     make_contiguous(model, &mut backbone);
@@ -466,7 +467,7 @@ where
     Ok(StepGrads {
         backbone,
         rest,
-        total,
+        total: total * weight,
         values,
     })
 }
@@ -517,9 +518,13 @@ where
                 add_grads(model, &mut acc.backbone, shard.backbone);
                 add_grads(model, &mut acc.rest, shard.rest);
                 acc.total += shard.total;
+                // By name: a shard may lack a term (no denoising loss without boxes).
                 if let (Some(a), Some(b)) = (&mut acc.values, shard.values) {
-                    for ((_, x), (_, y)) in a.iter_mut().zip(b) {
-                        *x += y;
+                    for (k, y) in b {
+                        match a.iter_mut().find(|(name, _)| *name == k) {
+                            Some((_, x)) => *x += y,
+                            None => a.push((k, y)),
+                        }
                     }
                 }
                 acc
