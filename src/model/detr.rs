@@ -576,7 +576,7 @@ impl<B: Backend> Detr<B> {
                 16 => &features.c4,
                 _ => &features.c5,
             };
-            let src = proj.forward(level.clone());
+            let src = crate::model::conv::conv2d(proj, level.clone());
             let [_, d, fh, fw] = src.dims();
             let mask = downsample_padding(padding, [b, h, w], (fh, fw));
             let pos = sine_position_encoding(&mask, [b, fh, fw], d);

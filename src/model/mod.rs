@@ -2,6 +2,7 @@
 
 pub mod backbone;
 pub mod classify;
+pub mod conv;
 pub mod deformable;
 pub mod denoising;
 pub mod detr;

@@ -6,6 +6,7 @@ use burn::nn::{Linear, LinearConfig};
 use burn::tensor::{backend::Backend, Tensor};
 
 use super::resnet::conv;
+use crate::model::conv::conv2d;
 use super::{BackboneConfig, BackboneFeatures};
 use crate::model::norm::{Norm2d, NormKind};
 
@@ -45,7 +46,7 @@ impl<B: Backend> ConvNormAct<B> {
     }
 
     fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        self.bn.forward(self.conv.forward(x)).clamp(0.0, 6.0)
+        self.bn.forward(conv2d(&self.conv, x)).clamp(0.0, 6.0)
     }
 }
 
@@ -91,7 +92,7 @@ impl<B: Backend> InvertedResidual<B> {
         }
         y = self
             .project_bn
-            .forward(self.project.forward(self.depthwise.forward(y)));
+            .forward(conv2d(&self.project, self.depthwise.forward(y)));
         if self.residual {
             y + x
         } else {

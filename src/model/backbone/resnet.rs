@@ -7,6 +7,7 @@ use burn::nn::{Linear, LinearConfig, PaddingConfig2d};
 use burn::tensor::{activation::relu, backend::Backend, Tensor};
 
 use super::{Arch, BackboneConfig, BackboneFeatures};
+use crate::model::conv::conv2d;
 use crate::model::norm::{Norm2d, NormKind};
 
 /// A bias-free `k×k` convolution with symmetric padding `k / 2`.
@@ -92,13 +93,13 @@ impl<B: Backend> ResBlock<B> {
 
     fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let identity = match &self.downsample {
-            Some(d) => d.bn.forward(d.conv.forward(x.clone())),
+            Some(d) => d.bn.forward(conv2d(&d.conv, x.clone())),
             None => x.clone(),
         };
-        let mut y = relu(self.bn1.forward(self.conv1.forward(x)));
-        y = self.bn2.forward(self.conv2.forward(y));
+        let mut y = relu(self.bn1.forward(conv2d(&self.conv1, x)));
+        y = self.bn2.forward(conv2d(&self.conv2, y));
         if let (Some(conv3), Some(bn3)) = (&self.conv3, &self.bn3) {
-            y = bn3.forward(conv3.forward(relu(y)));
+            y = bn3.forward(conv2d(conv3, relu(y)));
         }
         relu(y + identity)
     }
@@ -205,7 +206,7 @@ impl<B: Backend> ResNet<B> {
         let stage = |blocks: &[ResBlock<B>], x| blocks.iter().fold(x, |x, b| b.forward(x));
         let x = self
             .maxpool
-            .forward(relu(self.bn1.forward(self.conv1.forward(x))));
+            .forward(relu(self.bn1.forward(conv2d(&self.conv1, x))));
         let c2 = stage(&self.layer1, x);
         let c3 = stage(&self.layer2, c2);
         let c4 = stage(&self.layer3, c3.clone());

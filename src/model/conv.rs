@@ -1,0 +1,97 @@
+//! Trainable convolutions with fast backward passes on CPU backends.
+//!
+//! burn derives a convolution's weight gradient from another convolution whose kernel is the
+//! output gradient, which flex runs as one matrix-vector product per input channel. For a
+//! pointwise (1×1) convolution, written as a batched matrix product, both gradients are gemms
+//! instead: MobileNetV2's trainable stages and DETR's input projections made a training step of
+//! `configs/detr_shapes.toml` 12 % faster. (A depthwise convolution's weight gradient written as
+//! a product over its unfolded input was slower than burn's per-channel loop on flex: the
+//! window copies walk strided views element by element.) Convolutions whose weight takes no
+//! gradient (frozen, inference) keep burn's kernel.
+
+use burn::nn::conv::Conv2d;
+use burn::nn::PaddingConfig2d;
+use burn::tensor::{backend::Backend, Tensor};
+
+/// `conv.forward(x)`, as a batched matrix product when `conv` is a trained pointwise
+/// convolution (1×1, stride 1, no padding, dilation or groups).
+pub fn conv2d<B: Backend>(conv: &Conv2d<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
+    let weight = conv.weight.val();
+    let unpadded = matches!(
+        conv.padding,
+        PaddingConfig2d::Valid | PaddingConfig2d::Explicit(0, 0, 0, 0)
+    );
+    let pointwise = conv.kernel_size == [1, 1]
+        && conv.stride == [1, 1]
+        && conv.dilation == [1, 1]
+        && conv.groups == 1
+        && unpadded;
+    if !(pointwise && weight.is_require_grad()) {
+        return conv.forward(x);
+    }
+    let [b, c_in, h, w] = x.dims();
+    let c_out = weight.dims()[0];
+    let y = weight
+        .reshape([1, c_out, c_in])
+        .matmul(x.reshape([b, c_in, h * w]))
+        .reshape([b, c_out, h, w]);
+    match &conv.bias {
+        Some(bias) => y + bias.val().reshape([1, c_out, 1, 1]),
+        None => y,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::Autodiff;
+    use burn::module::Param;
+    use burn::nn::conv::Conv2dConfig;
+    use burn::tensor::Distribution;
+
+    type B = Autodiff<crate::backend::Inference>;
+
+    /// Output, input gradient and weight gradient of `conv` on `x` through `f`, with `probe` as
+    /// the output's gradient.
+    fn run(
+        conv: &Conv2d<B>,
+        x: &Tensor<B, 4>,
+        probe: &Tensor<B, 4>,
+        f: fn(&Conv2d<B>, Tensor<B, 4>) -> Tensor<B, 4>,
+    ) -> [Vec<f32>; 3] {
+        let x = x.clone().detach().require_grad();
+        let y = f(conv, x.clone());
+        let grads = (y.clone() * probe.clone()).sum().backward();
+        let host = |t: Tensor<crate::backend::Inference, 4>| t.into_data().to_vec::<f32>().unwrap();
+        [
+            host(y.inner()),
+            host(x.grad(&grads).unwrap()),
+            host(conv.weight.val().grad(&grads).unwrap()),
+        ]
+    }
+
+    #[test]
+    fn pointwise_matches_burn_conv() {
+        let device = Default::default();
+        B::seed(&device, 7);
+        for padding in [PaddingConfig2d::Valid, PaddingConfig2d::Explicit(0, 0, 0, 0)] {
+            let mut conv: Conv2d<B> = Conv2dConfig::new([6, 5], [1, 1])
+                .with_padding(padding)
+                .init(&device);
+            conv.weight = Param::from_tensor(conv.weight.val().require_grad());
+            let x = Tensor::<B, 4>::random([2, 6, 9, 10], Distribution::Default, &device);
+            // A non-uniform output gradient, so that misplaced pixels or channels show up.
+            let probe = Tensor::<B, 4>::random([2, 5, 9, 10], Distribution::Default, &device);
+            let fast = run(&conv, &x, &probe, conv2d);
+            let reference = run(&conv, &x, &probe, |c, x| c.forward(x));
+            for (what, (a, b)) in ["output", "input grad", "weight grad"]
+                .iter()
+                .zip(fast.iter().zip(&reference))
+            {
+                assert_eq!(a.len(), b.len(), "{what}");
+                let err = a.iter().zip(b).map(|(p, q)| (p - q).abs()).fold(0.0, f32::max);
+                assert!(err < 1e-4, "{what}: max |difference| {err}");
+            }
+        }
+    }
+}
