@@ -275,7 +275,8 @@ fn backbones_give_strided_features_and_freeze_stages() {
         let model = cfg.init::<Training>(&device).expect("builds");
         let x = Tensor::<Training, 4>::ones([1, 3, 64, 96], &device);
         let f = model.features(x);
-        let [c3, c4, c5] = model.channels();
+        let [c2, c3, c4, c5] = model.channels();
+        assert_eq!(f.c2.dims(), [1, c2, 16, 24], "{arch:?}");
         assert_eq!(f.c3.dims(), [1, c3, 8, 12], "{arch:?}");
         assert_eq!(f.c4.dims(), [1, c4, 4, 6], "{arch:?}");
         assert_eq!(f.c5.dims(), [1, c5, 2, 3], "{arch:?}");

@@ -30,7 +30,8 @@ use crate::model::transformer::{
 pub struct DetrConfig {
     /// The backbone.
     pub backbone: BackboneConfig,
-    /// Backbone levels fed to the transformer, by stride: any of 8 (C3), 16 (C4) and 32 (C5).
+    /// Backbone levels fed to the transformer, by stride: any of 4 (C2), 8 (C3), 16 (C4) and 32
+    /// (C5).
     /// Each level gets its own 1×1 projection and a learned level embedding; their tokens are
     /// concatenated into one memory. Fine levels matter for localising small objects. Older
     /// configs with a single `feature_stride` number still load.
@@ -300,7 +301,7 @@ impl DetrConfig {
         self.denoising.validate()?;
         let backbone = self.backbone.init::<B>(device)?;
         let d = self.layer.d_model;
-        let [c3, c4, c5] = backbone.channels();
+        let [c2, c3, c4, c5] = backbone.channels();
         if self.feature_strides.is_empty() {
             return Err(crate::Error::config(
                 "detr.feature_strides",
@@ -325,13 +326,14 @@ impl DetrConfig {
             .iter()
             .map(|&s| {
                 let c_in = match s {
+                    4 => c2,
                     8 => c3,
                     16 => c4,
                     32 => c5,
                     s => {
                         return Err(crate::Error::config(
                             "detr.feature_strides",
-                            format!("{s} is not 8, 16 or 32"),
+                            format!("{s} is not 4, 8, 16 or 32"),
                         ))
                     }
                 };
@@ -572,6 +574,7 @@ impl<B: Backend> Detr<B> {
             .enumerate()
         {
             let level = match stride {
+                4 => &features.c2,
                 8 => &features.c3,
                 16 => &features.c4,
                 _ => &features.c5,

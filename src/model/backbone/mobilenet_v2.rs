@@ -111,9 +111,9 @@ const SETTINGS: [(usize, usize, usize, usize); 7] = [
     (6, 160, 3, 2),
     (6, 320, 1, 1),
 ];
-/// Blocks after which the stride-8 and stride-16 features are tapped (torchvision `features[6]`
-/// and `features[13]`).
-const TAPS: [usize; 2] = [5, 12];
+/// Blocks after which the stride-4, stride-8 and stride-16 features are tapped (torchvision
+/// `features[3]`, `features[6]` and `features[13]`).
+const TAPS: [usize; 3] = [2, 5, 12];
 
 /// MobileNetV2. torchvision's `features.0` is `stem`, `features.1..=17` are `blocks`,
 /// `features.18` is `head`, `classifier.1` is `classifier`.
@@ -127,8 +127,8 @@ pub struct MobileNetV2<B: Backend> {
     pub head: ConvNormAct<B>,
     /// ImageNet classifier (dropout is a no-op at inference).
     pub classifier: Option<Linear<B>>,
-    /// Channels of `(c3, c4, c5)`.
-    channels: [usize; 3],
+    /// Channels of `(c2, c3, c4, c5)`.
+    channels: [usize; 4],
 }
 
 impl<B: Backend> MobileNetV2<B> {
@@ -166,19 +166,19 @@ impl<B: Backend> MobileNetV2<B> {
             classifier: cfg
                 .num_classes
                 .map(|k| LinearConfig::new(last, k).init(device)),
-            channels: [tapped[0], tapped[1], last],
+            channels: [tapped[0], tapped[1], tapped[2], last],
         }
     }
 
-    /// Channels of `(c3, c4, c5)`.
-    pub fn channels(&self) -> [usize; 3] {
+    /// Channels of `(c2, c3, c4, c5)`.
+    pub fn channels(&self) -> [usize; 4] {
         self.channels
     }
 
-    /// Stride-8/16/32 features.
+    /// Stride-4/8/16/32 features.
     pub fn features(&self, x: Tensor<B, 4>) -> BackboneFeatures<B> {
         let mut x = self.stem.forward(x);
-        let mut taps = Vec::with_capacity(2);
+        let mut taps = Vec::with_capacity(TAPS.len());
         for (i, block) in self.blocks.iter().enumerate() {
             x = block.forward(x);
             if TAPS.contains(&i) {
@@ -187,10 +187,10 @@ impl<B: Backend> MobileNetV2<B> {
         }
         let c5 = self.head.forward(x);
         let mut taps = taps.into_iter();
-        let (Some(c3), Some(c4)) = (taps.next(), taps.next()) else {
-            unreachable!("MobileNetV2 always has 17 blocks, so both taps exist")
+        let (Some(c2), Some(c3), Some(c4)) = (taps.next(), taps.next(), taps.next()) else {
+            unreachable!("MobileNetV2 always has 17 blocks, so every tap exists")
         };
-        BackboneFeatures { c3, c4, c5 }
+        BackboneFeatures { c2, c3, c4, c5 }
     }
 
     /// ImageNet logits (global average pool + classifier), if the head exists.

@@ -12,9 +12,11 @@ use crate::model::norm::NormKind;
 pub use mobilenet_v2::MobileNetV2;
 pub use resnet::ResNet;
 
-/// Feature maps at strides 8, 16 and 32.
+/// Feature maps at strides 4, 8, 16 and 32.
 #[derive(Debug, Clone)]
 pub struct BackboneFeatures<B: Backend> {
+    /// Stride-4 features `[N, C2, H/4, W/4]`.
+    pub c2: Tensor<B, 4>,
     /// Stride-8 features `[N, C3, H/8, W/8]`.
     pub c3: Tensor<B, 4>,
     /// Stride-16 features `[N, C4, H/16, W/16]`.
@@ -100,8 +102,8 @@ impl<B: Backend> Backbone<B> {
         }
     }
 
-    /// Channels of `(c3, c4, c5)`.
-    pub fn channels(&self) -> [usize; 3] {
+    /// Channels of `(c2, c3, c4, c5)`.
+    pub fn channels(&self) -> [usize; 4] {
         match self {
             Backbone::ResNet(m) => m.channels(),
             Backbone::MobileNetV2(m) => m.channels(),

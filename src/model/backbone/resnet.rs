@@ -124,8 +124,8 @@ pub struct ResNet<B: Backend> {
     pub layer4: Vec<ResBlock<B>>,
     /// ImageNet classifier.
     pub fc: Option<Linear<B>>,
-    /// Output channels of stages 2–4.
-    channels: [usize; 3],
+    /// Output channels of stages 1–4.
+    channels: [usize; 4],
 }
 
 /// Scales a channel count by `width`, at least 1.
@@ -189,6 +189,7 @@ impl<B: Backend> ResNet<B> {
                 .num_classes
                 .map(|k| LinearConfig::new(cin, k).init(device)),
             channels: [
+                widths[0] * expansion,
                 widths[1] * expansion,
                 widths[2] * expansion,
                 widths[3] * expansion,
@@ -196,22 +197,22 @@ impl<B: Backend> ResNet<B> {
         }
     }
 
-    /// Channels of `(c3, c4, c5)`.
-    pub fn channels(&self) -> [usize; 3] {
+    /// Channels of `(c2, c3, c4, c5)`.
+    pub fn channels(&self) -> [usize; 4] {
         self.channels
     }
 
-    /// Stride-8/16/32 features.
+    /// Stride-4/8/16/32 features.
     pub fn features(&self, x: Tensor<B, 4>) -> BackboneFeatures<B> {
         let stage = |blocks: &[ResBlock<B>], x| blocks.iter().fold(x, |x, b| b.forward(x));
         let x = self
             .maxpool
             .forward(relu(self.bn1.forward(conv2d(&self.conv1, x))));
         let c2 = stage(&self.layer1, x);
-        let c3 = stage(&self.layer2, c2);
+        let c3 = stage(&self.layer2, c2.clone());
         let c4 = stage(&self.layer3, c3.clone());
         let c5 = stage(&self.layer4, c4.clone());
-        BackboneFeatures { c3, c4, c5 }
+        BackboneFeatures { c2, c3, c4, c5 }
     }
 
     /// ImageNet logits (global average pool + `fc`), if the head exists.
