@@ -208,3 +208,67 @@ fn centre_assignment_picks_the_level_and_the_tokens_near_each_centre() {
     let got = centre_assignment(&anchors, &padding, &[target], &wide);
     assert_eq!(got[0].pairs, vec![(4, 0), (5, 0), (6, 0)]);
 }
+
+#[test]
+fn iou_class_target_trains_toward_the_matched_box_iou() {
+    use densekd::loss::detr::ClassTarget;
+    use densekd::ops::matcher::Assignment;
+    let device = Default::default();
+    let logits = [0.3f32, -1.2, 0.8, -0.4, -2.0, 1.5];
+    let target = DetTarget {
+        image_id: 0,
+        boxes: vec![[0.5, 0.5, 0.4, 0.4]],
+        classes: vec![1],
+        size: (64, 64),
+        orig_size: (64, 64),
+    };
+    let matches = [Assignment {
+        pairs: vec![(0, 0)],
+        total_cost: 0.0,
+    }];
+    let class_loss = |class_target, first_box: [f32; 4]| {
+        let boxes: Vec<f32> = [first_box, [0.2, 0.2, 0.1, 0.1], [0.8, 0.7, 0.2, 0.3]].concat();
+        let weights = SetLossWeights {
+            class_target,
+            ..SetLossWeights::default()
+        };
+        set_losses(
+            Tensor::<Training, 3>::from_data(TensorData::new(logits.to_vec(), [1, 3, 2]), &device),
+            Tensor::<Training, 3>::from_data(TensorData::new(boxes, [1, 3, 4]), &device),
+            std::slice::from_ref(&target),
+            &matches,
+            1.0,
+            &weights,
+        )
+        .class
+        .into_scalar()
+    };
+    // Quality focal loss written out: the matched cell (query 0, class 1) against quality y,
+    // every other cell against 0.
+    let expected = |y: f64| -> f64 {
+        let (alpha, gamma) = (0.25, 2.0);
+        logits
+            .iter()
+            .enumerate()
+            .map(|(cell, &x)| {
+                let p = 1.0 / (1.0 + (-x as f64).exp());
+                let y = if cell == 1 { y } else { 0.0 };
+                let bce = -(y * p.ln() + (1.0 - y) * (1.0 - p).ln());
+                let w = if cell == 1 {
+                    alpha * (y - p).abs().powf(gamma)
+                } else {
+                    (1.0 - alpha) * p.powf(gamma)
+                };
+                w * bce
+            })
+            .sum()
+    };
+    // Shifted by 0.05 in x: intersection 0.35 × 0.4, union 2 · 0.16 − 0.14, IoU 7/9.
+    let shifted = class_loss(ClassTarget::Iou, [0.55, 0.5, 0.4, 0.4]);
+    close(shifted, expected(7.0 / 9.0) as f32, 1e-5, "IoU target");
+    // A perfectly placed box has quality 1: the one-hot focal loss.
+    let exact = class_loss(ClassTarget::Iou, [0.5, 0.5, 0.4, 0.4]);
+    close(exact, expected(1.0) as f32, 1e-5, "IoU 1");
+    let onehot = class_loss(ClassTarget::Onehot, [0.55, 0.5, 0.4, 0.4]);
+    close(onehot, exact, 1e-5, "one-hot");
+}

@@ -6,7 +6,7 @@ use burn::module::{Module, ModuleVisitor, Param, ParamId};
 use burn::tensor::{Tensor, TensorData};
 use densekd::backend::Inference;
 use densekd::distill::ema::{Ema, EmaConfig};
-use densekd::distill::od_detr::quality_focal_loss;
+use densekd::ops::losses::quality_focal_loss;
 use densekd::ops::losses::sigmoid_focal_loss;
 
 #[derive(Module, Debug)]

@@ -26,6 +26,7 @@ use crate::loss::detr::{
 use crate::model::denoising::denoising_groups;
 use crate::model::detr::{narrow_layers, Detr, Encoded, InitialQueries, LayerPrediction};
 use crate::ops::boxes::{box_cxcywh_to_xyxy, iou_cxcywh, paired_generalized_box_iou};
+use crate::ops::losses::quality_focal_loss;
 use crate::ops::matcher::{match_cost_matrix, Assignment, MatchCosts};
 use crate::train::checkpoint::{load_record, record_bytes};
 use crate::train::detr::DetrTask;
@@ -126,29 +127,6 @@ fn gather_rows<B: Backend>(t: Tensor<B, 3>, rows: Vec<i64>) -> Tensor<B, 3> {
     t.reshape([b * r, c])
         .select(0, index)
         .reshape([b, n / b, c])
-}
-
-/// Quality focal loss with several possible targets per query (Generalized Focal Loss's QFL
-/// in Stable-DINO's focal form), summed: positives (`pos` = 1) are weighted
-/// `α·|y − p|^γ` against their quality `y`, negatives `(1 − α)·p^γ` against 0.
-pub fn quality_focal_loss<B: Backend>(
-    logits: Tensor<B, 3>,
-    quality: Tensor<B, 3>,
-    pos: Tensor<B, 3>,
-    alpha: f64,
-    gamma: f64,
-) -> Tensor<B, 1> {
-    let p = sigmoid(logits.clone());
-    let bce = (quality.clone() * log_sigmoid(logits.clone())
-        + quality.clone().neg().add_scalar(1.0) * log_sigmoid(logits.neg()))
-    .neg();
-    let pos_w = (quality - p.clone())
-        .abs()
-        .powf_scalar(gamma)
-        .mul_scalar(alpha);
-    let neg_w = p.powf_scalar(gamma).mul_scalar(1.0 - alpha);
-    let w = pos.clone() * pos_w + pos.neg().add_scalar(1.0) * neg_w;
-    (w * bce).sum()
 }
 
 /// (a)'s loss of one layer's main-group predictions: every query is supervised by its own

@@ -8,8 +8,8 @@ use serde::{Deserialize, Serialize};
 use crate::data::detection::DetTarget;
 use crate::error::{Error, Result};
 use crate::model::detr::{DetrOutput, Proposals};
-use crate::ops::boxes::{box_cxcywh_to_xyxy, paired_generalized_box_iou};
-use crate::ops::losses::sigmoid_focal_loss;
+use crate::ops::boxes::{box_cxcywh_to_xyxy, iou_cxcywh, paired_generalized_box_iou};
+use crate::ops::losses::{quality_focal_loss, sigmoid_focal_loss};
 use crate::ops::matcher::{match_queries, Assignment, MatchCosts};
 
 /// Loss weights and focal parameters.
@@ -26,6 +26,8 @@ pub struct SetLossWeights {
     pub alpha: f64,
     /// Focal γ.
     pub gamma: f64,
+    /// Classification target of a matched query.
+    pub class_target: ClassTarget,
     /// Two-stage models: how the dense head's tokens get their targets.
     pub proposal_assignment: ProposalAssignment,
     /// `hungarian` assignment: each target is matched to this many encoder proposals (one-to-many
@@ -34,6 +36,19 @@ pub struct SetLossWeights {
     /// `centre` assignment: tokens within this many cells of a target's centre (and inside it)
     /// are its positives, FCOS's centre sampling.
     pub centre_radius: f64,
+}
+
+/// What a matched query's classification is trained toward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClassTarget {
+    /// 1 for the target's class, by sigmoid focal loss (Deformable DETR).
+    #[default]
+    Onehot,
+    /// The IoU of the query's box with its target, by quality focal loss (Stable-DINO's
+    /// position-supervised loss): scores rank well-localised boxes above loose ones, which is
+    /// what AP at high IoU thresholds rewards.
+    Iou,
 }
 
 /// How a two-stage model's per-token proposals are assigned to targets.
@@ -57,6 +72,7 @@ impl Default for SetLossWeights {
             giou: 2.0,
             alpha: 0.25,
             gamma: 2.0,
+            class_target: ClassTarget::Onehot,
             proposal_assignment: ProposalAssignment::Hungarian,
             proposal_repeats: 4,
             centre_radius: 1.5,
@@ -133,20 +149,48 @@ pub fn set_losses<B: Backend>(
 ) -> SetLosses<B> {
     let [b, q, k] = logits.dims();
     let device = logits.device();
-    let mut onehot = vec![0f32; b * q * k];
+    let predicted: Vec<f32> = match weights.class_target {
+        ClassTarget::Onehot => Vec::new(),
+        ClassTarget::Iou => boxes
+            .clone()
+            .into_data()
+            .convert::<f32>()
+            .to_vec()
+            .unwrap_or_default(),
+    };
+    let (mut target, mut positive) = (vec![0f32; b * q * k], vec![0f32; b * q * k]);
     let (mut rows, mut target_boxes) = (Vec::new(), Vec::new());
     for (i, (t, m)) in targets.iter().zip(matches).enumerate() {
-        for &(query, target) in &m.pairs {
-            onehot[(i * q + query) * k + t.classes[target]] = 1.0;
-            rows.push((i * q + query) as i64);
-            target_boxes.extend_from_slice(&t.boxes[target]);
+        for &(query, gt) in &m.pairs {
+            let row = i * q + query;
+            let cell = row * k + t.classes[gt];
+            positive[cell] = 1.0;
+            target[cell] = match predicted.get(row * 4..row * 4 + 4) {
+                Some(p) => iou_cxcywh(
+                    [p[0], p[1], p[2], p[3]].map(f64::from),
+                    t.boxes[gt].map(f64::from),
+                ) as f32,
+                None => 1.0,
+            };
+            rows.push(row as i64);
+            target_boxes.extend_from_slice(&t.boxes[gt]);
         }
     }
-    let onehot = Tensor::<B, 3>::from_data(TensorData::new(onehot, [b, q, k]), &device);
+    let tensor = |v: Vec<f32>| Tensor::<B, 3>::from_data(TensorData::new(v, [b, q, k]), &device);
     let norm = num_boxes.max(1.0);
-    let class = sigmoid_focal_loss(logits, onehot, weights.alpha, weights.gamma)
-        .sum()
-        .div_scalar(norm);
+    let class = match weights.class_target {
+        ClassTarget::Onehot => {
+            sigmoid_focal_loss(logits, tensor(target), weights.alpha, weights.gamma).sum()
+        }
+        ClassTarget::Iou => quality_focal_loss(
+            logits,
+            tensor(target),
+            tensor(positive),
+            weights.alpha,
+            weights.gamma,
+        ),
+    }
+    .div_scalar(norm);
     let (bbox, giou) = matched_box_losses(boxes, rows, target_boxes, norm);
     SetLosses { class, bbox, giou }
 }

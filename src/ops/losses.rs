@@ -29,3 +29,26 @@ pub fn sigmoid_focal_loss<B: Backend, const D: usize>(
         loss
     }
 }
+
+/// Quality focal loss with several possible targets per query (Generalized Focal Loss's QFL
+/// in Stable-DINO's focal form), summed: positives (`pos` = 1) are weighted
+/// `α·|y − p|^γ` against their quality `y`, negatives `(1 − α)·p^γ` against 0.
+pub fn quality_focal_loss<B: Backend>(
+    logits: Tensor<B, 3>,
+    quality: Tensor<B, 3>,
+    pos: Tensor<B, 3>,
+    alpha: f64,
+    gamma: f64,
+) -> Tensor<B, 1> {
+    let p = activation::sigmoid(logits.clone());
+    let bce = (quality.clone() * activation::log_sigmoid(logits.clone())
+        + quality.clone().neg().add_scalar(1.0) * activation::log_sigmoid(logits.neg()))
+    .neg();
+    let pos_w = (quality - p.clone())
+        .abs()
+        .powf_scalar(gamma)
+        .mul_scalar(alpha);
+    let neg_w = p.powf_scalar(gamma).mul_scalar(1.0 - alpha);
+    let w = pos.clone() * pos_w + pos.neg().add_scalar(1.0) * neg_w;
+    (w * bce).sum()
+}
