@@ -74,7 +74,10 @@ mod tests {
     fn pointwise_matches_burn_conv() {
         let device = Default::default();
         B::seed(&device, 7);
-        for padding in [PaddingConfig2d::Valid, PaddingConfig2d::Explicit(0, 0, 0, 0)] {
+        for padding in [
+            PaddingConfig2d::Valid,
+            PaddingConfig2d::Explicit(0, 0, 0, 0),
+        ] {
             let mut conv: Conv2d<B> = Conv2dConfig::new([6, 5], [1, 1])
                 .with_padding(padding)
                 .init(&device);
@@ -89,7 +92,11 @@ mod tests {
                 .zip(fast.iter().zip(&reference))
             {
                 assert_eq!(a.len(), b.len(), "{what}");
-                let err = a.iter().zip(b).map(|(p, q)| (p - q).abs()).fold(0.0, f32::max);
+                let err = a
+                    .iter()
+                    .zip(b)
+                    .map(|(p, q)| (p - q).abs())
+                    .fold(0.0, f32::max);
                 assert!(err < 1e-4, "{what}: max |difference| {err}");
             }
         }

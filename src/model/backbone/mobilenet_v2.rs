@@ -6,8 +6,8 @@ use burn::nn::{Linear, LinearConfig};
 use burn::tensor::{backend::Backend, Tensor};
 
 use super::resnet::conv;
-use crate::model::conv::conv2d;
 use super::{BackboneConfig, BackboneFeatures};
+use crate::model::conv::conv2d;
 use crate::model::norm::{Norm2d, NormKind};
 
 /// torchvision's `_make_divisible`: round to a multiple of `divisor` without losing > 10 %.
