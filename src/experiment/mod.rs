@@ -36,9 +36,9 @@ pub const KNOWN_GRIDS: &[&str] = &["od-detr"];
 
 /// Base overrides of the `od-detr` grid, sized so that 5 variants × 3 seeds fit about 90 min on
 /// 2 CPU cores: 600 steps per run, with the model, loss and loop the grid's reported results
-/// were measured with (3 decoder layers, no denoising, one replica, one-hot classification
-/// targets), whatever the default config has since become. Adjust here, or per call with
-/// `--set`, which applies after these.
+/// were measured with (128 px inputs, 3 decoder layers, no denoising, one replica, one-hot
+/// classification targets), whatever the default config has since become. Adjust here, or per
+/// call with `--set`, which applies after these.
 pub const OD_DETR_BASE_OVERRIDES: &[&str] = &[
     "optim.epochs=3",
     "eval.every_epochs=1",
@@ -46,6 +46,8 @@ pub const OD_DETR_BASE_OVERRIDES: &[&str] = &[
     "model.denoising.groups=0",
     "optim.replicas=1",
     "loss.class_target=\"onehot\"",
+    "data.augment.shorter=128",
+    "data.augment.max_size=128",
 ];
 
 /// One arm of a grid: a name (also its folder name) and its config overrides.
