@@ -1,11 +1,14 @@
 //! densekd: knowledge distillation for object detection and semantic segmentation on burn.
 //!
-//! The modules follow the data flow: [`data`] (datasets, readers, transforms, loading) →
-//! [`ops`] (boxes, matching, losses shared by detectors) → [`eval`] (COCO and mIoU evaluation,
-//! exact to the reference tools) → [`model`] (backbones, detectors, weight import) →
-//! [`distill`] (methods as plug-ins of the loop) → [`loss`] → [`train`] (the task-independent
-//! loop, configs, checkpoints) → [`experiment`] (variant × seed grids and their reports) →
-//! [`predict`] and [`viz`] (plots, drawn detections).
+//! Dependencies run one way, leaves first:
+//! [`data`] (datasets, readers, transforms, the loader) and [`ops`] (boxes, matching, shared
+//! losses) → [`eval`] (COCO and mIoU, exact to the reference tools) → [`task`] (what a model
+//! kind provides to training, and the types the loop and the distillers share) → [`model`]
+//! (shared layers, backbones, weight import, and each model kind in its own folder with its
+//! outputs, loss and `Task`, e.g. [`model::detr`]) → [`distill`] (the `Distiller` trait, EMA
+//! and frozen teachers, OD-DETR) → [`train`] (config, the loop, checkpoints; only `train::config` and
+//! `train::run` name the model kinds, to read and build a config's task) → [`experiment`] (variant × seed grids and
+//! reports); [`predict`] and [`viz`] use the exported models and the logs.
 
 pub mod backend;
 pub mod data;
@@ -13,10 +16,10 @@ pub mod distill;
 pub mod error;
 pub mod eval;
 pub mod experiment;
-pub mod loss;
 pub mod model;
 pub mod ops;
 pub mod predict;
+pub mod task;
 pub mod train;
 pub mod viz;
 

@@ -43,7 +43,7 @@ enum Command {
 
 #[derive(Args)]
 struct ExperimentArgs {
-    /// Grid name (known: od-detr).
+    /// Grid: the name of a file in configs/experiments (e.g. od-detr), or a grid file's path.
     name: String,
     /// Seeds per variant (seed k trains with the config's seed + k).
     #[arg(long, default_value_t = 3)]
@@ -55,7 +55,7 @@ struct ExperimentArgs {
     /// after the grid's base overrides and before each variant's own, so a variant's keys win.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
-    /// TOML config every run starts from (default: the grid's, configs/detr_shapes.toml).
+    /// TOML config every run starts from (default: the one the grid file names).
     #[arg(long)]
     config: Option<PathBuf>,
 }
@@ -427,7 +427,7 @@ fn experiment(args: ExperimentArgs) -> Result<()> {
     let report = run_experiment(&grid, &options)?;
     print!("{}", report.to_markdown());
     println!(
-        "\nreport: {} (also report.json, ap.png, instability.png)",
+        "\nreport: {} (also report.json and plots)",
         out.join("report.md").display()
     );
     Ok(())

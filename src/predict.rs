@@ -12,7 +12,7 @@ use crate::data::detection::{collate_detection, prepare_image};
 use crate::data::images::{list_images, load_rgb, save_png};
 use crate::error::{Error, Result};
 use crate::model::detr::postprocess;
-use crate::train::detr::load_detector;
+use crate::model::{load_export, Exported};
 
 /// How to predict.
 #[derive(Debug, Clone)]
@@ -71,7 +71,7 @@ pub fn predict<B: Backend>(
     options: &PredictOptions,
     device: &B::Device,
 ) -> Result<PredictSummary> {
-    let (model, info) = load_detector::<B>(weights, device)?;
+    let Exported::Detr(model, info) = load_export::<B>(weights, device)?;
     let names: Vec<String> = info.categories.iter().map(|c| c.name.clone()).collect();
     let ids: Vec<u64> = match &options.gt {
         Some(gt_path) => {

@@ -4,7 +4,7 @@
 use burn::tensor::{Tensor, TensorData};
 use densekd::backend::Training;
 use densekd::data::detection::DetTarget;
-use densekd::loss::detr::{centre_assignment, match_batch, set_losses, SetLossWeights};
+use densekd::model::detr::loss::{centre_assignment, match_batch, set_losses, SetLossWeights};
 use densekd::ops::matcher::MatchCosts;
 use serde_json::Value;
 
@@ -211,7 +211,7 @@ fn centre_assignment_picks_the_level_and_the_tokens_near_each_centre() {
 
 #[test]
 fn iou_class_target_trains_toward_the_matched_box_iou() {
-    use densekd::loss::detr::ClassTarget;
+    use densekd::model::detr::loss::ClassTarget;
     use densekd::ops::matcher::Assignment;
     let device = Default::default();
     let logits = [0.3f32, -1.2, 0.8, -0.4, -2.0, 1.5];

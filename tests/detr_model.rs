@@ -6,13 +6,13 @@ use burn::nn::attention::{MhaInput, MultiHeadAttentionConfig};
 use burn::tensor::{Bool, Tensor, TensorData};
 use densekd::backend::{Inference, Training};
 use densekd::data::detection::DetTarget;
-use densekd::loss::detr::{detr_loss, ProposalAssignment, SetLossWeights};
+use densekd::model::detr::loss::{detr_loss, ProposalAssignment, SetLossWeights};
 use densekd::model::backbone::{Arch, BackboneConfig};
-use densekd::model::denoising::{denoising_groups, DenoisingConfig};
+use densekd::model::detr::denoising::{denoising_groups, DenoisingConfig};
 use densekd::model::detr::{narrow_layers, DetrConfig, InitialQueries};
-use densekd::model::norm::NormKind;
-use densekd::model::position::{box_gaussian_prior, cell_centres, sine_position_encoding};
-use densekd::model::transformer::{biased_attention, group_attention_mask, LayerConfig};
+use densekd::model::layers::norm::NormKind;
+use densekd::model::layers::position::{box_gaussian_prior, cell_centres, sine_position_encoding};
+use densekd::model::layers::transformer::{biased_attention, group_attention_mask, LayerConfig};
 use densekd::ops::matcher::MatchCosts;
 use serde_json::Value;
 
@@ -462,14 +462,14 @@ fn every_parameter_of_a_fresh_model_is_trained() {
             images,
             &vec![false; 2 * 64 * 64],
             2,
-            Some((dn.queries.clone(), dn.group_sizes())),
+            vec![(dn.queries.clone(), dn.group_sizes())],
         );
         let weights = SetLossWeights {
             proposal_assignment: ProposalAssignment::Centre,
             ..SetLossWeights::default()
         };
         let loss = detr_loss(&output, &targets, &weights, &MatchCosts::default()).expect("loss");
-        let total = loss.total + dn.loss(&extra, &targets, &weights).expect("dn loss");
+        let total = loss.weighted(&weights) + dn.loss(&extra[0], &targets, &weights).expect("dn loss");
         let grads = total.backward();
         let mut visitor = Untrained {
             grads: &grads,

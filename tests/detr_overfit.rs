@@ -14,11 +14,11 @@ use densekd::data::export::synth_coco;
 use densekd::data::loader::Source;
 use densekd::data::synth::{Split, SynthConfig, NUM_CLASSES};
 use densekd::eval::coco::{CocoEvaluator, CocoStats};
-use densekd::loss::detr::{detr_loss, ClassTarget, SetLossWeights};
+use densekd::model::detr::loss::{detr_loss, ClassTarget, SetLossWeights};
 use densekd::model::backbone::{Arch, BackboneConfig};
 use densekd::model::detr::{postprocess, Detr, DetrConfig};
-use densekd::model::norm::NormKind;
-use densekd::model::transformer::LayerConfig;
+use densekd::model::layers::norm::NormKind;
+use densekd::model::layers::transformer::LayerConfig;
 use densekd::ops::matcher::MatchCosts;
 use rand::SeedableRng;
 
@@ -116,13 +116,15 @@ fn tiny_detr_learns_eight_images() {
     let t0 = std::time::Instant::now();
     for _ in 0..steps {
         let out = model.forward(images.clone(), &batch.padding, cfg.groups);
-        let loss = detr_loss(&out, &batch.targets, &weights, &costs).expect("loss");
-        losses.push(loss.total.clone().into_scalar());
+        let loss = detr_loss(&out, &batch.targets, &weights, &costs)
+            .expect("loss")
+            .weighted(&weights);
+        losses.push(loss.clone().into_scalar());
         assert!(
             losses.last().is_some_and(|l| l.is_finite()),
             "loss diverged: {losses:?}"
         );
-        let grads = GradientsParams::from_grads(loss.total.backward(), &model);
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
         model = optim.step(lr, model, grads);
     }
     let after = evaluate(&model.valid());

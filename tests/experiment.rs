@@ -8,8 +8,10 @@ use std::path::{Path, PathBuf};
 
 use densekd::experiment::{
     aggregate, named_grid, plan, read_run, run_dir, run_state, shadowed_overrides, write_report,
+    ReportSpec,
     ExperimentOptions, Grid, RunState, Variant, VariantRuns,
 };
+use densekd::model::detr::task::DETR_METRICS;
 use densekd::train::config::TrainConfig;
 use serde_json::{json, Value};
 
@@ -71,15 +73,20 @@ fn named_grids() {
         ["baseline", "ema", "ema+a", "ema+a+b", "ema+a+b+c"],
         "variant order"
     );
-    assert_eq!(grid.config, Path::new("configs/detr_shapes.toml"));
-    assert_eq!(grid.variants[0].overrides, [r#"distill.method="none""#]);
+    assert_eq!(
+        grid.config,
+        Path::new("configs/experiments/../detr_shapes.toml")
+    );
+    assert!(grid.variants[0].overrides.is_empty());
     assert_eq!(
         grid.variants[3].overrides,
         [
             r#"distill.method="od-detr""#,
-            "distill.od_detr.guided_matching=true",
-            "distill.od_detr.pd=true",
-            "distill.od_detr.aux=false",
+            "distill.pd_weight=0.25",
+            "distill.ramp_steps=300",
+            "distill.guided_matching=true",
+            "distill.pd=true",
+            "distill.aux=false",
         ]
     );
     assert!(grid.base_overrides.contains(&"optim.epochs=3".to_string()));
@@ -188,7 +195,7 @@ fn run_folders_are_reused_resumed_or_refused() {
         run_state(&partial, &config).expect("partial"),
         RunState::Resume
     );
-    assert!(read_run(&partial).expect("read").is_none(), "not finished");
+    assert!(read_run(&partial, "AP").expect("read").is_none(), "not finished");
 }
 
 #[test]
@@ -235,7 +242,7 @@ fn report_aggregates_finished_runs() {
     let mut variants = Vec::new();
     for name in ["baseline", "ema", "ema+a"] {
         let runs = (0..2)
-            .filter_map(|k| read_run(&run_dir(out, name, k)).expect("read run"))
+            .filter_map(|k| read_run(&run_dir(out, name, k), "AP").expect("read run"))
             .collect();
         variants.push(VariantRuns {
             name: name.to_string(),
@@ -250,11 +257,15 @@ fn report_aggregates_finished_runs() {
         &overrides,
         2,
         &variants,
+        &ReportSpec {
+            metrics: DETR_METRICS,
+            labels: vec!["student".into(), "ema".into()],
+        },
     );
     assert_eq!(report.total_wall_s, 350.0);
     let baseline = &report.variants[0];
     assert_eq!(
-        baseline.student.ap_curve,
+        baseline.student().curve,
         [(1.0, 0.1), (2.0, 0.2)],
         "mean curve"
     );
@@ -334,7 +345,7 @@ fn malformed_run_files_are_named() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path().join("run");
     write(&dir.join("summary.json"), r#"{"final": {}}"#);
-    let e = read_run(&dir).expect_err("no wall_s");
+    let e = read_run(&dir, "AP").expect_err("no wall_s");
     assert!(e.to_string().contains("summary.json") && e.to_string().contains("wall_s"));
 
     fake_run(
@@ -347,7 +358,7 @@ fn malformed_run_files_are_named() {
         &dir.join("metrics.jsonl"),
         "{\"kind\":\"instability\",\"epoch\":1,\"model\":\"student\"}\n",
     );
-    let e = read_run(&dir).expect_err("no fraction");
+    let e = read_run(&dir, "AP").expect_err("no fraction");
     let msg = e.to_string();
     assert!(
         msg.contains("metrics.jsonl") && msg.contains("line 1") && msg.contains("fraction"),
@@ -384,25 +395,25 @@ fn tiny_grid_trains_reuses_resumes_and_refuses() {
     let two = ExperimentOptions { seeds: 2, ..one };
     let report = run_experiment(&grid, &two).expect("second seed");
     assert!(report.variants.iter().all(|v| v.seeds == 2), "{report:?}");
-    let low1 = read_run(&run_dir(&out, "low", 1))
+    let low1 = read_run(&run_dir(&out, "low", 1), "AP")
         .expect("read")
         .expect("finished");
     let low1_config =
         std::fs::read_to_string(run_dir(&out, "low", 1).join("config.toml")).expect("config");
     assert!(low1_config.contains("seed = 1"), "{low1_config}");
-    assert!(!low1.ap_curve.is_empty());
+    assert!(!low1.curve.is_empty());
 
     // A run killed after its last checkpoint but before summary.json is resumed, not retrained,
     // and ends with the same numbers (CPU training is deterministic).
     let low0 = run_dir(&out, "low", 0);
-    let before = read_run(&low0).expect("read").expect("finished");
+    let before = read_run(&low0, "AP").expect("read").expect("finished");
     std::fs::remove_file(low0.join("summary.json")).expect("remove summary");
     let resumed = run_experiment(&grid, &two).expect("resume");
-    let after = read_run(&low0).expect("read").expect("finished again");
+    let after = read_run(&low0, "AP").expect("read").expect("finished again");
     assert_eq!(after.final_stats, before.final_stats);
     assert_eq!(
-        resumed.variants[0].student.ap,
-        report.variants[0].student.ap
+        resumed.variants[0].student().stat("AP"),
+        report.variants[0].student().stat("AP")
     );
 
     let changed = ExperimentOptions {
@@ -435,7 +446,7 @@ fn cli_runs_the_od_detr_grid() {
         "--out".to_string(),
         out.display().to_string(),
     ];
-    for s in tiny().chain(["eval.instability_images=4"]) {
+    for s in tiny().chain(["detr.eval.instability_images=4"]) {
         args.push("--set".to_string());
         args.push(s.to_string());
     }

@@ -9,7 +9,7 @@ use densekd::data::images::load_rgb;
 use densekd::data::transforms::{imagenet_eval_crop, pil_resize_bilinear};
 use densekd::model::backbone::{Arch, BackboneConfig};
 use densekd::model::classify::{classify_images, load_imagenet_model, top_k};
-use densekd::model::norm::NormKind;
+use densekd::model::layers::norm::NormKind;
 use densekd::model::weights::{load_pytorch, LoadOptions};
 use serde_json::Value;
 

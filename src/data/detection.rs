@@ -286,38 +286,27 @@ pub fn collate_detection(samples: Vec<DetSample>, size_divisor: u32) -> Result<D
 
 impl DetBatch {
     /// Splits the batch into at most `parts` shards of consecutive images for data-parallel
-    /// replicas, each with the weight of its loss and a seed derived from `seed`. A shard's
-    /// losses are normalised by its own boxes, so weighting it by its share of the boxes makes
-    /// the weighted sum the whole batch's loss (Deformable-DETR all-reduces the box count for
-    /// the same reason); a shard without boxes counts as one box.
-    pub fn split(self, parts: usize, seed: u64) -> Vec<(DetBatch, f64)> {
+    /// replicas, each with a seed derived from `seed`.
+    pub fn split(self, parts: usize, seed: u64) -> Vec<DetBatch> {
         let [n, c, h, w] = self.shape;
         let per = n.div_ceil(parts.max(1)).max(1);
         if per >= n {
             // One shard: the batch itself, without copying its pixels.
             let seed = crate::data::derive_seed(&[seed, 0]);
-            return vec![(DetBatch { seed, ..self }, 1.0)];
+            return vec![DetBatch { seed, ..self }];
         }
-        let counts: Vec<f64> = self
-            .targets
-            .chunks(per)
-            .map(|t| t.iter().map(|t| t.boxes.len()).sum::<usize>().max(1) as f64)
-            .collect();
-        let total: f64 = counts.iter().sum();
         self.targets
             .chunks(per)
-            .zip(counts)
             .enumerate()
-            .map(|(k, (targets, count))| {
+            .map(|(k, targets)| {
                 let (start, m) = (k * per, targets.len());
-                let shard = DetBatch {
+                DetBatch {
                     images: self.images[start * c * h * w..(start + m) * c * h * w].to_vec(),
                     padding: self.padding[start * h * w..(start + m) * h * w].to_vec(),
                     shape: [m, c, h, w],
                     targets: targets.to_vec(),
                     seed: crate::data::derive_seed(&[seed, k as u64]),
-                };
-                (shard, count / total)
+                }
             })
             .collect()
     }

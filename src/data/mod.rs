@@ -2,6 +2,7 @@
 //! transforms, and the parallel loader.
 
 pub mod coco;
+pub mod config;
 pub mod detection;
 pub mod export;
 pub mod images;

@@ -1,24 +1,50 @@
-//! Distillers: how a method plugs into the training loop. A distiller may run extra forward
-//! passes (a teacher), replace or extend the task's loss, act after every optimiser step (an EMA
-//! update), add models to evaluate and export, and keep state across checkpoints.
+//! Distillers: how a method plugs into the training loop. A distiller may own modules trained
+//! with the student (connectors, adapters, an implicit teacher), hold frozen teachers loaded
+//! from earlier runs, replace or extend the task's loss with extra forward passes, act after
+//! every optimiser step (an EMA update), add models to evaluate and export, and keep state
+//! across checkpoints as one typed record.
 
 pub mod ema;
 pub mod od_detr;
+pub mod teacher;
+
+use std::marker::PhantomData;
 
 use burn::module::AutodiffModule;
+use burn::record::Record;
 use burn::tensor::backend::AutodiffBackend;
+use serde::{Deserialize, Serialize};
 
-use crate::error::Result;
-use crate::train::{Losses, Task};
-
-/// The inference form of a task's model.
-pub type InnerModel<B, T> = <<T as Task<B>>::Model as AutodiffModule<B>>::InnerModule;
+use crate::error::{Error, Result};
+use crate::task::{InnerModel, Losses, Task};
+use teacher::FrozenTeacher;
 
 /// A distillation method, generic over the task it distils.
 pub trait Distiller<B: AutodiffBackend, T: Task<B>> {
-    /// The loss of one batch; plain training is the task's own loss.
-    fn loss(&self, task: &T, student: &T::Model, batch: &T::Batch) -> Result<Losses<B>> {
-        task.loss(student, batch)
+    /// Modules trained in the same loop as the student, with their own parameter group
+    /// (`PhantomData<B>` when there are none). They are checkpointed with the student and
+    /// never exported.
+    type Trainable: AutodiffModule<B> + Clone + Send;
+    /// Untrained state to checkpoint, e.g. an EMA teacher and its update count (`()` for none).
+    type State: Record<B::InnerBackend>;
+
+    /// The trainable modules at step 0.
+    fn init_trainable(&self, device: &B::Device) -> Result<Self::Trainable>;
+
+    /// Learning-rate multiplier of the trainable modules' parameter group.
+    fn lr_mult(&self) -> f64 {
+        1.0
+    }
+
+    /// The loss of one batch; plain training is the task's own forward and loss.
+    fn loss(
+        &self,
+        task: &T,
+        student: &T::Model,
+        _trainable: &Self::Trainable,
+        batch: &T::Batch,
+    ) -> Result<Losses<B>> {
+        task.loss(&task.forward(student, batch)?, batch)
     }
 
     /// Called after every optimiser step with the updated student.
@@ -29,45 +55,94 @@ pub trait Distiller<B: AutodiffBackend, T: Task<B>> {
         Vec::new()
     }
 
-    /// Named records to checkpoint.
-    fn state(&self) -> Result<Vec<(String, Vec<u8>)>> {
-        Ok(Vec::new())
-    }
-
-    /// Names of the records [`Distiller::state`] writes.
-    fn state_names(&self) -> Vec<&'static str> {
+    /// Frozen teachers, evaluated once before step 0.
+    fn teachers(&self) -> Vec<&FrozenTeacher<InnerModel<B, T>>> {
         Vec::new()
     }
 
-    /// Restores the records written by [`Distiller::state`].
-    fn load_state(&mut self, _parts: &[(String, Vec<u8>)], _device: &B::Device) -> Result<()> {
-        Ok(())
-    }
+    /// The state to checkpoint.
+    fn state(&self) -> Self::State;
+
+    /// Restores a state written by [`Distiller::state`].
+    fn load_state(&mut self, state: Self::State);
 }
 
 /// No distillation: the task's loss alone (the baseline of every method).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct NoDistill;
 
-impl<B: AutodiffBackend, T: Task<B>> Distiller<B, T> for NoDistill {}
+impl<B: AutodiffBackend, T: Task<B>> Distiller<B, T> for NoDistill {
+    type Trainable = PhantomData<B>;
+    type State = ();
 
-/// Which distillation method trains the model.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum DistillMethod {
-    /// Plain training.
-    #[default]
-    None,
-    /// OD-DETR: online distillation from an EMA teacher.
-    OdDetr,
+    fn init_trainable(&self, _device: &B::Device) -> Result<PhantomData<B>> {
+        Ok(PhantomData)
+    }
+
+    fn state(&self) {}
+
+    fn load_state(&mut self, _state: ()) {}
 }
 
-/// The `[distill]` section of a training config.
-#[derive(Debug, Clone, PartialEq, Default, serde::Serialize, serde::Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct DistillConfig {
-    /// The method.
-    pub method: DistillMethod,
-    /// OD-DETR's settings (used when `method = "od-detr"`).
-    pub od_detr: od_detr::OdDetrConfig,
+/// Plain training's (empty) `[distill]` settings.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NoDistillConfig {}
+
+/// The `[distill]` section: `method` picks the method, and the method's own settings sit
+/// beside it in the same table.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "method", rename_all = "kebab-case")]
+pub enum DistillConfig {
+    /// Plain training.
+    None(NoDistillConfig),
+    /// OD-DETR: online distillation from an EMA teacher.
+    OdDetr(od_detr::OdDetrConfig),
+}
+
+impl Default for DistillConfig {
+    fn default() -> Self {
+        DistillConfig::None(NoDistillConfig {})
+    }
+}
+
+impl DistillConfig {
+    /// The method's name as configs spell it.
+    pub fn method(&self) -> &'static str {
+        match self {
+            DistillConfig::None(_) => "none",
+            DistillConfig::OdDetr(_) => "od-detr",
+        }
+    }
+
+    /// Labels of the models a run evaluates: `student`, then the method's own.
+    pub fn model_labels(&self) -> Vec<&'static str> {
+        match self {
+            DistillConfig::None(_) => vec!["student"],
+            DistillConfig::OdDetr(_) => vec!["student", od_detr::EMA_LABEL],
+        }
+    }
+
+    /// Checks the method's settings and that it applies to the model kind `kind`.
+    pub fn validate(&self, kind: &str) -> Result<()> {
+        let supported: &[&str] = match self {
+            DistillConfig::None(_) => return Ok(()),
+            DistillConfig::OdDetr(c) => {
+                c.validate()?;
+                &["detr"]
+            }
+        };
+        if supported.contains(&kind) {
+            Ok(())
+        } else {
+            Err(Error::config(
+                "distill.method",
+                format!(
+                    "`{}` does not apply to the model kind `{kind}` (it distils: {})",
+                    self.method(),
+                    supported.join(", ")
+                ),
+            ))
+        }
+    }
 }

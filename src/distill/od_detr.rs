@@ -10,6 +10,8 @@
 //!     cost, with a fixed one-to-two assignment.
 //! Extra groups are masked from each other; nothing changes at inference.
 
+use std::marker::PhantomData;
+
 use burn::module::{AutodiffModule, Module};
 use burn::tensor::activation::{log_sigmoid, sigmoid};
 use burn::tensor::backend::{AutodiffBackend, Backend};
@@ -18,19 +20,20 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::detection::{DetBatch, DetTarget};
 use crate::distill::ema::{Ema, EmaConfig};
-use crate::distill::{Distiller, InnerModel};
+use crate::distill::Distiller;
 use crate::error::{Error, Result};
-use crate::loss::detr::{
-    match_batch, matched_box_losses, proposal_losses, set_losses, SetLossWeights, SetLosses,
+use crate::model::detr::loss::{
+    match_batch, matched_box_losses, set_losses, SetLossWeights, SetLosses,
 };
-use crate::model::denoising::denoising_groups;
-use crate::model::detr::{narrow_layers, Detr, Encoded, InitialQueries, LayerPrediction};
+use crate::model::detr::task::DetrTask;
+use crate::model::detr::{Detr, DetrRecord, InitialQueries, LayerPrediction, Proposals};
 use crate::ops::boxes::{box_cxcywh_to_xyxy, iou_cxcywh, paired_generalized_box_iou};
 use crate::ops::losses::quality_focal_loss;
 use crate::ops::matcher::{match_cost_matrix, Assignment, MatchCosts};
-use crate::train::checkpoint::{load_record, record_bytes};
-use crate::train::detr::DetrTask;
-use crate::train::{Losses, Task};
+use crate::task::{InnerModel, Losses, Task};
+
+/// The label of the EMA teacher in logs, reports and `model-ema.safetensors`.
+pub const EMA_LABEL: &str = "ema";
 
 /// OD-DETR settings; the EMA alone (all three mechanisms off) is the "EMA only" baseline.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -77,6 +80,28 @@ impl Default for OdDetrConfig {
     }
 }
 
+impl OdDetrConfig {
+    /// Checks the ranges, naming the key.
+    pub fn validate(&self) -> Result<()> {
+        if !(0.0..1.0).contains(&self.ema.decay) {
+            return Err(Error::config(
+                "distill.ema.decay",
+                format!("must be in [0, 1), got {}", self.ema.decay),
+            ));
+        }
+        for (key, v) in [
+            ("distill.pd_weight", self.pd_weight),
+            ("distill.pd_class_weight", self.pd_class_weight),
+            ("distill.aux_weight", self.aux_weight),
+        ] {
+            if !(v.is_finite() && v >= 0.0) {
+                return Err(Error::config(key, format!("must be ≥ 0, got {v}")));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The OD-DETR distiller: the EMA teacher and the settings.
 pub struct OdDetr<B: AutodiffBackend> {
     config: OdDetrConfig,
@@ -90,11 +115,6 @@ impl<B: AutodiffBackend> OdDetr<B> {
             config,
             ema: Ema::new(student.valid(), config.ema),
         }
-    }
-
-    /// The teacher.
-    pub fn teacher(&self) -> &Detr<B::InnerBackend> {
-        &self.ema.model
     }
 
     fn ramp(&self) -> f64 {
@@ -217,13 +237,13 @@ fn pd_loss<B: AutodiffBackend>(
 /// For each student query of group 0, the teacher query on the same encoder token (two-stage)
 /// or in the same slot (learned queries), if any.
 fn correspondence<B: Backend, C: Backend>(
-    student: &Encoded<B>,
-    teacher: &Encoded<C>,
+    student: Option<&Proposals<B>>,
+    teacher: Option<&Proposals<C>>,
     batch: usize,
     queries: usize,
 ) -> Vec<Vec<Option<usize>>> {
-    let student = student.proposals.as_ref().and_then(|p| p.selected.as_ref());
-    let teacher = teacher.proposals.as_ref().and_then(|p| p.selected.as_ref());
+    let student = student.and_then(|p| p.selected.as_ref());
+    let teacher = teacher.and_then(|p| p.selected.as_ref());
     match (student, teacher) {
         (Some(s), Some(t)) => (0..batch)
             .map(|i| {
@@ -311,150 +331,152 @@ fn aux_group<B: AutodiffBackend>(
     )))
 }
 
+impl<B: AutodiffBackend> OdDetr<B> {
+    /// Which target the teacher counterpart of each of the student's group-0 queries was matched
+    /// to, per image (mechanism (a)).
+    fn teacher_targets(
+        &self,
+        student: Option<&Proposals<B>>,
+        teacher: &crate::model::detr::DetrOutput<B::InnerBackend>,
+        targets: &[DetTarget],
+        costs: &MatchCosts,
+        queries: usize,
+    ) -> Result<Vec<Vec<Option<usize>>>> {
+        let last = teacher.last();
+        let t_match = match_batch(&last.logits, &last.boxes, targets, costs)?;
+        let corr = correspondence(student, teacher.proposals.as_ref(), targets.len(), queries);
+        Ok(corr
+            .iter()
+            .zip(&t_match)
+            .map(|(corr, m)| {
+                let mut of_teacher = vec![None; queries];
+                for &(query, target) in &m.pairs {
+                    of_teacher[query] = Some(target);
+                }
+                corr.iter().map(|t| t.and_then(|t| of_teacher[t])).collect()
+            })
+            .collect())
+    }
+}
+
 impl<B: AutodiffBackend> Distiller<B, DetrTask> for OdDetr<B> {
-    fn loss(&self, task: &DetrTask, student: &Detr<B>, batch: &DetBatch) -> Result<Losses<B>> {
+    type Trainable = PhantomData<B>;
+    type State = (DetrRecord<B::InnerBackend>, usize);
+
+    fn init_trainable(&self, _device: &B::Device) -> Result<PhantomData<B>> {
+        Ok(PhantomData)
+    }
+
+    fn loss(
+        &self,
+        task: &DetrTask,
+        student: &Detr<B>,
+        _trainable: &PhantomData<B>,
+        batch: &DetBatch,
+    ) -> Result<Losses<B>> {
         let c = self.config;
         if !(c.guided_matching || c.pd || c.aux) {
-            return task.loss(student, batch);
+            return task.loss(&task.forward(student, batch)?, batch);
         }
-        let cfg = task.config();
-        let (w, costs) = (&cfg.loss, &cfg.matcher);
+        let section = task.section();
+        let (w, costs) = (&section.loss, &section.matcher);
         let targets = &batch.targets;
         let norm = (targets.iter().map(|t| t.boxes.len()).sum::<usize>() as f64).max(1.0);
         let device = student.query_content.device();
-        let images = batch.images_tensor::<B>(&device);
         let q = student.num_queries;
 
-        let teacher = &self.ema.model;
-        let t_enc = teacher.encode(images.clone().inner(), &batch.padding);
-        let t_queries = teacher.initial_queries(&t_enc, 1);
-        let t_layers = teacher.decode(&t_enc, t_queries.clone(), &[q]);
-        let t_last = t_layers
-            .last()
-            .ok_or_else(|| Error::config("od_detr", "the teacher has no decoder layers"))?;
+        let teacher = self.ema.model.forward(
+            batch.images_tensor::<B::InnerBackend>(&device),
+            &batch.padding,
+            1,
+        );
+        let t_last = teacher.last();
 
-        let enc = student.encode(images, &batch.padding);
-        let main_groups = student.groups;
-        let mut groups = vec![student.initial_queries(&enc, main_groups)];
-        let mut sizes = vec![q; main_groups];
+        // The student decodes the teacher's initial queries (b) and its stage queries (c) as
+        // extra groups after its own.
+        let mut extra = Vec::new();
         if c.pd {
-            groups.push(InitialQueries {
-                content: constant::<B, 3>(t_queries.content.clone()),
-                reference: constant::<B, 3>(t_queries.reference.clone()),
+            extra.push(InitialQueries {
+                content: constant::<B, 3>(teacher.queries.content.clone()),
+                reference: constant::<B, 3>(teacher.queries.reference.clone()),
             });
-            sizes.push(q);
         }
         let aux = if c.aux {
-            aux_group::<B>(&t_layers, targets, c.aux_per_target, costs)?
+            aux_group::<B>(&teacher.layers, targets, c.aux_per_target, costs)?
         } else {
             None
         };
         if let Some((queries, _)) = &aux {
-            sizes.push(queries.len());
-            groups.push(queries.clone());
+            extra.push(queries.clone());
         }
-        let dn = denoising_groups(student, targets, batch.seed);
-        if let Some(dn) = &dn {
-            sizes.extend(dn.group_sizes());
-            groups.push(dn.queries.clone());
-        }
-        let layers = student.decode(&enc, InitialQueries::cat(groups), &sizes);
+        let forward = task.forward_with(student, batch, extra);
 
-        // Main groups: the student's own matching on every layer, plus (a) on group 0.
-        let b = targets.len();
-        let teacher_targets = if c.guided_matching {
-            let t_match = match_batch(&t_last.logits, &t_last.boxes, targets, costs)?;
-            let corr = correspondence(&enc, &t_enc, b, q);
-            corr.iter()
-                .zip(&t_match)
-                .map(|(corr, m)| {
-                    let mut of_teacher = vec![None; q];
-                    for &(query, target) in &m.pairs {
-                        of_teacher[query] = Some(target);
-                    }
-                    corr.iter().map(|t| t.and_then(|t| of_teacher[t])).collect()
-                })
-                .collect::<Vec<Vec<Option<usize>>>>()
-        } else {
-            Vec::new()
+        // (a): group 0 is supervised by its own matching and its teacher counterparts'.
+        let teacher_targets = match c.guided_matching {
+            true => Some(self.teacher_targets(
+                forward.output.proposals.as_ref(),
+                &teacher,
+                targets,
+                costs,
+                q,
+            )?),
+            false => None,
         };
-        let mut det: Option<[Tensor<B, 1>; 3]> = None;
-        let mut add = |l: SetLosses<B>| {
-            det = Some(match det.take() {
-                None => [l.class, l.bbox, l.giou],
-                Some([x, y, z]) => [x + l.class, y + l.bbox, z + l.giou],
-            });
-        };
-        for g in 0..main_groups {
-            for layer in narrow_layers(&layers, g * q, q) {
-                let own = match_batch(&layer.logits, &layer.boxes, targets, costs)?;
-                add(if g == 0 && c.guided_matching {
-                    guided_losses(
-                        layer.logits,
-                        layer.boxes,
-                        targets,
-                        &own,
-                        &teacher_targets,
-                        c.teacher_target_only_unmatched,
-                        norm,
-                        w,
-                    )
-                } else {
-                    set_losses(layer.logits, layer.boxes, targets, &own, norm, w)
-                });
+        let guided = teacher_targets.as_ref().map(|teacher_targets| {
+            move |group: usize, logits, boxes, own: &[Assignment], n: f64| match group {
+                0 => guided_losses(
+                    logits,
+                    boxes,
+                    targets,
+                    own,
+                    teacher_targets,
+                    c.teacher_target_only_unmatched,
+                    n.max(1.0),
+                    w,
+                ),
+                _ => set_losses(logits, boxes, targets, own, n, w),
             }
-        }
-        if let Some(p) = &enc.proposals {
-            add(proposal_losses(p, targets, w, costs)?);
-        }
-        let [class, bbox, giou] =
-            det.ok_or_else(|| Error::config("od_detr", "the student has no decoder layers"))?;
-        let mut total = class.clone().mul_scalar(w.class)
-            + bbox.clone().mul_scalar(w.bbox)
-            + giou.clone().mul_scalar(w.giou);
-        let mut terms = vec![
-            ("loss_class".to_string(), class),
-            ("loss_bbox".to_string(), bbox),
-            ("loss_giou".to_string(), giou),
-        ];
+        });
+        let group_loss = guided
+            .as_ref()
+            .map(|f| f as &crate::model::detr::loss::GroupLoss<'_, B>);
+        let mut losses = task.main_losses(&forward, targets, group_loss)?;
+
         let ramp = self.ramp();
-        let mut start = main_groups * q;
+        let mut extra_layers = forward.extra.iter();
         if c.pd {
+            let b = targets.len();
             let confidence = constant::<B, 2>(
                 sigmoid(t_last.logits.clone())
                     .max_dim(2)
                     .reshape([b, q])
                     .detach(),
             );
-            let pd = narrow_layers(&layers, start, q)
-                .iter()
-                .zip(&t_layers)
+            let pd = extra_layers
+                .next()
+                .into_iter()
+                .flatten()
+                .zip(&teacher.layers)
                 .map(|(s, t)| pd_loss(s, t, confidence.clone(), c.pd_class_weight, w))
                 .reduce(|x, y| x + y)
-                .unwrap_or_else(|| total.zeros_like());
-            total = total + pd.clone().mul_scalar(c.pd_weight * ramp);
-            terms.push(("loss_pd".to_string(), pd));
-            start += q;
+                .unwrap_or_else(|| losses.total.zeros_like());
+            losses.add("loss_pd", pd, c.pd_weight * ramp);
         }
-        if let Some((queries, pairs)) = &aux {
-            let n = queries.len();
-            let aux_loss = narrow_layers(&layers, start, n)
+        if let Some((_, pairs)) = &aux {
+            let aux_loss = extra_layers
+                .next()
                 .into_iter()
-                .map(|l| set_losses(l.logits, l.boxes, targets, pairs, norm, w).weighted(w))
+                .flatten()
+                .map(|l| {
+                    let (logits, boxes) = (l.logits.clone(), l.boxes.clone());
+                    set_losses(logits, boxes, targets, pairs, norm, w).weighted(w)
+                })
                 .reduce(|x, y| x + y)
-                .unwrap_or_else(|| total.zeros_like());
-            total = total + aux_loss.clone().mul_scalar(c.aux_weight * ramp);
-            terms.push(("loss_aux".to_string(), aux_loss));
-            start += n;
+                .unwrap_or_else(|| losses.total.zeros_like());
+            losses.add("loss_aux", aux_loss, c.aux_weight * ramp);
         }
-        if let Some(dn) = &dn {
-            let n = dn.queries.len();
-            if let Some(dn_loss) = dn.loss(&narrow_layers(&layers, start, n), targets, w) {
-                total = total + dn_loss.clone().mul_scalar(student.denoising.weight);
-                terms.push(("loss_dn".to_string(), dn_loss));
-            }
-        }
-        Ok(Losses { total, terms })
+        task.add_denoising(&mut losses, &forward, targets);
+        Ok(losses)
     }
 
     fn after_step(&mut self, student: &Detr<B>, _step: usize) {
@@ -462,48 +484,15 @@ impl<B: AutodiffBackend> Distiller<B, DetrTask> for OdDetr<B> {
     }
 
     fn extra_models(&self) -> Vec<(String, InnerModel<B, DetrTask>)> {
-        vec![("ema".to_string(), self.ema.model.clone())]
+        vec![(EMA_LABEL.to_string(), self.ema.model.clone())]
     }
 
-    fn state(&self) -> Result<Vec<(String, Vec<u8>)>> {
-        Ok(vec![
-            (
-                "ema".to_string(),
-                record_bytes::<B::InnerBackend, _>(self.ema.model.clone().into_record())?,
-            ),
-            (
-                "ema_updates".to_string(),
-                self.ema.updates.to_string().into_bytes(),
-            ),
-        ])
+    fn state(&self) -> Self::State {
+        (self.ema.model.clone().into_record(), self.ema.updates)
     }
 
-    fn state_names(&self) -> Vec<&'static str> {
-        vec!["ema", "ema_updates"]
-    }
-
-    fn load_state(&mut self, parts: &[(String, Vec<u8>)], device: &B::Device) -> Result<()> {
-        for (name, bytes) in parts {
-            match name.as_str() {
-                "ema" => {
-                    let record = load_record::<B::InnerBackend, _>(
-                        bytes.clone(),
-                        std::path::Path::new("ema.bin"),
-                        device,
-                    )?;
-                    self.ema.model = self.ema.model.clone().load_record(record);
-                }
-                "ema_updates" => {
-                    self.ema.updates = std::str::from_utf8(bytes)
-                        .ok()
-                        .and_then(|s| s.trim().parse().ok())
-                        .ok_or_else(|| {
-                            Error::config("ema_updates", "the checkpoint's count is not a number")
-                        })?;
-                }
-                _ => {}
-            }
-        }
-        Ok(())
+    fn load_state(&mut self, (record, updates): Self::State) {
+        self.ema.model = self.ema.model.clone().load_record(record);
+        self.ema.updates = updates;
     }
 }

@@ -1,6 +1,7 @@
 //! Experiment grids: one config, several variants (override sets) × several seeds, each trained
 //! into its own run folder, reused or resumed when run again, and summarised as a report
-//! (`report.json`, `report.md`, `ap.png`, `instability.png`) that is rewritten after every run.
+//! (`report.json`, `report.md`, plots) that is rewritten after every run. Grids are TOML files
+//! (`configs/experiments/<name>.toml`): a config, shared overrides and the variants.
 //!
 //! Overrides of a run apply in this order, later ones winning: the grid's base overrides, the
 //! user's `--set` overrides, the variant's own overrides, then `seed=S + k` for seed `k` (`S` the
@@ -15,12 +16,12 @@ use std::path::{Path, PathBuf};
 use crate::error::{Error, Result};
 use crate::train::config::{differing_keys, TrainConfig};
 pub use report::{
-    aggregate, read_run, write_report, MeanStd, ModelSummary, Report, RunRecord, VariantRuns,
-    VariantSummary,
+    aggregate, read_run, write_report, MeanStd, ModelSummary, Report, ReportSpec, RunRecord,
+    VariantRuns, VariantSummary,
 };
 
-/// The config a grid uses unless the caller names another.
-pub const DEFAULT_CONFIG: &str = "configs/detr_shapes.toml";
+/// Where named grids live: `GRIDS_DIR/<name>.toml`.
+pub const GRIDS_DIR: &str = "configs/experiments";
 
 /// The overrides every run of `grid` shares: the grid's base, then the caller's `--set`.
 fn shared_overrides(grid: &Grid, options: &ExperimentOptions) -> Vec<String> {
@@ -31,31 +32,14 @@ fn shared_overrides(grid: &Grid, options: &ExperimentOptions) -> Vec<String> {
         .collect()
 }
 
-/// The grids [`named_grid`] knows.
-pub const KNOWN_GRIDS: &[&str] = &["od-detr"];
-
-/// Base overrides of the `od-detr` grid, sized so that 5 variants × 3 seeds fit about 90 min on
-/// 2 CPU cores: 600 steps per run, with the model, loss and loop the grid's reported results
-/// were measured with (128 px inputs, 3 decoder layers, no denoising, one replica, one-hot
-/// classification targets), whatever the default config has since become. Adjust here, or per
-/// call with `--set`, which applies after these.
-pub const OD_DETR_BASE_OVERRIDES: &[&str] = &[
-    "optim.epochs=3",
-    "eval.every_epochs=1",
-    "model.decoder_layers=3",
-    "model.denoising.groups=0",
-    "optim.replicas=1",
-    "loss.class_target=\"onehot\"",
-    "data.augment.shorter=128",
-    "data.augment.max_size=128",
-];
-
 /// One arm of a grid: a name (also its folder name) and its config overrides.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Variant {
     /// Name in reports and the run folder `OUT/<name>/`.
     pub name: String,
     /// `dotted.key=value` overrides, as [`TrainConfig::load`] accepts them.
+    #[serde(default, rename = "set")]
     pub overrides: Vec<String>,
 }
 
@@ -72,51 +56,69 @@ pub struct Grid {
     pub base_overrides: Vec<String>,
 }
 
-fn strings(items: &[&str]) -> Vec<String> {
-    items.iter().map(|s| s.to_string()).collect()
+/// A grid file: the config (relative to the file), the shared overrides and the variants.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GridFile {
+    config: PathBuf,
+    #[serde(default)]
+    overrides: Vec<String>,
+    #[serde(rename = "variant")]
+    variants: Vec<Variant>,
 }
 
-/// The OD-DETR ablation: no distillation, then the EMA teacher alone, then guided matching (a),
-/// prediction distillation (b) and the auxiliary branch (c) added one at a time.
-fn od_detr() -> Grid {
-    let od = |guided: bool, pd: bool, aux: bool| {
-        vec![
-            r#"distill.method="od-detr""#.to_string(),
-            format!("distill.od_detr.guided_matching={guided}"),
-            format!("distill.od_detr.pd={pd}"),
-            format!("distill.od_detr.aux={aux}"),
-        ]
-    };
-    let variant = |name: &str, overrides: Vec<String>| Variant {
-        name: name.to_string(),
-        overrides,
-    };
-    Grid {
-        name: "od-detr".to_string(),
-        config: PathBuf::from(DEFAULT_CONFIG),
-        variants: vec![
-            variant("baseline", strings(&[r#"distill.method="none""#])),
-            variant("ema", od(false, false, false)),
-            variant("ema+a", od(true, false, false)),
-            variant("ema+a+b", od(true, true, false)),
-            variant("ema+a+b+c", od(true, true, true)),
-        ],
-        base_overrides: strings(OD_DETR_BASE_OVERRIDES),
+impl Grid {
+    /// Reads a grid file; its name is the file's stem.
+    pub fn load(path: &Path) -> Result<Grid> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let file: GridFile = toml::from_str(&text).map_err(|e| {
+            Error::invalid(path, "grid", e.to_string().trim_end().replace('\n', "\n  "))
+        })?;
+        let dir = path.parent().unwrap_or(Path::new("."));
+        Ok(Grid {
+            name: path
+                .file_stem()
+                .map_or_else(String::new, |s| s.to_string_lossy().into_owned()),
+            config: dir.join(file.config),
+            variants: file.variants,
+            base_overrides: file.overrides,
+        })
     }
 }
 
-/// The grid called `name`; an unknown name is an error listing [`KNOWN_GRIDS`].
+/// The names of the grids in [`GRIDS_DIR`].
+pub fn known_grids() -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(GRIDS_DIR)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let p = e.path();
+            (p.extension()? == "toml").then(|| p.file_stem()?.to_string_lossy().into_owned())?
+        })
+        .collect();
+    names.sort();
+    names
+}
+
+/// The grid `name`: a grid file's path, or the name of one in [`GRIDS_DIR`]; an unknown name
+/// is an error listing the known ones.
 pub fn named_grid(name: &str) -> Result<Grid> {
-    match name {
-        "od-detr" => Ok(od_detr()),
-        _ => Err(Error::config(
+    let path = Path::new(name);
+    if path.extension().is_some_and(|e| e == "toml") {
+        return Grid::load(path);
+    }
+    let file = Path::new(GRIDS_DIR).join(format!("{name}.toml"));
+    if !file.is_file() {
+        return Err(Error::config(
             "experiment",
             format!(
-                "unknown experiment `{name}`; known: {}",
-                KNOWN_GRIDS.join(", ")
+                "unknown experiment `{name}`; known (in {GRIDS_DIR}): {}",
+                known_grids().join(", ")
             ),
-        )),
+        ));
     }
+    Grid::load(&file)
 }
 
 /// How an experiment runs.
@@ -291,17 +293,47 @@ pub fn run_state(dir: &Path, config: &TrainConfig) -> Result<RunState> {
     })
 }
 
+/// What the report of `runs` summarises: their model kind's statistics (one kind for the whole
+/// grid) and every model label their distillers evaluate, `student` first.
+pub fn report_spec(runs: &[PlannedRun]) -> Result<ReportSpec> {
+    let mut metrics = None;
+    let mut labels: Vec<String> = Vec::new();
+    for run in runs {
+        let m = run.config.model()?.metrics();
+        if metrics.is_some_and(|x| x != m) {
+            return Err(Error::config(
+                "experiment",
+                format!(
+                    "variant {} trains another model kind than the first variant; a grid \
+                     compares one kind",
+                    run.variant
+                ),
+            ));
+        }
+        metrics = Some(m);
+        for l in run.config.distill.model_labels() {
+            if !labels.iter().any(|x| x == l) {
+                labels.push(l.to_string());
+            }
+        }
+    }
+    let metrics =
+        metrics.ok_or_else(|| Error::config("experiment", "the grid plans no runs"))?;
+    Ok(ReportSpec { metrics, labels })
+}
+
 /// Reads the finished runs of `runs` from disk and aggregates them.
 pub fn collect_report(
     grid: &Grid,
     options: &ExperimentOptions,
     runs: &[PlannedRun],
 ) -> Result<Report> {
+    let spec = report_spec(runs)?;
     let mut variants = Vec::with_capacity(grid.variants.len());
     for v in &grid.variants {
         let mut records = Vec::new();
         for run in runs.iter().filter(|r| r.variant == v.name) {
-            if let Some(record) = read_run(&run.dir)? {
+            if let Some(record) = read_run(&run.dir, spec.metrics.headline)? {
                 records.push(record);
             }
         }
@@ -318,6 +350,7 @@ pub fn collect_report(
         &shared,
         options.seeds,
         &variants,
+        &spec,
     ))
 }
 
@@ -382,13 +415,17 @@ pub fn run_experiment(grid: &Grid, options: &ExperimentOptions) -> Result<Report
             )
         })?;
         written?;
-        let ap = summary
+        let headline = run.config.model()?.metrics().headline;
+        let value = summary
             .final_eval
             .iter()
             .find(|(name, _)| name == "student")
-            .and_then(|(_, stats)| stats.iter().find(|(k, _)| k == "AP"))
+            .and_then(|(_, stats)| stats.iter().find(|(k, _)| k == headline))
             .map_or_else(|| "n/a".to_string(), |(_, v)| format!("{v:.4}"));
-        eprintln!("{tag}: done in {:.0} s, student AP {ap}", summary.wall_s);
+        eprintln!(
+            "{tag}: done in {:.0} s, student {headline} {value}",
+            summary.wall_s
+        );
     }
     let report = collect_report(grid, options, &runs)?;
     write_report(&report, &options.out)?;

@@ -1,6 +1,8 @@
 //! The experiment report: finished run folders read back ([`read_run`]), aggregated over seeds
 //! ([`aggregate`], no I/O, so it is testable without training) and written out
-//! ([`write_report`]: `report.json`, `report.md`, `ap.png`, `instability.png`).
+//! ([`write_report`]: `report.json`, `report.md`, a plot of the headline statistic such as
+//! `ap.png`, `instability.png`), for the statistics of the runs' model kind and the model labels
+//! of their distillers.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -9,13 +11,20 @@ use std::path::{Path, PathBuf};
 use serde_json::{json, Map, Value};
 
 use crate::error::{write_atomic, Error, Result};
-use crate::train::metrics::number;
+use crate::task::{number, Metrics};
 use crate::viz::plot::{line_plot, Series};
 
 /// The model label of the trained network in `summary.json` and `metrics.jsonl`.
 const STUDENT: &str = "student";
-/// The model label of the EMA teacher, when the distiller has one.
-const EMA: &str = "ema";
+
+/// What a report summarises: the model kind's statistics and the models the runs evaluate.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReportSpec {
+    /// The statistics, from the model kind's task.
+    pub metrics: Metrics,
+    /// Model labels, `student` first, then the distillers' (e.g. `ema`).
+    pub labels: Vec<String>,
+}
 
 /// What one finished run left on disk, as the report needs it.
 #[derive(Debug, Clone, PartialEq)]
@@ -27,8 +36,8 @@ pub struct RunRecord {
     pub wall_s: f64,
     /// Final statistics per model label (`summary.json` `final`); null values are left out.
     pub final_stats: BTreeMap<String, BTreeMap<String, f64>>,
-    /// AP per model label and epoch, from `metrics.jsonl` eval lines.
-    pub ap_curve: BTreeMap<String, BTreeMap<u64, f64>>,
+    /// The headline statistic per model label and epoch, from `metrics.jsonl` eval lines.
+    pub curve: BTreeMap<String, BTreeMap<u64, f64>>,
     /// Instability `fraction` per model label and epoch, from `metrics.jsonl` instability lines.
     pub instability_curve: BTreeMap<String, BTreeMap<u64, f64>>,
     /// The `fraction` of the last instability line per model label.
@@ -36,8 +45,9 @@ pub struct RunRecord {
 }
 
 /// Reads the run in `dir`: `None` when it has no `summary.json` (not finished), else its summary
-/// and metrics. Malformed files are errors naming the file and the field or line.
-pub fn read_run(dir: &Path) -> Result<Option<RunRecord>> {
+/// and metrics, with the curve of the statistic `headline`. Malformed files are errors naming
+/// the file and the field or line.
+pub fn read_run(dir: &Path, headline: &str) -> Result<Option<RunRecord>> {
     let summary_path = dir.join("summary.json");
     if !summary_path.exists() {
         return Ok(None);
@@ -72,7 +82,7 @@ pub fn read_run(dir: &Path) -> Result<Option<RunRecord>> {
         dir: dir.to_path_buf(),
         wall_s,
         final_stats,
-        ap_curve: BTreeMap::new(),
+        curve: BTreeMap::new(),
         instability_curve: BTreeMap::new(),
         final_instability: BTreeMap::new(),
     };
@@ -102,12 +112,12 @@ pub fn read_run(dir: &Path) -> Result<Option<RunRecord>> {
             .ok_or_else(|| invalid(format!("`{kind}` line without an integer `epoch`")))?;
         // Later lines win, so a repeated evaluation of an epoch counts once.
         if kind == "eval" {
-            if let Some(ap) = line.get("AP").and_then(Value::as_f64) {
+            if let Some(y) = line.get(headline).and_then(Value::as_f64) {
                 record
-                    .ap_curve
+                    .curve
                     .entry(model.to_string())
                     .or_default()
-                    .insert(epoch, ap);
+                    .insert(epoch, y);
             }
         } else {
             let fraction = match line.get("fraction") {
@@ -139,6 +149,13 @@ pub struct MeanStd {
     pub n: usize,
 }
 
+impl ModelSummary {
+    /// The final statistic `key`.
+    pub fn stat(&self, key: &str) -> Option<MeanStd> {
+        self.stats.iter().find(|(k, _)| k == key).and_then(|(_, v)| *v)
+    }
+}
+
 impl MeanStd {
     /// The mean and sample std of the finite `values`; `None` when there are none.
     pub fn of(values: impl IntoIterator<Item = f64>) -> Option<MeanStd> {
@@ -161,16 +178,12 @@ impl MeanStd {
 /// One model label's numbers over the seeds of a variant.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct ModelSummary {
-    /// Final AP.
-    pub ap: Option<MeanStd>,
-    /// Final AP50.
-    pub ap50: Option<MeanStd>,
-    /// Final AP75.
-    pub ap75: Option<MeanStd>,
+    /// Final value of each reported statistic, in the spec's order.
+    pub stats: Vec<(String, Option<MeanStd>)>,
     /// Instability `fraction` of the last instability line.
     pub instability: Option<MeanStd>,
-    /// Mean AP per epoch over the seeds that evaluated that epoch.
-    pub ap_curve: Vec<(f64, f64)>,
+    /// Mean headline statistic per epoch over the seeds that evaluated that epoch.
+    pub curve: Vec<(f64, f64)>,
     /// Mean instability per epoch over the seeds that logged that epoch.
     pub instability_curve: Vec<(f64, f64)>,
 }
@@ -184,12 +197,23 @@ pub struct VariantSummary {
     pub overrides: Vec<String>,
     /// Finished seeds.
     pub seeds: usize,
-    /// The trained network.
-    pub student: ModelSummary,
-    /// The EMA teacher (all `None` / empty when the runs have none).
-    pub ema: ModelSummary,
+    /// Per model label of the spec, `student` first (all `None` / empty for a label the
+    /// variant's runs do not have).
+    pub models: Vec<(String, ModelSummary)>,
     /// Seconds per run (see [`RunRecord::wall_s`]).
     pub wall_s: Option<MeanStd>,
+}
+
+impl VariantSummary {
+    /// The summary of the model `label`.
+    pub fn model(&self, label: &str) -> Option<&ModelSummary> {
+        self.models.iter().find(|(l, _)| l == label).map(|(_, m)| m)
+    }
+
+    /// The student's summary.
+    pub fn student(&self) -> &ModelSummary {
+        &self.models[0].1
+    }
 }
 
 /// A variant's finished runs, the input of [`aggregate`].
@@ -216,6 +240,8 @@ pub struct Report {
     pub overrides: Vec<String>,
     /// Seeds requested per variant.
     pub seeds: usize,
+    /// What is summarised.
+    pub spec: ReportSpec,
     /// One row per variant, in grid order.
     pub variants: Vec<VariantSummary>,
     /// Sum of the finished runs' `wall_s`.
@@ -239,7 +265,7 @@ fn mean_curve<'a>(curves: impl Iterator<Item = &'a BTreeMap<u64, f64>>) -> Vec<(
         .collect()
 }
 
-fn model_summary(runs: &[RunRecord], model: &str) -> ModelSummary {
+fn model_summary(runs: &[RunRecord], model: &str, metrics: &Metrics) -> ModelSummary {
     let stat = |key: &str| {
         MeanStd::of(
             runs.iter()
@@ -247,14 +273,16 @@ fn model_summary(runs: &[RunRecord], model: &str) -> ModelSummary {
         )
     };
     ModelSummary {
-        ap: stat("AP"),
-        ap50: stat("AP50"),
-        ap75: stat("AP75"),
+        stats: metrics
+            .reported
+            .iter()
+            .map(|k| (k.to_string(), stat(k)))
+            .collect(),
         instability: MeanStd::of(
             runs.iter()
                 .filter_map(|r| r.final_instability.get(model).copied()),
         ),
-        ap_curve: mean_curve(runs.iter().filter_map(|r| r.ap_curve.get(model))),
+        curve: mean_curve(runs.iter().filter_map(|r| r.curve.get(model))),
         instability_curve: mean_curve(runs.iter().filter_map(|r| r.instability_curve.get(model))),
     }
 }
@@ -266,6 +294,7 @@ pub fn aggregate(
     overrides: &[String],
     seeds: usize,
     variants: &[VariantRuns],
+    spec: &ReportSpec,
 ) -> Report {
     let rows = variants
         .iter()
@@ -273,8 +302,11 @@ pub fn aggregate(
             name: v.name.clone(),
             overrides: v.overrides.clone(),
             seeds: v.runs.len(),
-            student: model_summary(&v.runs, STUDENT),
-            ema: model_summary(&v.runs, EMA),
+            models: spec
+                .labels
+                .iter()
+                .map(|l| (l.clone(), model_summary(&v.runs, l, &spec.metrics)))
+                .collect(),
             wall_s: MeanStd::of(v.runs.iter().map(|r| r.wall_s)),
         })
         .collect();
@@ -284,12 +316,29 @@ pub fn aggregate(
         backend: crate::backend::name().to_string(),
         overrides: overrides.to_vec(),
         seeds,
+        spec: spec.clone(),
         variants: rows,
         total_wall_s: variants
             .iter()
             .flat_map(|v| &v.runs)
             .map(|r| r.wall_s)
             .sum(),
+    }
+}
+
+/// The key prefix of a model label's columns: none for the student, `<label>_` otherwise.
+fn prefix(label: &str) -> String {
+    match label {
+        STUDENT => String::new(),
+        _ => format!("{label}_"),
+    }
+}
+
+/// The column-title prefix of a model label: none for the student, `<label> ` otherwise.
+fn title(label: &str) -> String {
+    match label {
+        STUDENT => String::new(),
+        _ => format!("{label} "),
     }
 }
 
@@ -314,27 +363,32 @@ fn plain(v: Option<MeanStd>, decimals: usize) -> String {
 }
 
 impl Report {
-    /// The `report.json` object; missing values are null.
+    /// The `report.json` object: per variant, `<stat>_mean` / `<stat>_std` of the student and
+    /// `<label>_<stat>_mean` / `_std` of the other models; missing values are null.
     pub fn to_json(&self) -> Value {
         let variants: Vec<Value> = self
             .variants
             .iter()
             .map(|v| {
-                let (s, e) = (&v.student, &v.ema);
-                json!({
-                    "name": v.name,
-                    "overrides": v.overrides,
-                    "seeds": v.seeds,
-                    "AP_mean": mean(s.ap), "AP_std": std(s.ap),
-                    "AP50_mean": mean(s.ap50), "AP50_std": std(s.ap50),
-                    "AP75_mean": mean(s.ap75), "AP75_std": std(s.ap75),
-                    "ema_AP_mean": mean(e.ap), "ema_AP_std": std(e.ap),
-                    "ema_AP50_mean": mean(e.ap50), "ema_AP50_std": std(e.ap50),
-                    "ema_AP75_mean": mean(e.ap75), "ema_AP75_std": std(e.ap75),
-                    "instability_mean": mean(s.instability),
-                    "ema_instability_mean": mean(e.instability),
-                    "wall_s_mean": mean(v.wall_s),
-                })
+                let mut row = Map::new();
+                row.insert("name".into(), json!(v.name));
+                row.insert("overrides".into(), json!(v.overrides));
+                row.insert("seeds".into(), json!(v.seeds));
+                for (label, m) in &v.models {
+                    let prefix = prefix(label);
+                    for (k, stat) in &m.stats {
+                        row.insert(format!("{prefix}{k}_mean"), mean(*stat));
+                        row.insert(format!("{prefix}{k}_std"), std(*stat));
+                    }
+                }
+                for (label, m) in &v.models {
+                    row.insert(
+                        format!("{}instability_mean", prefix(label)),
+                        mean(m.instability),
+                    );
+                }
+                row.insert("wall_s_mean".into(), mean(v.wall_s));
+                Value::Object(row)
             })
             .collect();
         json!({
@@ -353,29 +407,33 @@ impl Report {
     pub fn to_markdown(&self) -> String {
         let mut md = String::new();
         let _ = writeln!(md, "# Experiment `{}`\n", self.experiment);
-        md.push_str(
-            "| variant | seeds | AP | AP50 | AP75 | EMA AP | EMA AP50 | EMA AP75 \
-             | instability | EMA instability | wall s |\n",
-        );
-        md.push_str("|---|---|---|---|---|---|---|---|---|---|---|\n");
+        let labels = &self.spec.labels;
+        let mut header = vec!["variant".to_string(), "seeds".to_string()];
+        for label in labels {
+            for k in self.spec.metrics.reported {
+                header.push(format!("{}{k}", title(label)));
+            }
+        }
+        let with_instability = self
+            .variants
+            .iter()
+            .any(|v| v.models.iter().any(|(_, m)| m.instability.is_some()));
+        if with_instability {
+            header.extend(labels.iter().map(|l| format!("{}instability", title(l))));
+        }
+        header.push("wall s".to_string());
+        let _ = writeln!(md, "| {} |", header.join(" | "));
+        let _ = writeln!(md, "|{}", "---|".repeat(header.len()));
         for v in &self.variants {
-            let (s, e) = (&v.student, &v.ema);
-            let _ = writeln!(
-                md,
-                "| {} | {}/{} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-                v.name,
-                v.seeds,
-                self.seeds,
-                pm(s.ap),
-                pm(s.ap50),
-                pm(s.ap75),
-                pm(e.ap),
-                pm(e.ap50),
-                pm(e.ap75),
-                plain(s.instability, 4),
-                plain(e.instability, 4),
-                plain(v.wall_s, 1),
-            );
+            let mut cells = vec![v.name.clone(), format!("{}/{}", v.seeds, self.seeds)];
+            for (_, m) in &v.models {
+                cells.extend(m.stats.iter().map(|(_, s)| pm(*s)));
+            }
+            if with_instability {
+                cells.extend(v.models.iter().map(|(_, m)| plain(m.instability, 4)));
+            }
+            cells.push(plain(v.wall_s, 1));
+            let _ = writeln!(md, "| {} |", cells.join(" | "));
         }
         let shared = if self.overrides.is_empty() {
             "none".to_string()
@@ -388,13 +446,14 @@ impl Report {
         };
         let _ = writeln!(
             md,
-            "\nFinal COCO AP of the student and of its EMA teacher, mean ± sample std over \
-             finished seeds; instability = changed fraction of the last instability line, mean \
-             over seeds; wall s = mean seconds per run.\n\n\
+            "\nFinal statistics of each model ({}), mean ± sample std over finished seeds; \
+             instability = changed fraction of the last instability line, mean over seeds; \
+             wall s = mean seconds per run.\n\n\
              Backend `{}`; config `{}`; overrides {}; seed k adds `seed=<config seed + k>`.\n\n\
              Total training wall time: {:.0} s (sum of the runs' `wall_s`; a resumed run counts \
              its last invocation only).\n\nVariant overrides (applied after the overrides \
              above):\n",
+            labels.join(", "),
             self.backend,
             self.config.display(),
             shared,
@@ -424,28 +483,34 @@ pub fn write_report(report: &Report, out: &Path) -> Result<()> {
     write_atomic(&json_path, format!("{text}\n").as_bytes())?;
     write_atomic(&out.join("report.md"), report.to_markdown().as_bytes())?;
 
-    // Student lines take palette colours 0..n and EMA lines n..2n, so a variant keeps its
-    // colours across both plots (empty series are skipped but keep their slot).
+    // Each model label takes its own block of palette colours, so a variant keeps its colours
+    // across both plots (empty series are skipped but keep their slot).
     let series = |pick: fn(&ModelSummary) -> &Vec<(f64, f64)>| -> Vec<Series> {
-        let students = report.variants.iter().map(|v| Series {
-            name: v.name.clone(),
-            points: pick(&v.student).clone(),
-        });
-        let emas = report.variants.iter().map(|v| Series {
-            name: format!("{} EMA", v.name),
-            points: pick(&v.ema).clone(),
-        });
-        students.chain(emas).collect()
+        let mut out = Vec::new();
+        for (i, label) in report.spec.labels.iter().enumerate() {
+            for v in &report.variants {
+                let points = v.models.get(i).map(|(_, m)| pick(m).clone());
+                out.push(Series {
+                    name: match i {
+                        0 => v.name.clone(),
+                        _ => format!("{} {label}", v.name),
+                    },
+                    points: points.unwrap_or_default(),
+                });
+            }
+        }
+        out
     };
+    let headline = report.spec.metrics.headline;
     let plots = [
         (
-            "ap.png",
-            format!("{}: AP (mean over seeds)", report.experiment),
-            "AP",
-            series(|m| &m.ap_curve),
+            format!("{}.png", headline.to_lowercase()),
+            format!("{}: {headline} (mean over seeds)", report.experiment),
+            headline,
+            series(|m| &m.curve),
         ),
         (
-            "instability.png",
+            "instability.png".to_string(),
             format!(
                 "{}: prediction instability (mean over seeds)",
                 report.experiment
@@ -455,7 +520,7 @@ pub fn write_report(report: &Report, out: &Path) -> Result<()> {
         ),
     ];
     for (file, title, y_label, series) in plots {
-        let path = out.join(file);
+        let path = out.join(&file);
         if let Err(e) = line_plot(&path, &title, "epoch", y_label, &series, false) {
             eprintln!("warning: could not draw {}: {e}", path.display());
         }

@@ -10,7 +10,7 @@ use serde::Serialize;
 use crate::data::transforms::{imagenet_eval_crop, normalize, IMAGENET_MEAN, IMAGENET_STD};
 use crate::error::{Error, Result};
 use crate::model::backbone::{Arch, Backbone, BackboneConfig};
-use crate::model::norm::NormKind;
+use crate::model::layers::norm::NormKind;
 use crate::model::weights::{load_pytorch, LoadOptions, LoadReport};
 
 /// Number of ImageNet-1k classes.

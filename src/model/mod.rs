@@ -1,13 +1,38 @@
-//! Networks: backbones with torchvision-compatible parameter names, and PyTorch weight import.
+//! Networks: shared layers, backbones with torchvision-compatible parameter names, PyTorch
+//! weight import, and the model kinds (each in its own folder with its outputs, loss and task).
 
 pub mod backbone;
 pub mod classify;
-pub mod conv;
-pub mod deformable;
-pub mod denoising;
 pub mod detr;
-pub mod norm;
-pub mod position;
+pub mod layers;
 pub mod pretrained;
-pub mod transformer;
 pub mod weights;
+
+use std::path::Path;
+
+use burn::tensor::backend::Backend;
+
+use crate::error::{Error, Result};
+
+/// A model exported by a densekd run, by kind, with its description.
+pub enum Exported<B: Backend> {
+    /// A DETR detector.
+    Detr(detr::Detr<B>, detr::export::DetectorInfo),
+}
+
+/// Loads a run's exported weights of any model kind, told apart by their header.
+pub fn load_export<B: Backend>(path: &Path, device: &B::Device) -> Result<Exported<B>> {
+    let meta = weights::safetensors_metadata(path)?;
+    if meta.contains_key(detr::export::META_KEY) {
+        let (model, info) = detr::export::load_detector(path, device)?;
+        return Ok(Exported::Detr(model, info));
+    }
+    Err(Error::invalid(
+        path,
+        "metadata",
+        format!(
+            "not a densekd export (no `{}` entry): use a run's model.safetensors",
+            detr::export::META_KEY
+        ),
+    ))
+}

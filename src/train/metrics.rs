@@ -64,8 +64,3 @@ impl MetricsLog {
             .map_err(|e| Error::io(&self.path, e))
     }
 }
-
-/// A JSON number, or `null` for NaN and infinities (JSON has no such numbers).
-pub fn number(x: f64) -> Value {
-    serde_json::Number::from_f64(x).map_or(Value::Null, Value::Number)
-}

@@ -1,14 +1,14 @@
-//! One training run from a resolved config: the run-folder guards, the task and the distiller
-//! the config names, and the loop. The CLI's `train` and `experiment` both go through here.
+//! One training run from a resolved config: the run-folder guards, the task of the config's
+//! model kind and the distiller of its method, and the loop. The CLI's `train` and `experiment` both go through here.
 
 use std::path::Path;
 
 use crate::backend::{device, Training};
 use crate::distill::od_detr::OdDetr;
-use crate::distill::{DistillMethod, NoDistill};
+use crate::distill::{DistillConfig, NoDistill};
 use crate::error::{write_atomic, Error, Result};
-use crate::train::config::{differing_keys, TrainConfig};
-use crate::train::detr::DetrTask;
+use crate::model::detr::task::DetrTask;
+use crate::train::config::{differing_keys, ModelSection, TrainConfig};
 use crate::train::{fit, RunOptions, RunSummary};
 
 /// Trains `config` into `run_dir`. A folder that already holds a checkpoint is refused unless
@@ -60,14 +60,20 @@ pub fn train_with_options(config: &TrainConfig, options: &RunOptions) -> Result<
     }
     write_atomic(&saved_path, config.to_toml()?.as_bytes())?;
     let device = device();
-    let task = DetrTask::new(config)?;
-    let model = task.init_model::<Training>(&device)?;
     let loop_config = config.loop_config();
-    match config.distill.method {
-        DistillMethod::None => fit(&task, &mut NoDistill, model, &loop_config, options, &device),
-        DistillMethod::OdDetr => {
-            let mut distiller = OdDetr::new(&model, config.distill.od_detr);
-            fit(&task, &mut distiller, model, &loop_config, options, &device)
+    match config.model()? {
+        ModelSection::Detr(section) => {
+            let task = DetrTask::new(&config.task_inputs(), section)?;
+            let model = task.init_model::<Training>(&device)?;
+            match &config.distill {
+                DistillConfig::None(_) => {
+                    fit(&task, &mut NoDistill, model, &loop_config, options, &device)
+                }
+                DistillConfig::OdDetr(c) => {
+                    let mut distiller = OdDetr::new(&model, *c);
+                    fit(&task, &mut distiller, model, &loop_config, options, &device)
+                }
+            }
         }
     }
 }

@@ -7,8 +7,8 @@ use burn::tensor::{backend::Backend, Tensor};
 
 use super::resnet::conv;
 use super::{BackboneConfig, BackboneFeatures};
-use crate::model::conv::conv2d;
-use crate::model::norm::{Norm2d, NormKind};
+use crate::model::layers::conv::conv2d;
+use crate::model::layers::norm::{Norm2d, NormKind};
 
 /// torchvision's `_make_divisible`: round to a multiple of `divisor` without losing > 10 %.
 fn make_divisible(v: f64, divisor: usize) -> usize {

@@ -7,7 +7,7 @@ use burn::module::Module;
 use burn::tensor::{backend::Backend, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::model::norm::NormKind;
+use crate::model::layers::norm::NormKind;
 
 pub use mobilenet_v2::MobileNetV2;
 pub use resnet::ResNet;

@@ -7,8 +7,8 @@ use burn::nn::{Linear, LinearConfig, PaddingConfig2d};
 use burn::tensor::{activation::relu, backend::Backend, Tensor};
 
 use super::{Arch, BackboneConfig, BackboneFeatures};
-use crate::model::conv::conv2d;
-use crate::model::norm::{Norm2d, NormKind};
+use crate::model::layers::conv::conv2d;
+use crate::model::layers::norm::{Norm2d, NormKind};
 
 /// A bias-free `k×k` convolution with symmetric padding `k / 2`.
 pub(crate) fn conv(

@@ -223,19 +223,6 @@ pub fn matched_box_losses<B: Backend>(
     (bbox, giou)
 }
 
-/// The DETR training loss and its unweighted terms, summed over decoder layers and groups.
-#[derive(Debug, Clone)]
-pub struct DetrLoss<B: Backend> {
-    /// The weighted total to back-propagate.
-    pub total: Tensor<B, 1>,
-    /// Sum of the focal terms.
-    pub class: Tensor<B, 1>,
-    /// Sum of the L1 terms.
-    pub bbox: Tensor<B, 1>,
-    /// Sum of the GIoU terms.
-    pub giou: Tensor<B, 1>,
-}
-
 /// The dense loss of a two-stage model's encoder proposals, normalised by the number of
 /// positive tokens. With `hungarian` assignment every target is repeated `proposal_repeats`
 /// times and matched to the tokens; with `centre` assignment, see [`centre_assignment`].
@@ -335,44 +322,60 @@ pub fn centre_assignment(
         .collect()
 }
 
-/// DETR's loss on every decoder layer (auxiliary losses) and every query group: each group of
-/// each layer is matched to the targets on its own (one-to-one within a group, one-to-many
-/// across groups, as Group-DETR), normalised by the number of target boxes.
+/// One main group's loss on one decoder layer, replacing the plain set loss: called with the
+/// group index, the layer's logits and boxes for that group, the group's own matching and the
+/// normaliser (OD-DETR's guided matching supervises group 0 this way).
+pub type GroupLoss<'a, B> =
+    dyn Fn(usize, Tensor<B, 3>, Tensor<B, 3>, &[Assignment], f64) -> SetLosses<B> + 'a;
+
+/// DETR's loss on every decoder layer (auxiliary losses) and every query group, unweighted
+/// terms summed: each group of each layer is matched to the targets on its own (one-to-one
+/// within a group, one-to-many across groups, as Group-DETR), normalised by the number of
+/// target boxes; two-stage proposals and the dense head add their own term.
 pub fn detr_loss<B: Backend>(
     output: &DetrOutput<B>,
     targets: &[DetTarget],
     weights: &SetLossWeights,
     costs: &MatchCosts,
-) -> Result<DetrLoss<B>> {
+) -> Result<SetLosses<B>> {
+    detr_loss_with(output, targets, weights, costs, None)
+}
+
+/// [`detr_loss`] with `group_loss` in place of the set loss of the main groups.
+pub fn detr_loss_with<B: Backend>(
+    output: &DetrOutput<B>,
+    targets: &[DetTarget],
+    weights: &SetLossWeights,
+    costs: &MatchCosts,
+    group_loss: Option<&GroupLoss<'_, B>>,
+) -> Result<SetLosses<B>> {
     let num_boxes = targets.iter().map(|t| t.boxes.len()).sum::<usize>() as f64;
-    let mut terms: Option<[Tensor<B, 1>; 3]> = None;
+    let mut sum: Option<SetLosses<B>> = None;
+    let mut add = |l: SetLosses<B>| {
+        sum = Some(match sum.take() {
+            None => l,
+            Some(s) => SetLosses {
+                class: s.class + l.class,
+                bbox: s.bbox + l.bbox,
+                giou: s.giou + l.giou,
+            },
+        });
+    };
     for layer in &output.layers {
         let mut start = 0;
-        for &size in &output.group_sizes {
+        for (group, &size) in output.group_sizes.iter().enumerate() {
             let logits = layer.logits.clone().narrow(1, start, size);
             let boxes = layer.boxes.clone().narrow(1, start, size);
             start += size;
             let matches = match_batch(&logits, &boxes, targets, costs)?;
-            let l = set_losses(logits, boxes, targets, &matches, num_boxes, weights);
-            terms = Some(match terms {
-                None => [l.class, l.bbox, l.giou],
-                Some([c, b, g]) => [c + l.class, b + l.bbox, g + l.giou],
+            add(match group_loss {
+                Some(f) => f(group, logits, boxes, &matches, num_boxes),
+                None => set_losses(logits, boxes, targets, &matches, num_boxes, weights),
             });
         }
     }
     if let Some(p) = &output.proposals {
-        let l = proposal_losses(p, targets, weights, costs)?;
-        terms = terms.map(|[c, b, g]| [c + l.class, b + l.bbox, g + l.giou]);
+        add(proposal_losses(p, targets, weights, costs)?);
     }
-    let [class, bbox, giou] =
-        terms.ok_or_else(|| Error::config("detr_loss", "the output has no decoder layers"))?;
-    let total = class.clone().mul_scalar(weights.class)
-        + bbox.clone().mul_scalar(weights.bbox)
-        + giou.clone().mul_scalar(weights.giou);
-    Ok(DetrLoss {
-        total,
-        class,
-        bbox,
-        giou,
-    })
+    sum.ok_or_else(|| Error::config("detr_loss", "the output has no decoder layers"))
 }

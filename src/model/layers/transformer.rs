@@ -1,7 +1,7 @@
 //! DETR's post-norm transformer layers on burn's `MultiHeadAttention`, with positional inputs,
 //! key padding masks and a self-attention mask for query groups.
 
-use crate::model::deformable::{DeformableAttention, LevelGrid};
+use crate::model::layers::deformable::{DeformableAttention, LevelGrid};
 use burn::module::Module;
 use burn::nn::attention::{MhaInput, MultiHeadAttention, MultiHeadAttentionConfig};
 use burn::nn::{Dropout, DropoutConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};

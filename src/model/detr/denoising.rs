@@ -10,7 +10,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::data::detection::DetTarget;
-use crate::loss::detr::{set_losses, SetLossWeights};
+use crate::model::detr::loss::{set_losses, SetLossWeights};
 use crate::model::detr::{Detr, InitialQueries, LayerPrediction};
 use crate::ops::matcher::Assignment;
 

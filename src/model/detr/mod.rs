@@ -1,180 +1,36 @@
-//! DETR with learned anchor boxes and iterative box refinement (DAB-DETR / Deformable-DETR
-//! style, which converges in minutes rather than days), sigmoid focal classification, per-layer
-//! outputs for auxiliary losses, and query groups (Group-DETR) with a block-diagonal
-//! self-attention mask.
+//! DETR, one model kind: the detector (learned anchor boxes and iterative box refinement, DAB-
+//! / Deformable-DETR style, which converges in minutes rather than days; sigmoid focal
+//! classification; per-layer outputs for auxiliary losses; query groups with a block-diagonal
+//! self-attention mask), its typed outputs, set loss, denoising groups, post-processing, and its
+//! training [`task`].
+
+pub mod config;
+pub mod denoising;
+pub mod export;
+pub mod instability;
+pub mod loss;
+pub mod output;
+pub mod postprocess;
+pub mod task;
 
 use burn::module::{Module, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig};
-use burn::tensor::{
-    activation::{relu, sigmoid},
-    backend::Backend,
-    Bool, Distribution, Int, Tensor, TensorData,
-};
-use serde::{Deserialize, Serialize};
+use burn::tensor::{activation::sigmoid, backend::Backend, Distribution, Int, Tensor, TensorData};
 
-use crate::model::backbone::{Backbone, BackboneConfig, BackboneFeatures};
-use crate::model::deformable::LevelGrid;
-use crate::model::denoising::DenoisingConfig;
-use crate::model::position::{
+use crate::model::backbone::Backbone;
+use crate::model::detr::denoising::DenoisingConfig;
+use crate::model::layers::mlp::Mlp;
+use crate::model::layers::position::{
     box_gaussian_prior, cell_centres, downsample_padding, padding_tensor, sine_box_embedding,
     sine_position_encoding, valid_extent,
 };
-use crate::model::transformer::{
-    group_attention_mask, DecoderContext, DecoderLayer, EncoderLayer, LayerConfig,
+use crate::model::layers::transformer::{
+    group_attention_mask, DecoderContext, DecoderLayer, EncoderLayer,
 };
-
-/// DETR settings.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DetrConfig {
-    /// The backbone.
-    pub backbone: BackboneConfig,
-    /// Backbone levels fed to the transformer, by stride: any of 4 (C2), 8 (C3), 16 (C4) and 32
-    /// (C5).
-    /// Each level gets its own 1×1 projection and a learned level embedding; their tokens are
-    /// concatenated into one memory. Fine levels matter for localising small objects. Older
-    /// configs with a single `feature_stride` number still load.
-    #[serde(
-        default = "stride32",
-        alias = "feature_stride",
-        deserialize_with = "one_or_many"
-    )]
-    pub feature_strides: Vec<usize>,
-    /// Levels (strides) whose tokens the encoder's self-attention runs over; empty = all. The
-    /// other levels join the memory unencoded. Self-attention is quadratic in the tokens, so
-    /// leaving the fine level out (RT-DETR encodes only the coarsest) keeps it cheap.
-    #[serde(default)]
-    pub encoder_strides: Vec<usize>,
-    /// Number of object classes.
-    pub num_classes: usize,
-    /// Queries per group.
-    pub num_queries: usize,
-    /// Query groups used in training (1 = plain DETR; Group-DETR uses e.g. 11); inference uses
-    /// the first group only.
-    #[serde(default = "one")]
-    pub groups: usize,
-    /// Spatial prior of the decoder's cross-attention: each query's attention logits get a
-    /// Gaussian around its current box, of standard deviation `spatial_prior` × the box size
-    /// (SMCA-style; 0 disables it, giving DETR's plain cross-attention). It lets queries pool
-    /// their own region from the first step, which is what makes DETR learn in minutes.
-    #[serde(default)]
-    pub spatial_prior: f64,
-    /// Deformable cross-attention in the decoder (Deformable DETR): each query samples this many
-    /// points per head and level around its box instead of attending to every token
-    /// (`spatial_prior` then has no effect); 0 = global attention.
-    #[serde(default)]
-    pub deformable_points: usize,
-    /// Two-stage queries (Deformable-DETR two-stage, DINO's mixed query selection): every encoder
-    /// token predicts classes and a box around its own cell, trained densely; the decoder's
-    /// queries start from the `num_queries` best-scoring tokens' boxes (content embeddings stay
-    /// learned). Without it, query anchors are learned parameters.
-    #[serde(default)]
-    pub two_stage: bool,
-    /// Dense auxiliary head (Co-DETR): the same per-token head as two-stage, trained with the
-    /// proposal loss (`loss.proposal_assignment`, one-to-many) so that every encoder token gets
-    /// a direct classification and box signal, but without selecting queries from it. Not run
-    /// at inference (without autodiff); implied by `two_stage`.
-    #[serde(default)]
-    pub dense_head: bool,
-    /// Denoising query groups in training (DN-DETR); off by default.
-    #[serde(default)]
-    pub denoising: DenoisingConfig,
-    /// Transformer layer sizes.
-    pub layer: LayerConfig,
-    /// Encoder layers (may be 0).
-    pub encoder_layers: usize,
-    /// Decoder layers.
-    pub decoder_layers: usize,
-}
-
-fn one() -> usize {
-    1
-}
-
-fn stride32() -> Vec<usize> {
-    vec![32]
-}
-
-/// Accepts a single stride (the former `feature_stride`) or a list.
-fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<usize>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum OneOrMany {
-        One(usize),
-        Many(Vec<usize>),
-    }
-    Ok(match OneOrMany::deserialize(d)? {
-        OneOrMany::One(s) => vec![s],
-        OneOrMany::Many(v) => v,
-    })
-}
-
-/// A small MLP (ReLU between layers), as DETR's box head.
-#[derive(Module, Debug)]
-pub struct Mlp<B: Backend> {
-    /// The layers.
-    pub layers: Vec<Linear<B>>,
-}
-
-impl<B: Backend> Mlp<B> {
-    fn new(dims: &[usize], device: &B::Device) -> Self {
-        Mlp {
-            layers: dims
-                .windows(2)
-                .map(|d| LinearConfig::new(d[0], d[1]).init(device))
-                .collect(),
-        }
-    }
-
-    fn forward(&self, mut x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let last = self.layers.len().saturating_sub(1);
-        for (i, layer) in self.layers.iter().enumerate() {
-            x = layer.forward(x);
-            if i < last {
-                x = relu(x);
-            }
-        }
-        x
-    }
-}
-
-/// Predictions of one decoder layer.
-#[derive(Debug, Clone)]
-pub struct LayerPrediction<B: Backend> {
-    /// Class logits `[B, Q, K]` (sigmoid, no background class).
-    pub logits: Tensor<B, 3>,
-    /// Boxes `[B, Q, 4]`, normalised `cx, cy, w, h`.
-    pub boxes: Tensor<B, 3>,
-    /// Normed decoder states `[B, Q, D]` the heads read (for distillation).
-    pub hidden: Tensor<B, 3>,
-    /// The layer's output state `[B, Q, D]`, i.e. the next layer's input content.
-    pub state: Tensor<B, 3>,
-}
-
-/// All decoder layers' predictions; the last entry is the final output.
-#[derive(Debug, Clone)]
-pub struct DetrOutput<B: Backend> {
-    /// One per decoder layer, first to last.
-    pub layers: Vec<LayerPrediction<B>>,
-    /// Sizes of the query groups, in query order.
-    pub group_sizes: Vec<usize>,
-    /// The initial queries the decoder started from.
-    pub queries: InitialQueries<B>,
-    /// Two-stage models' per-token predictions.
-    pub proposals: Option<Proposals<B>>,
-    /// The backbone's features.
-    pub features: BackboneFeatures<B>,
-}
-
-impl<B: Backend> DetrOutput<B> {
-    /// The final layer's predictions.
-    pub fn last(&self) -> &LayerPrediction<B> {
-        self.layers
-            .last()
-            .unwrap_or_else(|| unreachable!("a DETR has at least one decoder layer"))
-    }
-}
+pub use config::DetrConfig;
+pub use output::{narrow_layers, DetrOutput, Encoded, InitialQueries, LayerPrediction, Proposals};
+pub use postprocess::postprocess;
 
 /// The DETR detector.
 #[derive(Module, Debug)]
@@ -408,72 +264,6 @@ impl DetrConfig {
     }
 }
 
-/// The encoder's half of a forward pass: the memory and what the decoder needs to read it.
-#[derive(Debug, Clone)]
-pub struct Encoded<B: Backend> {
-    /// Encoder output `[B, T, D]` over the tokens of every level.
-    pub memory: Tensor<B, 3>,
-    /// Position (sine + level embedding) of each token `[B, T, D]`.
-    pub memory_pos: Tensor<B, 3>,
-    /// Token padding `[B, T]` (true = padding).
-    pub memory_padding: Tensor<B, 2, Bool>,
-    /// The same padding on the host, `B·T` values.
-    pub padding: Vec<bool>,
-    /// Normalised cell centres of the tokens `[B, T, 2]`.
-    pub centres: Tensor<B, 3>,
-    /// Where each level's tokens lie in the memory.
-    pub grids: Vec<LevelGrid>,
-    /// Dense per-token predictions of two-stage models.
-    pub proposals: Option<Proposals<B>>,
-    /// The backbone's features.
-    pub features: BackboneFeatures<B>,
-}
-
-/// Two-stage models' per-token predictions and the tokens chosen as queries.
-#[derive(Debug, Clone)]
-pub struct Proposals<B: Backend> {
-    /// Class logits `[B, T, K]` and boxes `[B, T, 4]` of every token.
-    pub prediction: LayerPrediction<B>,
-    /// Two-stage models: token index of each selected query, `B·Q` values (query order within
-    /// each image), the correspondence between two models' queries on the same image. `None`
-    /// for a dense auxiliary head, whose queries are the learned ones.
-    pub selected: Option<Vec<usize>>,
-    /// Each token's anchor (cell centre, two cells wide), normalised `cx, cy, w, h`, `B·T·4`.
-    pub anchors: Vec<f32>,
-    /// Token padding, `B·T` values (true = padding).
-    pub padding: Vec<bool>,
-}
-
-/// The decoder's starting point for a set of queries.
-#[derive(Debug, Clone)]
-pub struct InitialQueries<B: Backend> {
-    /// Content embeddings `[B, Q, D]`.
-    pub content: Tensor<B, 3>,
-    /// Reference boxes `[B, Q, 4]` (normalised `cx, cy, w, h`, no gradient).
-    pub reference: Tensor<B, 3>,
-}
-
-impl<B: Backend> InitialQueries<B> {
-    /// Query groups placed one after the other along the query axis.
-    pub fn cat(groups: Vec<Self>) -> Self {
-        let (content, reference) = groups.into_iter().map(|g| (g.content, g.reference)).unzip();
-        InitialQueries {
-            content: Tensor::cat(content, 1),
-            reference: Tensor::cat(reference, 1),
-        }
-    }
-
-    /// Number of queries.
-    pub fn len(&self) -> usize {
-        self.content.dims()[1]
-    }
-
-    /// Whether there are no queries.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
 /// Concatenates per-level host values (each level image-major, `B·n_l·c` values) into
 /// image-major order over all levels, as the token axis is laid out.
 fn image_major<T: Copy>(levels: &[Vec<T>], b: usize) -> Vec<T> {
@@ -515,37 +305,49 @@ impl<B: Backend> Detr<B> {
     /// booleans, `[B, H, W]`, true = padding). `groups` query groups are decoded (the training
     /// value, or 1 at inference).
     pub fn forward(&self, images: Tensor<B, 4>, padding: &[bool], groups: usize) -> DetrOutput<B> {
-        self.forward_with_extra(images, padding, groups, None).0
+        self.forward_with_extra(images, padding, groups, Vec::new()).0
     }
 
-    /// [`Detr::forward`] with `extra` queries (in groups of the given sizes, e.g. denoising
-    /// groups) decoded after the main groups and masked from them. Returns the main groups'
-    /// output and the extra queries' per-layer predictions (empty without extras).
+    /// [`Detr::forward`] with `extra` sets of queries (each in groups of the given sizes, e.g.
+    /// denoising groups) decoded after the main groups and masked from them. Returns the main
+    /// groups' output and, per extra set, its per-layer predictions.
     pub fn forward_with_extra(
         &self,
         images: Tensor<B, 4>,
         padding: &[bool],
         groups: usize,
-        extra: Option<(InitialQueries<B>, Vec<usize>)>,
-    ) -> (DetrOutput<B>, Vec<LayerPrediction<B>>) {
+        extra: Vec<(InitialQueries<B>, Vec<usize>)>,
+    ) -> (DetrOutput<B>, Vec<Vec<LayerPrediction<B>>>) {
         let encoded = self.encode(images, padding);
         let groups = groups.clamp(1, self.groups);
         let queries = self.initial_queries(&encoded, groups);
         let group_sizes = vec![self.num_queries; groups];
-        let (layers, extra_layers) = match extra {
-            None => (
+        let (layers, extra_layers) = if extra.is_empty() {
+            (
                 self.decode(&encoded, queries.clone(), &group_sizes),
                 Vec::new(),
-            ),
-            Some((extra, extra_sizes)) => {
-                let (main, n) = (queries.len(), extra.len());
-                let all = self.decode(
-                    &encoded,
-                    InitialQueries::cat(vec![queries.clone(), extra]),
-                    &[group_sizes.clone(), extra_sizes].concat(),
-                );
-                (narrow_layers(&all, 0, main), narrow_layers(&all, main, n))
+            )
+        } else {
+            let main = queries.len();
+            let mut sizes = group_sizes.clone();
+            let mut lens = Vec::with_capacity(extra.len());
+            let mut all = vec![queries.clone()];
+            for (q, s) in extra {
+                lens.push(q.len());
+                sizes.extend(s);
+                all.push(q);
             }
+            let decoded = self.decode(&encoded, InitialQueries::cat(all), &sizes);
+            let mut start = main;
+            let extra_layers = lens
+                .into_iter()
+                .map(|n| {
+                    let l = narrow_layers(&decoded, start, n);
+                    start += n;
+                    l
+                })
+                .collect();
+            (narrow_layers(&decoded, 0, main), extra_layers)
         };
         let output = DetrOutput {
             layers,
@@ -579,7 +381,7 @@ impl<B: Backend> Detr<B> {
                 16 => &features.c4,
                 _ => &features.c5,
             };
-            let src = crate::model::conv::conv2d(proj, level.clone());
+            let src = crate::model::layers::conv::conv2d(proj, level.clone());
             let [_, d, fh, fw] = src.dims();
             let mask = downsample_padding(padding, [b, h, w], (fh, fw));
             let pos = sine_position_encoding(&mask, [b, fh, fw], d);
@@ -781,66 +583,4 @@ impl<B: Backend> Detr<B> {
         }
         layers
     }
-}
-
-/// Narrows every layer's predictions to queries `start..start + len`.
-pub fn narrow_layers<B: Backend>(
-    layers: &[LayerPrediction<B>],
-    start: usize,
-    len: usize,
-) -> Vec<LayerPrediction<B>> {
-    layers
-        .iter()
-        .map(|l| LayerPrediction {
-            logits: l.logits.clone().narrow(1, start, len),
-            boxes: l.boxes.clone().narrow(1, start, len),
-            hidden: l.hidden.clone().narrow(1, start, len),
-            state: l.state.clone().narrow(1, start, len),
-        })
-        .collect()
-}
-
-/// Turns the first query group's final predictions into detections in original-image pixels:
-/// the `max_dets` highest (query, class) sigmoid scores over all queries and classes
-/// (Deformable-DETR's post-processing). `orig_sizes` are `(width, height)` per image; boxes are
-/// normalised to each image's unpadded extent, which scales uniformly to the original.
-pub fn postprocess<B: Backend>(
-    prediction: &LayerPrediction<B>,
-    num_queries: usize,
-    orig_sizes: &[(u32, u32)],
-    max_dets: usize,
-) -> Vec<Vec<crate::eval::coco::Detection>> {
-    let [b, _, k] = prediction.logits.dims();
-    let host = |t: Tensor<B, 3>| -> Vec<f32> {
-        t.into_data().convert::<f32>().to_vec().unwrap_or_default()
-    };
-    let scores = host(sigmoid(prediction.logits.clone().narrow(1, 0, num_queries)));
-    let boxes = host(prediction.boxes.clone().narrow(1, 0, num_queries));
-    (0..b.min(orig_sizes.len()))
-        .map(|i| {
-            let (w, h) = (orig_sizes[i].0 as f64, orig_sizes[i].1 as f64);
-            let s = &scores[i * num_queries * k..(i + 1) * num_queries * k];
-            let mut order: Vec<usize> = (0..s.len()).collect();
-            order.sort_by(|&a, &c| s[c].total_cmp(&s[a]));
-            order
-                .into_iter()
-                .take(max_dets)
-                .map(|j| {
-                    let q = j / k;
-                    let bx = &boxes[(i * num_queries + q) * 4..][..4];
-                    let (cx, cy, bw, bh) = (
-                        bx[0] as f64 * w,
-                        bx[1] as f64 * h,
-                        bx[2] as f64 * w,
-                        bx[3] as f64 * h,
-                    );
-                    crate::eval::coco::Detection {
-                        class: j % k,
-                        bbox: [cx - bw / 2.0, cy - bh / 2.0, bw, bh],
-                        score: s[j] as f64,
-                    }
-                })
-                .collect()
-        })
-        .collect()
 }

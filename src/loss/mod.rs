@@ -1,3 +1,0 @@
-//! Training losses built on the shared ops.
-
-pub mod detr;

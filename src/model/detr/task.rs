@@ -1,0 +1,436 @@
+//! DETR as a training [`Task`]: data from the config (synthetic or COCO), the training forward
+//! pass with room for a distiller's extra query groups, the set loss with denoising, COCO
+//! evaluation on the validation split, matching instability, and self-describing export.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use burn::optim::GradientsParams;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use serde_json::Value;
+
+use crate::data::coco::{Category, CocoDataset, InvalidPolicy};
+use crate::data::config::DataConfig;
+use crate::data::detection::{
+    collate_detection, CocoSource, DetBatch, DetSource, DetTarget, SynthDetSource,
+};
+use crate::data::export::synth_coco;
+use crate::data::loader::{EpochIter, Loader, LoaderConfig, Subset};
+use crate::data::synth::Split;
+use crate::error::{Error, Result};
+use crate::eval::coco::{CocoEvaluator, STAT_KEYS};
+use crate::model::detr::config::DetrSection;
+use crate::model::detr::denoising::{denoising_groups, DenoisingGroups};
+use crate::model::detr::export::{export_detr, load_detector, DetectorInfo};
+use crate::model::detr::instability::{instability, match_keys};
+use crate::model::detr::loss::{detr_loss_with, GroupLoss};
+use crate::model::detr::{postprocess, Detr, DetrOutput, InitialQueries, LayerPrediction};
+use crate::model::weights::load_pytorch;
+use crate::task::{
+    Diagnostic, InnerModel, Losses, Metrics, ParamGroup, Stats, Task, TaskInputs,
+};
+
+/// DETR's statistics: the 12 COCO stats, AP first.
+pub const DETR_METRICS: Metrics = Metrics {
+    headline: "AP",
+    reported: &["AP", "AP50", "AP75"],
+    chance: 0.01,
+};
+
+/// DETR training on the configured data.
+pub struct DetrTask {
+    section: DetrSection,
+    data: DataConfig,
+    seed: u64,
+    backbone_weights: Option<PathBuf>,
+    backbone_lr_mult: f64,
+    train: Loader<DetSource, DetBatch>,
+    val: Loader<DetSource, DetBatch>,
+    /// The first training images without augmentation, for matching instability.
+    stability: Option<Loader<Subset<DetSource>, DetBatch>>,
+    val_gt: CocoDataset,
+    val_index: HashMap<u64, usize>,
+}
+
+/// A DETR training forward pass: the main query groups, the extra groups a distiller asked
+/// for, and the denoising groups, decoded together and masked from each other.
+pub struct DetrForward<B: Backend> {
+    /// The main groups (what inference runs, plus training-only groups).
+    pub output: DetrOutput<B>,
+    /// Per extra group, in the order asked for, its per-layer predictions.
+    pub extra: Vec<Vec<LayerPrediction<B>>>,
+    /// The denoising groups and their per-layer predictions, when denoising is on.
+    pub denoising: Option<(DenoisingGroups<B>, Vec<LayerPrediction<B>>)>,
+}
+
+impl DetrTask {
+    /// Opens the datasets, checking they agree with the model.
+    pub fn new(inputs: &TaskInputs, section: &DetrSection) -> Result<Self> {
+        let d = inputs.data;
+        let eval_aug = d.augment.eval();
+        let (train_source, stability_source, val_source, val_gt) = match &d.coco {
+            Some(c) => {
+                let train = CocoDataset::load(&c.train_json, InvalidPolicy::Skip)?;
+                let val = CocoDataset::load(&c.val_json, InvalidPolicy::Skip)?;
+                if train.categories != val.categories {
+                    return Err(Error::invalid(
+                        &c.val_json,
+                        "categories",
+                        format!("differ from those of {}", c.train_json.display()),
+                    ));
+                }
+                (
+                    DetSource::Coco(CocoSource {
+                        dataset: train.clone(),
+                        image_root: c.train_images.clone(),
+                        augment: d.augment.clone(),
+                    }),
+                    DetSource::Coco(CocoSource {
+                        dataset: train,
+                        image_root: c.train_images.clone(),
+                        augment: eval_aug.clone(),
+                    }),
+                    DetSource::Coco(CocoSource {
+                        dataset: val.clone(),
+                        image_root: c.val_images.clone(),
+                        augment: eval_aug,
+                    }),
+                    val,
+                )
+            }
+            None => {
+                let s = &d.synthetic;
+                let gt = synth_coco(&s.generator, Split::Val, s.val_images)?;
+                let gt = CocoDataset::from_dataset(
+                    Path::new("synthetic validation split"),
+                    gt,
+                    InvalidPolicy::Reject,
+                )?;
+                let source = |split, len, augment| {
+                    DetSource::Synth(SynthDetSource {
+                        config: s.generator.clone(),
+                        split,
+                        len,
+                        augment,
+                    })
+                };
+                (
+                    source(Split::Train, s.train_images, d.augment.clone()),
+                    source(Split::Train, s.train_images, eval_aug.clone()),
+                    source(Split::Val, s.val_images, eval_aug),
+                    gt,
+                )
+            }
+        };
+        if val_gt.num_classes() != section.model.num_classes {
+            return Err(Error::config(
+                "detr.model.num_classes",
+                format!(
+                    "is {} but the data has {} categories",
+                    section.model.num_classes,
+                    val_gt.num_classes()
+                ),
+            ));
+        }
+        let divisor = d.size_divisor;
+        let loader = |source, shuffle, seed| {
+            Loader::<DetSource, DetBatch>::new(
+                source,
+                move |samples| collate_detection(samples, divisor),
+                LoaderConfig {
+                    batch_size: inputs.batch_size,
+                    shuffle,
+                    drop_last: shuffle,
+                    workers: d.workers,
+                    prefetch: 2,
+                    seed,
+                },
+            )
+        };
+        let val_index = val_gt
+            .images
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (e.id, i))
+            .collect();
+        Ok(DetrTask {
+            train: loader(train_source, true, inputs.seed)?,
+            val: loader(val_source, false, inputs.seed)?,
+            stability: match section.eval.instability_images {
+                0 => None,
+                n => Some(Loader::new(
+                    Subset {
+                        inner: stability_source,
+                        len: n,
+                    },
+                    move |samples| collate_detection(samples, divisor),
+                    LoaderConfig {
+                        batch_size: inputs.batch_size,
+                        shuffle: false,
+                        drop_last: false,
+                        workers: 0,
+                        prefetch: 2,
+                        seed: inputs.seed,
+                    },
+                )?),
+            },
+            val_gt,
+            val_index,
+            section: section.clone(),
+            data: d.clone(),
+            seed: inputs.seed,
+            backbone_weights: inputs.backbone_weights.map(Path::to_path_buf),
+            backbone_lr_mult: inputs.backbone_lr_mult,
+        })
+    }
+
+    /// The categories of the data, in class order.
+    pub fn categories(&self) -> &[Category] {
+        &self.val_gt.categories
+    }
+
+    /// The run's `[detr]` section.
+    pub fn section(&self) -> &DetrSection {
+        &self.section
+    }
+
+    /// A freshly initialised model, with backbone weights if the config names them.
+    pub fn init_model<B: Backend>(&self, device: &B::Device) -> Result<Detr<B>> {
+        B::seed(device, self.seed);
+        let mut model = self.section.model.init::<B>(device)?;
+        if let Some(spec) = &self.backbone_weights {
+            let path =
+                &crate::model::pretrained::resolve(spec, &crate::model::pretrained::cache_dir())?;
+            let options = crate::model::weights::LoadOptions {
+                key_rules: model.backbone.torchvision_key_rules(),
+                top_level_key: None,
+                allow_partial: false,
+            };
+            let (backbone, report) = load_pytorch(model.backbone, path, &options)?;
+            eprintln!(
+                "{}: {} backbone tensors loaded, {} unused",
+                path.display(),
+                report.applied,
+                report.unused.len()
+            );
+            model.backbone = backbone;
+        }
+        Ok(model)
+    }
+
+    /// What an exported model records about itself.
+    pub fn info(&self) -> DetectorInfo {
+        DetectorInfo {
+            model: self.section.model.clone(),
+            categories: self.val_gt.categories.clone(),
+            preprocess: self.data.augment.eval(),
+            size_divisor: self.data.size_divisor,
+        }
+    }
+
+    /// The training forward pass with `extra` query groups (one group each) decoded after the
+    /// main groups and before the denoising groups.
+    pub fn forward_with<B: AutodiffBackend>(
+        &self,
+        model: &Detr<B>,
+        batch: &DetBatch,
+        extra: Vec<InitialQueries<B>>,
+    ) -> DetrForward<B> {
+        let device = model.query_content.device();
+        let images = batch.images_tensor::<B>(&device);
+        let dn = denoising_groups(model, &batch.targets, batch.seed);
+        let mut groups: Vec<(InitialQueries<B>, Vec<usize>)> =
+            extra.into_iter().map(|q| (q.clone(), vec![q.len()])).collect();
+        if let Some(dn) = &dn {
+            groups.push((dn.queries.clone(), dn.group_sizes()));
+        }
+        let (output, mut layers) =
+            model.forward_with_extra(images, &batch.padding, model.groups, groups);
+        let denoising = match dn {
+            Some(dn) => layers.pop().map(|l| (dn, l)),
+            None => None,
+        };
+        DetrForward {
+            output,
+            extra: layers,
+            denoising,
+        }
+    }
+
+    /// The weighted set loss of the main groups over every layer (plus proposals), logged as
+    /// `loss_class`, `loss_bbox` and `loss_giou`; `group_loss` replaces a main group's set loss.
+    pub fn main_losses<B: AutodiffBackend>(
+        &self,
+        forward: &DetrForward<B>,
+        targets: &[DetTarget],
+        group_loss: Option<&GroupLoss<'_, B>>,
+    ) -> Result<Losses<B>> {
+        let (w, costs) = (&self.section.loss, &self.section.matcher);
+        let l = detr_loss_with(&forward.output, targets, w, costs, group_loss)?;
+        Ok(Losses {
+            total: l.weighted(w),
+            terms: vec![
+                ("loss_class".into(), l.class),
+                ("loss_bbox".into(), l.bbox),
+                ("loss_giou".into(), l.giou),
+            ],
+        })
+    }
+
+    /// Adds the denoising loss (`loss_dn`), when the forward pass had denoising groups.
+    pub fn add_denoising<B: AutodiffBackend>(
+        &self,
+        losses: &mut Losses<B>,
+        forward: &DetrForward<B>,
+        targets: &[DetTarget],
+    ) {
+        let Some((dn, layers)) = &forward.denoising else {
+            return;
+        };
+        if let Some(dn_loss) = dn.loss(layers, targets, &self.section.loss) {
+            losses.add("loss_dn", dn_loss, self.section.model.denoising.weight);
+        }
+    }
+}
+
+impl<B: AutodiffBackend> Task<B> for DetrTask {
+    type Model = Detr<B>;
+    type Batch = DetBatch;
+    type Output = DetrForward<B>;
+
+    fn metrics(&self) -> Metrics {
+        DETR_METRICS
+    }
+
+    fn batches_per_epoch(&self) -> usize {
+        self.train.batches_per_epoch()
+    }
+
+    fn train_batches(&self, epoch: usize, skip: usize) -> EpochIter<DetBatch> {
+        self.train.epoch_from(epoch, skip)
+    }
+
+    fn forward(&self, model: &Detr<B>, batch: &DetBatch) -> Result<DetrForward<B>> {
+        Ok(self.forward_with(model, batch, Vec::new()))
+    }
+
+    fn loss(&self, forward: &DetrForward<B>, batch: &DetBatch) -> Result<Losses<B>> {
+        let mut losses = self.main_losses(forward, &batch.targets, None)?;
+        self.add_denoising(&mut losses, forward, &batch.targets);
+        Ok(losses)
+    }
+
+    fn split(&self, batch: DetBatch, parts: usize, seed: u64) -> Vec<DetBatch> {
+        batch.split(parts, seed)
+    }
+
+    /// A shard's losses are normalised by its own boxes, so weighting it by its share of the
+    /// boxes makes the weighted sum the whole batch's loss (Deformable-DETR all-reduces the box
+    /// count for the same reason); a shard without boxes counts as one box.
+    fn shard_weight(&self, shard: &DetBatch) -> f64 {
+        shard
+            .targets
+            .iter()
+            .map(|t| t.boxes.len())
+            .sum::<usize>()
+            .max(1) as f64
+    }
+
+    fn param_groups(&self, model: &Detr<B>, grads: &mut B::Gradients) -> Vec<ParamGroup> {
+        let backbone = GradientsParams::from_module(grads, &model.backbone);
+        vec![
+            ParamGroup {
+                lr_mult: self.backbone_lr_mult,
+                grads: backbone,
+            },
+            ParamGroup {
+                lr_mult: 1.0,
+                grads: GradientsParams::from_module(grads, model),
+            },
+        ]
+    }
+
+    fn evaluate(&self, model: &Detr<B::InnerBackend>) -> Result<Stats> {
+        let stats = evaluate_detr(
+            model,
+            &self.val,
+            &self.val_gt,
+            &self.val_index,
+            self.section.eval.max_dets,
+        )?;
+        Ok(STAT_KEYS
+            .iter()
+            .zip(stats.to_array())
+            .map(|(k, v)| ((*k).to_string(), v))
+            .collect())
+    }
+
+    fn export(&self, model: &Detr<B::InnerBackend>, path: &Path) -> Result<()> {
+        export_detr(model, &self.info(), path)
+    }
+
+    fn load_export(&self, path: &Path) -> Result<InnerModel<B, Self>> {
+        let (model, info) = load_detector::<B::InnerBackend>(path, &Default::default())?;
+        if info.categories != self.val_gt.categories {
+            let names = |c: &[Category]| {
+                c.iter().map(|c| c.name.as_str()).collect::<Vec<_>>().join(", ")
+            };
+            return Err(Error::invalid(
+                path,
+                "categories",
+                format!(
+                    "[{}] differ from this run's data [{}]",
+                    names(&info.categories),
+                    names(&self.val_gt.categories)
+                ),
+            ));
+        }
+        Ok(model)
+    }
+
+    fn probe(&self, model: &Detr<B::InnerBackend>) -> Result<Option<Value>> {
+        let Some(loader) = &self.stability else {
+            return Ok(None);
+        };
+        let keys = match_keys(model, loader, &self.section.matcher)?;
+        serde_json::to_value(keys)
+            .map(Some)
+            .map_err(|e| Error::config("instability", e.to_string()))
+    }
+
+    fn diagnose(&self, previous: &Value, current: &Value) -> Result<Option<Diagnostic>> {
+        instability(previous, current)
+    }
+}
+
+/// COCO statistics of `model` on the batches of `loader` against `gt`.
+fn evaluate_detr<B: Backend>(
+    model: &Detr<B>,
+    loader: &Loader<DetSource, DetBatch>,
+    gt: &CocoDataset,
+    index: &HashMap<u64, usize>,
+    max_dets: usize,
+) -> Result<crate::eval::coco::CocoStats> {
+    let device = model.query_content.device();
+    let mut evaluator = CocoEvaluator::new(gt)?;
+    for batch in loader.epoch(0) {
+        let batch = batch?;
+        let out = model.forward(batch.images_tensor::<B>(&device), &batch.padding, 1);
+        let sizes: Vec<(u32, u32)> = batch.targets.iter().map(|t| t.orig_size).collect();
+        let dets = postprocess(out.last(), model.num_queries, &sizes, max_dets);
+        for (target, d) in batch.targets.iter().zip(&dets) {
+            let entry = index
+                .get(&target.image_id)
+                .map(|&i| &gt.images[i])
+                .ok_or_else(|| {
+                    Error::invalid(
+                        &gt.path,
+                        "images",
+                        format!("no image id {}", target.image_id),
+                    )
+                })?;
+            evaluator.add_image(entry, d)?;
+        }
+    }
+    evaluator.finish()
+}
