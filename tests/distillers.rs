@@ -9,7 +9,7 @@ mod common;
 use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
 
-use burn::module::{AutodiffModule, Module};
+use burn::module::AutodiffModule;
 use burn::nn::{Linear, LinearConfig, LinearRecord};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::Tensor;

@@ -148,7 +148,7 @@ fn resumed_run_matches_uninterrupted_run() {
     let (ma, info) = load_detector::<Inference>(&a.join("model.safetensors"), &device).expect("a");
     let (mb, _) = load_detector::<Inference>(&b.join("model.safetensors"), &device).expect("b");
     assert_eq!(tensor(&ma), tensor(&mb));
-    assert_eq!(info.model, cfg.model);
+    assert_eq!(info.model, cfg.detr.as_ref().expect("detr section").model);
     assert_eq!(info.categories.len(), 8);
 
     // The run folder's promised contents.

@@ -94,7 +94,10 @@ pub fn known_grids() -> Vec<String> {
         .flatten()
         .filter_map(|e| {
             let p = e.path();
-            (p.extension()? == "toml").then(|| p.file_stem()?.to_string_lossy().into_owned())?
+            if p.extension()? != "toml" {
+                return None;
+            }
+            Some(p.file_stem()?.to_string_lossy().into_owned())
         })
         .collect();
     names.sort();

@@ -16,7 +16,7 @@ mod step;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use burn::module::{AutodiffModule, Module};
+use burn::module::Module;
 use burn::optim::{AdamWConfig, Optimizer};
 use burn::tensor::backend::AutodiffBackend;
 use serde_json::Value;
@@ -126,8 +126,11 @@ where
                 .map_err(|_| Error::invalid(&dir, "checkpoint", "a part is missing"))?;
             model = model.load_record(load_record(m, &dir.join("model.bin"), device)?);
             optim = optim.load_record(load_record(o, &dir.join("optim.bin"), device)?);
-            let state = load_record::<B::InnerBackend, _>(d, &dir.join("distiller.bin"), device)?;
-            distiller.load_state(state);
+            distiller.load_state(load_record::<B::InnerBackend, _>(
+                d,
+                &dir.join("distiller.bin"),
+                device,
+            )?);
             probes = serde_json::from_slice(&p).map_err(|e| Error::Json {
                 path: dir.join("probes.bin"),
                 source: e,
@@ -181,7 +184,7 @@ where
             let step = data_parallel_step(task, &*distiller, &model, shards, log_now)
                 .map_err(|e| not_finite(e, state.step, &checkpoints))?;
             let mut groups = step.groups;
-            let grad_norm = clip_global_norm(&model, &mut groups, config.optim.clip_norm);
+            let grad_norm = clip_global_norm(&model, &mut groups[..], config.optim.clip_norm);
             model = step_groups(&mut optim, model, groups, lr);
             distiller.after_step(&model.0, state.step);
             state.step += 1;

@@ -4,16 +4,10 @@
 
 use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::{GradientsParams, Optimizer};
+
+use crate::task::ParamGroup;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{ElementConversion, Tensor};
-
-/// Gradients of one parameter group and its learning-rate multiplier.
-pub struct ParamGroup {
-    /// Fraction of the base learning rate.
-    pub lr_mult: f64,
-    /// The group's gradients.
-    pub grads: GradientsParams,
-}
 
 /// Stores every gradient back contiguous: conv weight gradients come out of the backward pass
 /// transposed, and every later element-wise pass over them (summing replicas, the norm, the

@@ -6,7 +6,7 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::ElementConversion;
 
 use crate::distill::Distiller;
-use crate::error::{Error, Result};
+use crate::error::Error;
 use crate::task::{Losses, ParamGroup, Stats, Task};
 use crate::train::optim::{add_grads, make_contiguous, replica};
 use crate::train::Trained;

@@ -3,6 +3,7 @@
 use std::process::Command;
 
 /// Runs the `densekd` binary: (success, stdout, stderr).
+#[allow(dead_code)] // not every test binary uses it
 pub fn densekd(args: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_densekd"))
         .args(args)

@@ -16,10 +16,11 @@ pub mod task;
 use burn::module::{Module, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig};
-use burn::tensor::{activation::sigmoid, backend::Backend, Distribution, Int, Tensor, TensorData};
+use burn::tensor::{activation::sigmoid, backend::Backend, Bool, Distribution, Int, Tensor, TensorData};
 
 use crate::model::backbone::Backbone;
 use crate::model::detr::denoising::DenoisingConfig;
+use crate::model::layers::deformable::LevelGrid;
 use crate::model::layers::mlp::Mlp;
 use crate::model::layers::position::{
     box_gaussian_prior, cell_centres, downsample_padding, padding_tensor, sine_box_embedding,
