@@ -101,7 +101,12 @@ where
     }
     let schedule = LrSchedule::new(&config.optim, per_epoch);
     let total = schedule.total_steps();
-    let mut model: Trained<B, T, D> = (student, distiller.init_trainable(device)?);
+    let trainable = distiller.init_trainable(device)?;
+    // burn draws a parameter's initial values at its first use; drawing them now ties them to
+    // the distiller's own seeding instead of to whatever the backend generator holds at step 1
+    // (and gives every data-parallel replica the same values).
+    trainable.visit(&mut optim::Materialise);
+    let mut model: Trained<B, T, D> = (student, trainable);
     let mut optim = AdamWConfig::new()
         .with_weight_decay(config.optim.weight_decay as f32)
         .with_epsilon(config.optim.eps as f32)

@@ -6,7 +6,7 @@ use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::{GradientsParams, Optimizer};
 
 use crate::task::ParamGroup;
-use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Tensor};
 
 /// Stores every gradient back contiguous: conv weight gradients come out of the backward pass
@@ -148,6 +148,15 @@ pub fn clip_global_norm<B: AutodiffBackend, M: AutodiffModule<B>>(
         });
     }
     norm
+}
+
+/// Draws the initial values of every lazily initialised float parameter it visits.
+pub struct Materialise;
+
+impl<B: Backend> ModuleVisitor<B> for Materialise {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        param.val();
+    }
 }
 
 /// One optimiser step per group, each at `lr × lr_mult`.
