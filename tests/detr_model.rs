@@ -6,9 +6,9 @@ use burn::nn::attention::{MhaInput, MultiHeadAttentionConfig};
 use burn::tensor::{Bool, Tensor, TensorData};
 use densekd::backend::{Inference, Training};
 use densekd::data::detection::DetTarget;
-use densekd::model::detr::loss::{detr_loss, ProposalAssignment, SetLossWeights};
 use densekd::model::backbone::{Arch, BackboneConfig};
 use densekd::model::detr::denoising::{denoising_groups, DenoisingConfig};
+use densekd::model::detr::loss::{detr_loss, ProposalAssignment, SetLossWeights};
 use densekd::model::detr::{narrow_layers, DetrConfig, InitialQueries};
 use densekd::model::layers::norm::NormKind;
 use densekd::model::layers::position::{box_gaussian_prior, cell_centres, sine_position_encoding};
@@ -393,7 +393,9 @@ fn feature_strides_must_be_backbone_strides() {
     config.feature_strides = vec![8, 16, 32];
     assert!(config.init::<Inference>(&Default::default()).is_ok());
     config.feature_strides = vec![2];
-    let e = config.init::<Inference>(&Default::default()).err().expect("stride 2");
+    let e = config
+        .init::<Inference>(&Default::default())
+        .expect_err("stride 2");
     assert!(e.to_string().contains("feature_strides"), "{e}");
 }
 
@@ -460,7 +462,8 @@ fn every_parameter_of_a_fresh_model_is_trained() {
             ..SetLossWeights::default()
         };
         let loss = detr_loss(&output, &targets, &weights, &MatchCosts::default()).expect("loss");
-        let total = loss.weighted(&weights) + dn.loss(&extra[0], &targets, &weights).expect("dn loss");
+        let total =
+            loss.weighted(&weights) + dn.loss(&extra[0], &targets, &weights).expect("dn loss");
         let grads = total.backward();
         let mut visitor = Untrained {
             grads: &grads,

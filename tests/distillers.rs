@@ -180,7 +180,11 @@ fn trainable_distiller_modules_train_resume_and_stay_out_of_the_export() {
     let _serial = serial();
     let tmp = tempfile::tempdir().expect("tmp");
     let cfg = config(&[]);
-    let (a, b, frozen) = (tmp.path().join("a"), tmp.path().join("b"), tmp.path().join("c"));
+    let (a, b, frozen) = (
+        tmp.path().join("a"),
+        tmp.path().join("b"),
+        tmp.path().join("c"),
+    );
 
     let full = train(&cfg, &mut Connector { lr_mult: 1.0 }, &a, false, None).expect("train");
     assert!(full.finished);
@@ -193,7 +197,10 @@ fn trainable_distiller_modules_train_resume_and_stay_out_of_the_export() {
         .map(|l| l["loss_connector"].as_f64().expect("loss_connector"))
         .collect();
     assert_eq!(logged.len(), 8);
-    assert!(logged[7] < logged[0], "the connector's loss fell: {logged:?}");
+    assert!(
+        logged[7] < logged[0],
+        "the connector's loss fell: {logged:?}"
+    );
 
     // Killed at step 3 and resumed: bit-identical log and connector.
     let part = train(&cfg, &mut Connector { lr_mult: 1.0 }, &b, false, Some(3)).expect("part");
@@ -227,8 +234,22 @@ fn trainable_distiller_modules_work_with_replicas() {
         "optim.replicas=2",
     ];
     let (one, two) = (tmp.path().join("one"), tmp.path().join("two"));
-    train(&config(&sets[..2]), &mut Connector { lr_mult: 1.0 }, &one, false, None).expect("1");
-    train(&config(&sets), &mut Connector { lr_mult: 1.0 }, &two, false, None).expect("2");
+    train(
+        &config(&sets[..2]),
+        &mut Connector { lr_mult: 1.0 },
+        &one,
+        false,
+        None,
+    )
+    .expect("1");
+    train(
+        &config(&sets),
+        &mut Connector { lr_mult: 1.0 },
+        &two,
+        false,
+        None,
+    )
+    .expect("2");
     let first = |dir: &PathBuf| lines(dir).into_iter().find(|l| l["kind"] == "train");
     let (x, y) = (first(&one).expect("line"), first(&two).expect("line"));
     // The first step sees the same parameters: the shards' weighted losses sum to the batch's.
@@ -315,9 +336,7 @@ fn frozen_teachers_are_checked_and_evaluated_before_step_0() {
     Task::<Training>::export(&t, &init.valid(), &untrained).expect("export");
     let mut distiller = load_teacher(&cfg, &untrained).expect("loads");
     let refused = tmp.path().join("refused");
-    let e = train(&cfg, &mut distiller, &refused, false, None)
-        .err()
-        .expect("chance-level teacher");
+    let e = train(&cfg, &mut distiller, &refused, false, None).expect_err("chance-level teacher");
     assert!(
         e.to_string().contains("untrained.safetensors") && e.to_string().contains("chance"),
         "{e}"

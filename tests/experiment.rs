@@ -8,8 +8,7 @@ use std::path::{Path, PathBuf};
 
 use densekd::experiment::{
     aggregate, named_grid, plan, read_run, run_dir, run_state, shadowed_overrides, write_report,
-    ReportSpec,
-    ExperimentOptions, Grid, RunState, Variant, VariantRuns,
+    ExperimentOptions, Grid, ReportSpec, RunState, Variant, VariantRuns,
 };
 use densekd::model::detr::task::DETR_METRICS;
 use densekd::train::config::TrainConfig;
@@ -195,7 +194,10 @@ fn run_folders_are_reused_resumed_or_refused() {
         run_state(&partial, &config).expect("partial"),
         RunState::Resume
     );
-    assert!(read_run(&partial, "AP").expect("read").is_none(), "not finished");
+    assert!(
+        read_run(&partial, "AP").expect("read").is_none(),
+        "not finished"
+    );
 }
 
 #[test]
@@ -409,7 +411,9 @@ fn tiny_grid_trains_reuses_resumes_and_refuses() {
     let before = read_run(&low0, "AP").expect("read").expect("finished");
     std::fs::remove_file(low0.join("summary.json")).expect("remove summary");
     let resumed = run_experiment(&grid, &two).expect("resume");
-    let after = read_run(&low0, "AP").expect("read").expect("finished again");
+    let after = read_run(&low0, "AP")
+        .expect("read")
+        .expect("finished again");
     assert_eq!(after.final_stats, before.final_stats);
     assert_eq!(
         resumed.variants[0].student().stat("AP"),

@@ -8,8 +8,8 @@ use common::densekd;
 use std::path::Path;
 
 use densekd::backend::Inference;
-use densekd::train::config::TrainConfig;
 use densekd::model::detr::export::load_detector;
+use densekd::train::config::TrainConfig;
 use densekd::train::run::train_with_options;
 use densekd::train::{RunOptions, RunSummary};
 
@@ -94,7 +94,10 @@ fn check_resume(cfg: &TrainConfig, a: &Path, b: &Path) -> RunSummary {
 fn od_detr_run_resumes_exactly_and_reports_the_ema_teacher() {
     let tmp = tempfile::tempdir().expect("tmp");
     let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
-    let cfg = config(&["distill.method=\"od-detr\"", "detr.eval.instability_images=8"]);
+    let cfg = config(&[
+        "distill.method=\"od-detr\"",
+        "detr.eval.instability_images=8",
+    ]);
     let full = check_resume(&cfg, &a, &b);
     let names: Vec<&str> = full.final_eval.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(names, ["student", "ema"]);
@@ -300,7 +303,10 @@ fn denoising_run_resumes_exactly_and_logs_its_loss() {
 #[test]
 fn data_parallel_replicas_sum_to_the_batch_and_resume_exactly() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let base = ["detr.model.dense_head=false", "detr.model.backbone.norm=\"frozen\""];
+    let base = [
+        "detr.model.dense_head=false",
+        "detr.model.backbone.norm=\"frozen\"",
+    ];
     let first = |extra: &[&str], dir: &str| {
         let cfg = config(&[&base[..], extra].concat());
         let summary = run(&cfg, &tmp.path().join(dir), false, Some(1));
@@ -325,7 +331,13 @@ fn data_parallel_replicas_sum_to_the_batch_and_resume_exactly() {
         "grad norm {norm1} vs {norm2}"
     );
 
-    let cfg = config(&[&base[..], &["optim.replicas=2", "detr.model.denoising.groups=2"]].concat());
+    let cfg = config(
+        &[
+            &base[..],
+            &["optim.replicas=2", "detr.model.denoising.groups=2"],
+        ]
+        .concat(),
+    );
     check_resume(&cfg, &tmp.path().join("a"), &tmp.path().join("b"));
 
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/detr_shapes.toml");

@@ -320,8 +320,7 @@ pub fn report_spec(runs: &[PlannedRun]) -> Result<ReportSpec> {
             }
         }
     }
-    let metrics =
-        metrics.ok_or_else(|| Error::config("experiment", "the grid plans no runs"))?;
+    let metrics = metrics.ok_or_else(|| Error::config("experiment", "the grid plans no runs"))?;
     Ok(ReportSpec { metrics, labels })
 }
 

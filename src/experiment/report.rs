@@ -152,7 +152,10 @@ pub struct MeanStd {
 impl ModelSummary {
     /// The final statistic `key`.
     pub fn stat(&self, key: &str) -> Option<MeanStd> {
-        self.stats.iter().find(|(k, _)| k == key).and_then(|(_, v)| *v)
+        self.stats
+            .iter()
+            .find(|(k, _)| k == key)
+            .and_then(|(_, v)| *v)
     }
 }
 

@@ -11,9 +11,9 @@ use serde_json::Value;
 
 use crate::distill::Distiller;
 use crate::error::{Error, Result};
+use crate::task::number;
 use crate::task::{InnerModel, ModelStats, Stats, Task};
 use crate::train::checkpoint::LoopState;
-use crate::task::number;
 use crate::train::metrics::MetricsLog;
 
 /// The task's probe of each labelled model at the last epoch end.
@@ -85,7 +85,8 @@ where
             .iter()
             .find(|(k, _)| k == metrics.headline)
             .map_or(0.0, |(_, v)| *v);
-        if !(score > metrics.chance) {
+        // NaN counts as failing too.
+        if score.is_nan() || score <= metrics.chance {
             return Err(Error::invalid(
                 &teacher.source,
                 &teacher.label,

@@ -159,4 +159,3 @@ where
     }
     sum.ok_or_else(|| StepError::Failed(Error::config("training", "an empty batch")))
 }
-

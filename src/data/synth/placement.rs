@@ -46,7 +46,13 @@ impl Template {
     }
 
     // With `free`, prefer a centre on a background pixel of that owner map.
-    pub(super) fn place(&self, rng: &mut ChaCha8Rng, spec: &Spec, size: usize, free: Option<&[u8]>) -> Placed {
+    pub(super) fn place(
+        &self,
+        rng: &mut ChaCha8Rng,
+        spec: &Spec,
+        size: usize,
+        free: Option<&[u8]>,
+    ) -> Placed {
         let side = size as f64;
         // Large objects stay inside the frame (up to rotated corners) to keep their area.
         let frac = if spec.large { 0.5 } else { CENTER_MARGIN_FRAC };
@@ -98,7 +104,11 @@ pub(super) fn min_visible(obj: &Placed, size: usize, keep_large: bool) -> usize 
 // Place objects back to front, re-drawing positions that would hide too much of an
 // earlier object. Returns the kept objects and the owner map (0 = background, k + 1 =
 // object k visible). An object that finds no valid position is left out entirely.
-pub(super) fn place_objects(rng: &mut ChaCha8Rng, specs: &[Spec], size: usize) -> (Vec<Placed>, Vec<u8>) {
+pub(super) fn place_objects(
+    rng: &mut ChaCha8Rng,
+    specs: &[Spec],
+    size: usize,
+) -> (Vec<Placed>, Vec<u8>) {
     let mut owner = vec![0u8; size * size];
     let mut kept: Vec<Placed> = Vec::with_capacity(specs.len());
     let mut visible: Vec<usize> = Vec::with_capacity(specs.len());

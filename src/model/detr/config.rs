@@ -119,7 +119,10 @@ impl DetrSection {
     pub fn validate(&self, replicas: usize) -> crate::Result<()> {
         use crate::error::Error;
         if self.eval.max_dets == 0 {
-            return Err(Error::config("detr.eval.max_dets", "must be positive, got 0"));
+            return Err(Error::config(
+                "detr.eval.max_dets",
+                "must be positive, got 0",
+            ));
         }
         self.model.denoising.validate()?;
         if replicas > 1 && self.model.backbone.norm == NormKind::Batch {

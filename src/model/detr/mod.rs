@@ -16,7 +16,9 @@ pub mod task;
 use burn::module::{Module, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig};
-use burn::tensor::{activation::sigmoid, backend::Backend, Bool, Distribution, Int, Tensor, TensorData};
+use burn::tensor::{
+    activation::sigmoid, backend::Backend, Bool, Distribution, Int, Tensor, TensorData,
+};
 
 use crate::model::backbone::Backbone;
 use crate::model::detr::denoising::DenoisingConfig;
@@ -306,7 +308,8 @@ impl<B: Backend> Detr<B> {
     /// booleans, `[B, H, W]`, true = padding). `groups` query groups are decoded (the training
     /// value, or 1 at inference).
     pub fn forward(&self, images: Tensor<B, 4>, padding: &[bool], groups: usize) -> DetrOutput<B> {
-        self.forward_with_extra(images, padding, groups, Vec::new()).0
+        self.forward_with_extra(images, padding, groups, Vec::new())
+            .0
     }
 
     /// [`Detr::forward`] with `extra` sets of queries (each in groups of the given sizes, e.g.

@@ -26,9 +26,7 @@ use crate::model::detr::instability::{instability, match_keys};
 use crate::model::detr::loss::{detr_loss_with, GroupLoss};
 use crate::model::detr::{postprocess, Detr, DetrOutput, InitialQueries, LayerPrediction};
 use crate::model::weights::load_pytorch;
-use crate::task::{
-    Diagnostic, InnerModel, Losses, Metrics, ParamGroup, Stats, Task, TaskInputs,
-};
+use crate::task::{Diagnostic, InnerModel, Losses, Metrics, ParamGroup, Stats, Task, TaskInputs};
 
 /// DETR's statistics: the 12 COCO stats, AP first.
 pub const DETR_METRICS: Metrics = Metrics {
@@ -239,8 +237,10 @@ impl DetrTask {
         let device = model.query_content.device();
         let images = batch.images_tensor::<B>(&device);
         let dn = denoising_groups(model, &batch.targets, batch.seed);
-        let mut groups: Vec<(InitialQueries<B>, Vec<usize>)> =
-            extra.into_iter().map(|q| (q.clone(), vec![q.len()])).collect();
+        let mut groups: Vec<(InitialQueries<B>, Vec<usize>)> = extra
+            .into_iter()
+            .map(|q| (q.clone(), vec![q.len()]))
+            .collect();
         if let Some(dn) = &dn {
             groups.push((dn.queries.clone(), dn.group_sizes()));
         }
@@ -373,7 +373,10 @@ impl<B: AutodiffBackend> Task<B> for DetrTask {
         let (model, info) = load_detector::<B::InnerBackend>(path, &Default::default())?;
         if info.categories != self.val_gt.categories {
             let names = |c: &[Category]| {
-                c.iter().map(|c| c.name.as_str()).collect::<Vec<_>>().join(", ")
+                c.iter()
+                    .map(|c| c.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             };
             return Err(Error::invalid(
                 path,

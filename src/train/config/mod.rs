@@ -15,8 +15,8 @@ use crate::distill::DistillConfig;
 use crate::error::{Error, Result};
 use crate::model::detr::config::DetrSection;
 use crate::task::TaskInputs;
-pub use overrides::{apply_override, differing_keys};
 use overrides::read_with_bases;
+pub use overrides::{apply_override, differing_keys};
 pub use sections::{CheckpointConfig, EvalConfig, OptimConfig, Schedule};
 
 /// The model kinds, as their config sections are named.
@@ -126,7 +126,11 @@ impl TrainConfig {
                 "config",
                 format!(
                     "more than one model section ({}): keep one",
-                    present.iter().map(|m| m.kind()).collect::<Vec<_>>().join(", ")
+                    present
+                        .iter()
+                        .map(|m| m.kind())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ),
             )),
         }
@@ -319,8 +323,11 @@ lr = 1e-3
         assert!(e.to_string().contains("missing field `method`"), "{e}");
         let e = load(MINIMAL, &["distill.method=\"lgd\""]).expect_err("unknown method");
         assert!(e.to_string().contains("lgd"), "{e}");
-        let e = load(MINIMAL, &["distill.method=\"od-detr\"", "distill.pd_weight=-1"])
-            .expect_err("range");
+        let e = load(
+            MINIMAL,
+            &["distill.method=\"od-detr\"", "distill.pd_weight=-1"],
+        )
+        .expect_err("range");
         assert!(e.to_string().contains("distill.pd_weight"), "{e}");
         let e = c.distill.validate("fcos").expect_err("unsupported pair");
         assert!(

@@ -17,7 +17,11 @@ pub fn read_with_bases(path: &Path) -> Result<toml::Table> {
     while let Some(file) = chain.last().cloned() {
         let text = std::fs::read_to_string(&file).map_err(|e| Error::io(&file, e))?;
         let mut table: toml::Table = toml::from_str(&text).map_err(|e| {
-            Error::invalid(&file, "toml", e.to_string().trim_end().replace('\n', "\n  "))
+            Error::invalid(
+                &file,
+                "toml",
+                e.to_string().trim_end().replace('\n', "\n  "),
+            )
         })?;
         let base = match table.remove("base") {
             None => None,
