@@ -31,18 +31,6 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// The tiny config (`common::TINY_RUN`, 2 epochs of 4 steps) with `extra` overrides.
-fn config(extra: &[&str]) -> TrainConfig {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/detr_shapes.toml");
-    let sets: Vec<String> = common::TINY_RUN
-        .iter()
-        .chain(&["optim.epochs=2", "checkpoint.log_every_steps=1"])
-        .chain(extra)
-        .map(|s| s.to_string())
-        .collect();
-    TrainConfig::load(&path, &sets).expect("config")
-}
-
 fn task(config: &TrainConfig) -> DetrTask {
     let ModelSection::Detr(section) = config.model().expect("model");
     DetrTask::new(&config.task_inputs(), section).expect("task")
@@ -179,7 +167,7 @@ fn exported_names(path: &Path) -> Vec<String> {
 fn trainable_distiller_modules_train_resume_and_stay_out_of_the_export() {
     let _serial = serial();
     let tmp = tempfile::tempdir().expect("tmp");
-    let cfg = config(&[]);
+    let cfg = common::tiny_config(&[]);
     let (a, b, frozen) = (
         tmp.path().join("a"),
         tmp.path().join("b"),
@@ -235,7 +223,7 @@ fn trainable_distiller_modules_work_with_replicas() {
     ];
     let (one, two) = (tmp.path().join("one"), tmp.path().join("two"));
     train(
-        &config(&sets[..2]),
+        &common::tiny_config(&sets[..2]),
         &mut Connector { lr_mult: 1.0 },
         &one,
         false,
@@ -243,7 +231,7 @@ fn trainable_distiller_modules_work_with_replicas() {
     )
     .expect("1");
     train(
-        &config(&sets),
+        &common::tiny_config(&sets),
         &mut Connector { lr_mult: 1.0 },
         &two,
         false,
@@ -292,7 +280,7 @@ fn frozen_teachers_are_checked_and_evaluated_before_step_0() {
     let _serial = serial();
     let tmp = tempfile::tempdir().expect("tmp");
     // A teacher good enough to beat chance on the tiny validation split.
-    let teacher_cfg = config(&[
+    let teacher_cfg = common::tiny_config(&[
         "data.synthetic.train_images=48",
         "optim.epochs=16",
         "optim.lr=5e-3",
@@ -300,7 +288,7 @@ fn frozen_teachers_are_checked_and_evaluated_before_step_0() {
     ]);
     let teacher_dir = tmp.path().join("teacher");
     train(&teacher_cfg, &mut NoDistill, &teacher_dir, false, None).expect("teacher");
-    let cfg = config(&[]);
+    let cfg = common::tiny_config(&[]);
 
     let mut distiller = load_teacher(&cfg, &teacher_dir).expect("load from a run folder");
     let before = values(distiller.teacher.model.query_content.val());

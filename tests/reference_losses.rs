@@ -11,7 +11,6 @@ mod common;
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use densekd::train::config::TrainConfig;
 use densekd::train::run::train_with_options;
 use densekd::train::RunOptions;
 use serde_json::Value;
@@ -43,14 +42,7 @@ fn fixture() -> std::path::PathBuf {
 
 /// The train lines of one run: per step, every logged number but `lr`, `epoch` and `step`.
 fn train_lines(extra: &[&str]) -> Vec<BTreeMap<String, f64>> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/detr_shapes.toml");
-    let sets: Vec<String> = common::TINY_RUN
-        .iter()
-        .chain(&["optim.epochs=2", "checkpoint.log_every_steps=1"])
-        .chain(extra)
-        .map(|s| s.to_string())
-        .collect();
-    let config = TrainConfig::load(&path, &sets).expect("config");
+    let config = common::tiny_config(extra);
     let tmp = tempfile::tempdir().expect("tmp");
     let options = RunOptions {
         run_dir: tmp.path().join("run"),

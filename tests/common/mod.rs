@@ -40,3 +40,16 @@ pub const TINY_RUN: &[&str] = &[
     "detr.model.layer.ffn=64",
     "detr.model.num_queries=10",
 ];
+
+/// `configs/detr_shapes.toml` with [`TINY_RUN`], 2 epochs logged every step, and `extra`.
+#[allow(dead_code)] // not every test binary uses it
+pub fn tiny_config(extra: &[&str]) -> densekd::train::config::TrainConfig {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/detr_shapes.toml");
+    let sets: Vec<String> = TINY_RUN
+        .iter()
+        .chain(&["optim.epochs=2", "checkpoint.log_every_steps=1"])
+        .chain(extra)
+        .map(|s| s.to_string())
+        .collect();
+    densekd::train::config::TrainConfig::load(&path, &sets).expect("config")
+}

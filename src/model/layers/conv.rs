@@ -3,10 +3,7 @@
 //! burn derives a convolution's weight gradient from another convolution whose kernel is the
 //! output gradient, which flex runs as one matrix-vector product per input channel. For a
 //! pointwise (1×1) convolution, written as a batched matrix product, both gradients are gemms
-//! instead: for MobileNetV2's trainable stages and DETR's input projections this made a training
-//! step of `configs/detr_shapes.toml` (then at 128 px) 12 % faster. (A depthwise convolution's weight gradient written as
-//! a product over its unfolded input was slower than burn's per-channel loop on flex: the
-//! window copies walk strided views element by element.) Convolutions whose weight takes no
+//! instead (measurements: `docs/performance.md`). Convolutions whose weight takes no
 //! gradient (frozen, inference) keep burn's kernel.
 
 use burn::nn::conv::Conv2d;
