@@ -444,12 +444,18 @@ fn predict(args: PredictArgs) -> Result<()> {
     };
     let device = densekd::backend::device();
     let summary = predict::<Inference>(&args.weights, &images, &args.out, &options, &device)?;
-    println!(
-        "{} detections on {} images -> {}",
-        summary.detections,
-        summary.images,
-        summary.results.display()
-    );
+    match summary.detections {
+        Some(n) => println!(
+            "{n} detections on {} images -> {}",
+            summary.images,
+            summary.results.display()
+        ),
+        None => println!(
+            "label maps of {} images -> {}",
+            summary.images,
+            summary.results.display()
+        ),
+    }
     Ok(())
 }
 

@@ -1,5 +1,6 @@
-//! Prediction with an exported detector: COCO results JSON (what `eval coco --dt` reads) and
-//! PNGs with the detections drawn.
+//! Prediction with an exported model. A detector writes COCO results JSON (what `eval coco --dt`
+//! reads) and PNGs with the detections drawn; a segmenter writes palette label maps (what
+//! `eval seg --pred` reads, the same format as the dataset's labels) and colour overlays.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -10,8 +11,14 @@ use serde_json::json;
 use crate::data::coco::{CocoDataset, InvalidPolicy};
 use crate::data::detection::{collate_detection, prepare_image};
 use crate::data::images::{list_images, load_rgb, save_png};
+use crate::data::labelmap::{write_label_map, LabelMap};
+use crate::data::segmentation::{collate_segmentation, SegSample};
 use crate::error::{Error, Result};
-use crate::model::detr::postprocess;
+use crate::model::deeplabv3::export::SegmenterInfo;
+use crate::model::deeplabv3::task::predict_labels;
+use crate::model::deeplabv3::DeepLabV3;
+use crate::model::detr::export::DetectorInfo;
+use crate::model::detr::{postprocess, Detr};
 use crate::model::{load_export, Exported};
 
 /// How to predict.
@@ -32,9 +39,9 @@ pub struct PredictOptions {
 pub struct PredictSummary {
     /// Images processed.
     pub images: usize,
-    /// Detections written.
-    pub detections: usize,
-    /// The results JSON.
+    /// Detections written (`None` for a segmenter).
+    pub detections: Option<usize>,
+    /// The results JSON (detector) or the label-map folder (segmenter).
     pub results: PathBuf,
 }
 
@@ -62,8 +69,8 @@ pub fn collect_images(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-/// Runs the detector in `weights` on `images`, writing `out/detections.json` and, if asked,
-/// `out/vis/*.png`.
+/// Runs the model in `weights` on `images`: a detector writes `out/detections.json`, a
+/// segmenter `out/labels/<stem>.png`; both draw `out/vis/<stem>.png` if asked.
 pub fn predict<B: Backend>(
     weights: &Path,
     images: &[PathBuf],
@@ -71,7 +78,83 @@ pub fn predict<B: Backend>(
     options: &PredictOptions,
     device: &B::Device,
 ) -> Result<PredictSummary> {
-    let Exported::Detr(model, info) = load_export::<B>(weights, device)?;
+    match load_export::<B>(weights, device)? {
+        Exported::Detr(model, info) => detect(&model, &info, weights, images, out, options, device),
+        Exported::DeepLabV3(model, info) => segment(&model, &info, images, out, options),
+    }
+}
+
+/// Output file stems of `images`: their own, suffixed with the position where two collide.
+fn unique_stems(images: &[PathBuf]) -> Vec<String> {
+    let mut seen = HashSet::new();
+    images
+        .iter()
+        .enumerate()
+        .map(|(i, path)| {
+            let stem = path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| (i + 1).to_string());
+            if seen.insert(stem.clone()) {
+                stem
+            } else {
+                format!("{stem}-{}", i + 1)
+            }
+        })
+        .collect()
+}
+
+/// Segments each image whole: `out/labels/<stem>.png` and, if asked, `out/vis/<stem>.png`.
+fn segment<B: Backend>(
+    model: &DeepLabV3<B>,
+    info: &SegmenterInfo,
+    images: &[PathBuf],
+    out: &Path,
+    options: &PredictOptions,
+) -> Result<PredictSummary> {
+    let labels_dir = out.join("labels");
+    for (path, stem) in images.iter().zip(unique_stems(images)) {
+        let image = load_rgb(path)?;
+        let (width, height) = image.dimensions();
+        let sample = SegSample {
+            name: stem.clone(),
+            label: LabelMap::filled(width, height, info.ignore_index),
+            image,
+        };
+        let batch = collate_segmentation(vec![sample.clone()], info.ignore_index)?;
+        let label = LabelMap {
+            width,
+            height,
+            data: predict_labels(model, &batch),
+        };
+        write_label_map(&labels_dir.join(format!("{stem}.png")), &label, true)?;
+        if options.draw {
+            let drawn = crate::viz::draw::draw_segmentation(
+                &sample.image,
+                &label,
+                &info.class_names,
+                info.ignore_index,
+            );
+            save_png(&out.join("vis").join(format!("{stem}.png")), &drawn)?;
+        }
+    }
+    Ok(PredictSummary {
+        images: images.len(),
+        detections: None,
+        results: labels_dir,
+    })
+}
+
+/// Detects objects in each image: `out/detections.json` and, if asked, `out/vis/<stem>.png`.
+fn detect<B: Backend>(
+    model: &Detr<B>,
+    info: &DetectorInfo,
+    weights: &Path,
+    images: &[PathBuf],
+    out: &Path,
+    options: &PredictOptions,
+    device: &B::Device,
+) -> Result<PredictSummary> {
     let names: Vec<String> = info.categories.iter().map(|c| c.name.clone()).collect();
     let ids: Vec<u64> = match &options.gt {
         Some(gt_path) => {
@@ -115,8 +198,7 @@ pub fn predict<B: Backend>(
     };
 
     let mut results = Vec::new();
-    let mut stems = HashSet::new();
-    for (path, &id) in images.iter().zip(&ids) {
+    for ((path, &id), stem) in images.iter().zip(&ids).zip(unique_stems(images)) {
         let image = load_rgb(path)?;
         let batch = collate_detection(
             vec![prepare_image(id, &image, &info.preprocess)],
@@ -149,15 +231,6 @@ pub fn predict<B: Backend>(
             }));
         }
         if options.draw {
-            let stem = path
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_else(|| id.to_string());
-            let stem = if stems.insert(stem.clone()) {
-                stem
-            } else {
-                format!("{stem}-{id}")
-            };
             let drawn = crate::viz::draw::draw_detections(&image, &dets, &names);
             save_png(&out.join("vis").join(format!("{stem}.png")), &drawn)?;
         }
@@ -166,7 +239,7 @@ pub fn predict<B: Backend>(
     crate::data::coco::write_json(&results_path, &results)?;
     Ok(PredictSummary {
         images: images.len(),
-        detections: results.len(),
+        detections: Some(results.len()),
         results: results_path,
     })
 }

@@ -44,6 +44,27 @@ pub struct ParamGroup {
     pub grads: GradientsParams,
 }
 
+/// Two parameter groups: the backbone's at `backbone_lr_mult`, then the rest of `model` at the
+/// base rate.
+pub fn backbone_and_rest<B: AutodiffBackend, M: AutodiffModule<B>, N: AutodiffModule<B>>(
+    grads: &mut B::Gradients,
+    backbone: &M,
+    model: &N,
+    backbone_lr_mult: f64,
+) -> Vec<ParamGroup> {
+    let backbone = GradientsParams::from_module(grads, backbone);
+    vec![
+        ParamGroup {
+            lr_mult: backbone_lr_mult,
+            grads: backbone,
+        },
+        ParamGroup {
+            lr_mult: 1.0,
+            grads: GradientsParams::from_module(grads, model),
+        },
+    ]
+}
+
 /// A task's evaluation statistics as reports and checks read them.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Metrics {

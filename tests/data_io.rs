@@ -331,6 +331,7 @@ fn segmentation_folder_pairs_by_stem_and_pads_with_ignore() {
     let src = LabelMapFolder::new(
         &imgs,
         &labels,
+        ("", ""),
         3,
         255,
         Some(SegAugment {
@@ -356,7 +357,7 @@ fn segmentation_folder_pairs_by_stem_and_pads_with_ignore() {
     let batch = collate_segmentation(vec![s], 255).expect("collates");
     assert_eq!(batch.shape, [1, 3, 10, 10]);
 
-    let bad = LabelMapFolder::new(&imgs, &labels, 2, 255, None).expect("pairs");
+    let bad = LabelMapFolder::new(&imgs, &labels, ("", ""), 2, 255, None).expect("pairs");
     let err = bad
         .get(0, &mut rng)
         .expect_err("label 2 with 2 classes")
@@ -367,7 +368,7 @@ fn segmentation_folder_pairs_by_stem_and_pads_with_ignore() {
     );
 
     RgbImage::new(8, 6).save(imgs.join("y.png")).expect("save");
-    let err = LabelMapFolder::new(&imgs, &labels, 3, 255, None)
+    let err = LabelMapFolder::new(&imgs, &labels, ("", ""), 3, 255, None)
         .err()
         .expect("y has no label")
         .to_string();

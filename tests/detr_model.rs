@@ -205,6 +205,8 @@ fn tiny_detr(groups: usize) -> DetrConfig {
             width: 0.125,
             norm: NormKind::Batch,
             frozen_stages: 0,
+            output_stride: 32,
+            last_conv: true,
             blocks: Some([1, 1, 1, 1]),
             num_classes: None,
         },

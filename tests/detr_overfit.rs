@@ -56,6 +56,8 @@ fn tiny_detr_learns_eight_images() {
             width: 0.25,
             norm: NormKind::Batch,
             frozen_stages: 0,
+            output_stride: 32,
+            last_conv: true,
             blocks: Some([1, 1, 1, 1]),
             num_classes: None,
         },

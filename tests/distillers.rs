@@ -32,7 +32,9 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 }
 
 fn task(config: &TrainConfig) -> DetrTask {
-    let ModelSection::Detr(section) = config.model().expect("model");
+    let ModelSection::Detr(section) = config.model().expect("model") else {
+        panic!("the tiny config is a DETR config");
+    };
     DetrTask::new(&config.task_inputs(), section).expect("task")
 }
 

@@ -128,6 +128,8 @@ fn check_resnet(file: &str, io: &str, arch: Arch) {
         width: 0.125,
         norm: NormKind::Frozen,
         frozen_stages: 0,
+        output_stride: 32,
+        last_conv: true,
         blocks: Some([1, 1, 1, 1]),
         num_classes: Some(10),
     };
@@ -212,6 +214,8 @@ fn wrong_or_partial_weights_are_refused() {
         width: 0.125,
         norm: NormKind::Frozen,
         frozen_stages: 0,
+        output_stride: 32,
+        last_conv: true,
         blocks: None,
         num_classes: Some(10),
     };
@@ -269,6 +273,8 @@ fn backbones_give_strided_features_and_freeze_stages() {
             width: 0.25,
             norm: NormKind::Batch,
             frozen_stages: 2,
+            output_stride: 32,
+            last_conv: true,
             blocks: None,
             num_classes: None,
         };

@@ -30,6 +30,26 @@ pub struct DetAugment {
 }
 
 impl DetAugment {
+    /// Checks the sizes and the flip probability, naming the key.
+    pub fn validate(&self) -> Result<()> {
+        if self.shorter == 0 || self.max_size == 0 {
+            return Err(Error::config(
+                "data.augment",
+                format!(
+                    "shorter ({}) and max_size ({}) must be positive",
+                    self.shorter, self.max_size
+                ),
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.hflip_prob) {
+            return Err(Error::config(
+                "data.augment.hflip_prob",
+                format!("must be in [0, 1], got {}", self.hflip_prob),
+            ));
+        }
+        Ok(())
+    }
+
     /// Evaluation preprocessing: the same resize, no flip.
     pub fn eval(&self) -> Self {
         DetAugment {

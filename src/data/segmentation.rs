@@ -28,9 +28,37 @@ pub struct SegAugment {
     pub hflip_prob: f64,
 }
 
+impl SegAugment {
+    /// Checks the scale range, the crop and the flip probability, naming the key.
+    pub fn validate(&self) -> Result<()> {
+        let (lo, hi) = self.scale_range;
+        if !(lo.is_finite() && hi.is_finite() && lo > 0.0 && lo <= hi) {
+            return Err(Error::config(
+                "data.seg_augment.scale_range",
+                format!("[{lo}, {hi}] is not a range of positive scales"),
+            ));
+        }
+        if self.crop.0 == 0 || self.crop.1 == 0 {
+            return Err(Error::config(
+                "data.seg_augment.crop",
+                "width and height must be positive",
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.hflip_prob) {
+            return Err(Error::config(
+                "data.seg_augment.hflip_prob",
+                format!("must be in [0, 1], got {}", self.hflip_prob),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// One image and its label map.
 #[derive(Debug, Clone)]
 pub struct SegSample {
+    /// The image's name (file stem, or the synthetic index), for messages and outputs.
+    pub name: String,
     /// The image.
     pub image: RgbImage,
     /// Its class map, the same size.
@@ -39,6 +67,7 @@ pub struct SegSample {
 
 /// Applies `aug` (if any) to an image/label pair.
 fn augment<R: Rng>(
+    name: String,
     image: RgbImage,
     label: LabelMap,
     aug: Option<&SegAugment>,
@@ -46,7 +75,7 @@ fn augment<R: Rng>(
     rng: &mut R,
 ) -> SegSample {
     let Some(aug) = aug else {
-        return SegSample { image, label };
+        return SegSample { name, image, label };
     };
     let (mut image, mut label) =
         random_scale_crop(&image, &label, aug.scale_range, aug.crop, ignore_index, rng);
@@ -54,7 +83,7 @@ fn augment<R: Rng>(
         image = hflip_image(&image);
         hflip_label(&mut label);
     }
-    SegSample { image, label }
+    SegSample { name, image, label }
 }
 
 /// Images and label maps from two folders, paired by file stem.
@@ -70,24 +99,28 @@ pub struct LabelMapFolder {
 }
 
 impl LabelMapFolder {
-    /// Pairs every image in `images` with the PNG of the same stem in `labels`; an image without a
-    /// label map is an error naming it.
+    /// Pairs every image in `images` with the label map of the same stem in `labels` (after
+    /// stripping `suffixes.0` from image stems and `suffixes.1` from label stems); an image
+    /// without a label map is an error naming it.
     pub fn new(
         images: &Path,
         labels: &Path,
+        suffixes: (&str, &str),
         num_classes: usize,
         ignore_index: u8,
         augment: Option<SegAugment>,
     ) -> Result<Self> {
+        let key = |p: &Path, suffix: &str| {
+            let stem = p.file_stem().unwrap_or_default().to_string_lossy();
+            stem.strip_suffix(suffix).unwrap_or(&stem).to_string()
+        };
         let mut by_stem = BTreeMap::new();
         for p in list_images(labels)? {
-            if let Some(stem) = p.file_stem() {
-                by_stem.insert(stem.to_os_string(), p);
-            }
+            by_stem.insert(key(&p, suffixes.1), p);
         }
         let mut pairs = Vec::new();
         for img in list_images(images)? {
-            let stem = img.file_stem().unwrap_or_default().to_os_string();
+            let stem = key(&img, suffixes.0);
             let label = by_stem.remove(&stem).ok_or_else(|| {
                 Error::invalid(
                     &img,
@@ -152,7 +185,13 @@ impl Source for LabelMapFolder {
                 ),
             ));
         }
+        let name = img_path
+            .file_stem()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
         Ok(augment(
+            name,
             image,
             label,
             self.augment.as_ref(),
@@ -189,6 +228,7 @@ impl Source for SynthSegSource {
             data: s.label.into_raw(),
         };
         Ok(augment(
+            format!("{index:06}"),
             s.image,
             label,
             self.augment.as_ref(),
@@ -198,9 +238,39 @@ impl Source for SynthSegSource {
     }
 }
 
+/// Either segmentation source, so one loader type serves both.
+pub enum SegSource {
+    /// Image and label-map folders.
+    Folder(LabelMapFolder),
+    /// The built-in synthetic label maps.
+    Synth(SynthSegSource),
+}
+
+impl Source for SegSource {
+    type Item = SegSample;
+
+    fn len(&self) -> usize {
+        match self {
+            SegSource::Folder(s) => s.len(),
+            SegSource::Synth(s) => s.len(),
+        }
+    }
+
+    fn get(&self, index: usize, rng: &mut ChaCha8Rng) -> Result<SegSample> {
+        match self {
+            SegSource::Folder(s) => s.get(index, rng),
+            SegSource::Synth(s) => s.get(index, rng),
+        }
+    }
+}
+
 /// A padded segmentation batch in host memory.
 #[derive(Debug, Clone)]
 pub struct SegBatch {
+    /// Image names, in batch order.
+    pub names: Vec<String>,
+    /// Each image's `(width, height)` before padding.
+    pub sizes: Vec<(u32, u32)>,
     /// Normalised pixels `[N, 3, H, W]`, zero in the padding.
     pub images: Vec<f32>,
     /// Labels `[N, H, W]`, the ignore index in the padding.
@@ -232,6 +302,8 @@ pub fn collate_segmentation(samples: Vec<SegSample>, ignore_index: u8) -> Result
         }
     }
     Ok(SegBatch {
+        names: samples.iter().map(|s| s.name.clone()).collect(),
+        sizes: samples.iter().map(|s| s.image.dimensions()).collect(),
         images,
         labels,
         shape: [n, 3, h, w],
@@ -239,6 +311,33 @@ pub fn collate_segmentation(samples: Vec<SegSample>, ignore_index: u8) -> Result
 }
 
 impl SegBatch {
+    /// Splits the batch into at most `parts` shards of consecutive images.
+    pub fn split(self, parts: usize) -> Vec<SegBatch> {
+        let [n, c, h, w] = self.shape;
+        let per = n.div_ceil(parts.max(1)).max(1);
+        if per >= n {
+            return vec![self];
+        }
+        (0..n)
+            .step_by(per)
+            .map(|start| {
+                let end = (start + per).min(n);
+                SegBatch {
+                    names: self.names[start..end].to_vec(),
+                    sizes: self.sizes[start..end].to_vec(),
+                    images: self.images[start * c * h * w..end * c * h * w].to_vec(),
+                    labels: self.labels[start * h * w..end * h * w].to_vec(),
+                    shape: [end - start, c, h, w],
+                }
+            })
+            .collect()
+    }
+
+    /// Labelled (not ignored) pixels.
+    pub fn labelled_pixels(&self, ignore_index: u8) -> usize {
+        self.labels.iter().filter(|&&l| l != ignore_index).count()
+    }
+
     /// The images as a `[N, 3, H, W]` tensor.
     pub fn images_tensor<B: Backend>(&self, device: &B::Device) -> Tensor<B, 4> {
         Tensor::from_data(TensorData::new(self.images.clone(), self.shape), device)

@@ -39,6 +39,8 @@ pub fn load_imagenet_model<B: Backend>(
         width: 1.0,
         norm: NormKind::Frozen,
         frozen_stages: 0,
+        output_stride: 32,
+        last_conv: true,
         blocks: None,
         num_classes: Some(IMAGENET_CLASSES),
     };

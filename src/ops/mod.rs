@@ -3,3 +3,4 @@
 pub mod boxes;
 pub mod losses;
 pub mod matcher;
+pub mod pixel;

@@ -7,6 +7,7 @@ use crate::backend::{device, Training};
 use crate::distill::od_detr::OdDetr;
 use crate::distill::{DistillConfig, NoDistill};
 use crate::error::{write_atomic, Error, Result};
+use crate::model::deeplabv3::task::SegTask;
 use crate::model::detr::task::DetrTask;
 use crate::train::config::{differing_keys, ModelSection, TrainConfig};
 use crate::train::{fit, RunOptions, RunSummary};
@@ -73,6 +74,19 @@ pub fn train_with_options(config: &TrainConfig, options: &RunOptions) -> Result<
                     let mut distiller = OdDetr::new(&model, *c);
                     fit(&task, &mut distiller, model, &loop_config, options, &device)
                 }
+            }
+        }
+        ModelSection::DeepLabV3(section) => {
+            let task = SegTask::new(&config.task_inputs(), section)?;
+            let model = task.init_model::<Training>(&device)?;
+            match &config.distill {
+                DistillConfig::None(_) => {
+                    fit(&task, &mut NoDistill, model, &loop_config, options, &device)
+                }
+                other => Err(Error::config(
+                    "distill.method",
+                    format!("{} does not apply to deeplabv3", other.method()),
+                )),
             }
         }
     }

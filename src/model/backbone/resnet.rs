@@ -1,29 +1,14 @@
 //! ResNet (He et al., 2016) with torchvision's layout (v1.5: the stride sits on the 3×3 conv).
 
 use burn::module::Module;
-use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::conv::Conv2d;
 use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
 use burn::nn::{Linear, LinearConfig, PaddingConfig2d};
 use burn::tensor::{activation::relu, backend::Backend, Tensor};
 
 use super::{Arch, BackboneConfig, BackboneFeatures};
-use crate::model::layers::conv::conv2d;
+use crate::model::layers::conv::{conv, conv2d};
 use crate::model::layers::norm::{Norm2d, NormKind};
-
-/// A bias-free `k×k` convolution with symmetric padding `k / 2`.
-pub(crate) fn conv(
-    cin: usize,
-    cout: usize,
-    k: usize,
-    stride: usize,
-    groups: usize,
-) -> Conv2dConfig {
-    Conv2dConfig::new([cin, cout], [k, k])
-        .with_stride([stride, stride])
-        .with_padding(PaddingConfig2d::Explicit(k / 2, k / 2, k / 2, k / 2))
-        .with_groups(groups)
-        .with_bias(false)
-}
 
 /// torchvision's `downsample`: a strided 1×1 conv and a norm (keys `downsample.0/1` map here).
 #[derive(Module, Debug)]
@@ -54,10 +39,13 @@ pub struct ResBlock<B: Backend> {
 }
 
 impl<B: Backend> ResBlock<B> {
+    /// `dilations`: of the 3×3 conv that would carry the stride, and of the basic block's
+    /// second 3×3 conv.
     fn new(
         cin: usize,
         width: usize,
         stride: usize,
+        dilations: [usize; 2],
         bottleneck: bool,
         norm: NormKind,
         device: &B::Device,
@@ -65,24 +53,24 @@ impl<B: Backend> ResBlock<B> {
         let expansion = if bottleneck { 4 } else { 1 };
         let cout = width * expansion;
         let downsample = (stride != 1 || cin != cout).then(|| Downsample {
-            conv: conv(cin, cout, 1, stride, 1).init(device),
+            conv: conv(cin, cout, 1, stride, 1, 1).init(device),
             bn: Norm2d::new(norm, cout, device),
         });
         if bottleneck {
             ResBlock {
-                conv1: conv(cin, width, 1, 1, 1).init(device),
+                conv1: conv(cin, width, 1, 1, 1, 1).init(device),
                 bn1: Norm2d::new(norm, width, device),
-                conv2: conv(width, width, 3, stride, 1).init(device),
+                conv2: conv(width, width, 3, stride, dilations[0], 1).init(device),
                 bn2: Norm2d::new(norm, width, device),
-                conv3: Some(conv(width, cout, 1, 1, 1).init(device)),
+                conv3: Some(conv(width, cout, 1, 1, 1, 1).init(device)),
                 bn3: Some(Norm2d::new(norm, cout, device)),
                 downsample,
             }
         } else {
             ResBlock {
-                conv1: conv(cin, width, 3, stride, 1).init(device),
+                conv1: conv(cin, width, 3, stride, dilations[0], 1).init(device),
                 bn1: Norm2d::new(norm, width, device),
-                conv2: conv(width, width, 3, 1, 1).init(device),
+                conv2: conv(width, width, 3, 1, dilations[1], 1).init(device),
                 bn2: Norm2d::new(norm, width, device),
                 conv3: None,
                 bn3: None,
@@ -147,11 +135,28 @@ impl<B: Backend> ResNet<B> {
         let stem = widths[0];
         let mut cin = stem;
         let mut stages: Vec<Vec<ResBlock<B>>> = Vec::with_capacity(4);
+        let (mut reached, mut dilation) = (4, 1);
         for (s, (&width, &depth)) in widths.iter().zip(&depths).enumerate() {
+            // torchvision's `replace_stride_with_dilation`: past the output stride a stage keeps
+            // the resolution and dilates instead, its first strided conv at the old dilation.
+            let (stride, previous) = if s == 0 {
+                (1, dilation)
+            } else if reached < cfg.output_stride {
+                reached *= 2;
+                (2, dilation)
+            } else {
+                dilation *= 2;
+                (1, dilation / 2)
+            };
             let blocks = (0..depth)
                 .map(|i| {
-                    let stride = if i == 0 && s > 0 { 2 } else { 1 };
-                    let block = ResBlock::new(cin, width, stride, bottleneck, cfg.norm, device);
+                    let (stride, dilations) = if i == 0 {
+                        (stride, [previous, dilation])
+                    } else {
+                        (1, [dilation, dilation])
+                    };
+                    let block =
+                        ResBlock::new(cin, width, stride, dilations, bottleneck, cfg.norm, device);
                     cin = width * expansion;
                     block
                 })
@@ -168,7 +173,7 @@ impl<B: Backend> ResNet<B> {
         });
         let mut next = || stages.next().unwrap_or_default();
         let (layer1, layer2, layer3, layer4) = (next(), next(), next(), next());
-        let mut conv1 = conv(3, stem, 7, 2, 1).init(device);
+        let mut conv1 = conv(3, stem, 7, 2, 1, 1).init(device);
         let mut bn1 = Norm2d::new(cfg.norm, stem, device);
         if cfg.frozen_stages >= 1 {
             conv1 = conv1.no_grad();
@@ -202,7 +207,7 @@ impl<B: Backend> ResNet<B> {
         self.channels
     }
 
-    /// Stride-4/8/16/32 features.
+    /// Stride-4/8/16/32 features (8/8/8 or 16/16 past the output stride).
     pub fn features(&self, x: Tensor<B, 4>) -> BackboneFeatures<B> {
         let stage = |blocks: &[ResBlock<B>], x| blocks.iter().fold(x, |x, b| b.forward(x));
         let x = self

@@ -6,7 +6,6 @@ use serde::{Deserialize, Serialize};
 use crate::model::backbone::BackboneConfig;
 use crate::model::detr::denoising::DenoisingConfig;
 use crate::model::detr::loss::SetLossWeights;
-use crate::model::layers::norm::NormKind;
 use crate::model::layers::transformer::LayerConfig;
 use crate::ops::matcher::MatchCosts;
 
@@ -125,29 +124,10 @@ impl DetrSection {
             ));
         }
         self.model.denoising.validate()?;
-        if replicas > 1 && self.model.backbone.norm == NormKind::Batch {
-            // Each replica would fold its own batch statistics into the shared running averages,
-            // in thread-timing order (burn averages the threads' latest updates).
-            return Err(Error::config(
-                "optim.replicas",
-                format!(
-                    "{replicas} replicas need detr.model.backbone.norm = \"frozen\" (trainable \
-                     batch norm's running statistics would depend on thread timing)"
-                ),
-            ));
-        }
-        if replicas > 1 && self.model.layer.dropout > 0.0 {
-            // flex's random generator is global: concurrent replicas would draw dropout masks
-            // in thread-timing order, and runs would stop being reproducible.
-            return Err(Error::config(
-                "optim.replicas",
-                format!(
-                    "{replicas} replicas need detr.model.layer.dropout = 0 (dropout masks drawn \
-                     concurrently are not reproducible), got dropout {}",
-                    self.model.layer.dropout
-                ),
-            ));
-        }
-        Ok(())
+        crate::model::layers::check_replicas(
+            replicas,
+            &[("detr.model.backbone.norm", self.model.backbone.norm)],
+            &[("detr.model.layer.dropout", self.model.layer.dropout)],
+        )
     }
 }

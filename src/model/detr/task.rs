@@ -5,14 +5,12 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use serde_json::Value;
 
 use crate::data::coco::{Category, CocoDataset, InvalidPolicy};
-use crate::data::config::DataConfig;
 use crate::data::detection::{
-    collate_detection, CocoSource, DetBatch, DetSource, DetTarget, SynthDetSource,
+    collate_detection, CocoSource, DetAugment, DetBatch, DetSource, DetTarget, SynthDetSource,
 };
 use crate::data::export::synth_coco;
 use crate::data::loader::{EpochIter, Loader, LoaderConfig, Subset};
@@ -25,8 +23,9 @@ use crate::model::detr::export::{export_detr, load_detector, DetectorInfo};
 use crate::model::detr::instability::{instability, match_keys};
 use crate::model::detr::loss::{detr_loss_with, GroupLoss};
 use crate::model::detr::{postprocess, Detr, DetrOutput, InitialQueries, LayerPrediction};
-use crate::model::weights::load_pytorch;
-use crate::task::{Diagnostic, InnerModel, Losses, Metrics, ParamGroup, Stats, Task, TaskInputs};
+use crate::task::{
+    backbone_and_rest, Diagnostic, InnerModel, Losses, Metrics, ParamGroup, Stats, Task, TaskInputs,
+};
 
 /// DETR's statistics: the 12 COCO stats, AP first.
 pub const DETR_METRICS: Metrics = Metrics {
@@ -38,7 +37,9 @@ pub const DETR_METRICS: Metrics = Metrics {
 /// DETR training on the configured data.
 pub struct DetrTask {
     section: DetrSection,
-    data: DataConfig,
+    /// Evaluation preprocessing.
+    preprocess: DetAugment,
+    size_divisor: u32,
     seed: u64,
     backbone_weights: Option<PathBuf>,
     backbone_lr_mult: f64,
@@ -65,7 +66,8 @@ impl DetrTask {
     /// Opens the datasets, checking they agree with the model.
     pub fn new(inputs: &TaskInputs, section: &DetrSection) -> Result<Self> {
         let d = inputs.data;
-        let eval_aug = d.augment.eval();
+        let augment = d.det_augment()?;
+        let eval_aug = augment.eval();
         let (train_source, stability_source, val_source, val_gt) = match &d.coco {
             Some(c) => {
                 let train = CocoDataset::load(&c.train_json, InvalidPolicy::Skip)?;
@@ -81,7 +83,7 @@ impl DetrTask {
                     DetSource::Coco(CocoSource {
                         dataset: train.clone(),
                         image_root: c.train_images.clone(),
-                        augment: d.augment.clone(),
+                        augment: augment.clone(),
                     }),
                     DetSource::Coco(CocoSource {
                         dataset: train,
@@ -113,7 +115,7 @@ impl DetrTask {
                     })
                 };
                 (
-                    source(Split::Train, s.train_images, d.augment.clone()),
+                    source(Split::Train, s.train_images, augment.clone()),
                     source(Split::Train, s.train_images, eval_aug.clone()),
                     source(Split::Val, s.val_images, eval_aug),
                     gt,
@@ -175,7 +177,8 @@ impl DetrTask {
             val_gt,
             val_index,
             section: section.clone(),
-            data: d.clone(),
+            preprocess: augment.eval(),
+            size_divisor: d.size_divisor,
             seed: inputs.seed,
             backbone_weights: inputs.backbone_weights.map(Path::to_path_buf),
             backbone_lr_mult: inputs.backbone_lr_mult,
@@ -197,21 +200,7 @@ impl DetrTask {
         B::seed(device, self.seed);
         let mut model = self.section.model.init::<B>(device)?;
         if let Some(spec) = &self.backbone_weights {
-            let path =
-                &crate::model::pretrained::resolve(spec, &crate::model::pretrained::cache_dir())?;
-            let options = crate::model::weights::LoadOptions {
-                key_rules: model.backbone.torchvision_key_rules(),
-                top_level_key: None,
-                allow_partial: false,
-            };
-            let (backbone, report) = load_pytorch(model.backbone, path, &options)?;
-            eprintln!(
-                "{}: {} backbone tensors loaded, {} unused",
-                path.display(),
-                report.applied,
-                report.unused.len()
-            );
-            model.backbone = backbone;
+            model.backbone = model.backbone.load_pretrained(spec)?;
         }
         Ok(model)
     }
@@ -221,8 +210,8 @@ impl DetrTask {
         DetectorInfo {
             model: self.section.model.clone(),
             categories: self.val_gt.categories.clone(),
-            preprocess: self.data.augment.eval(),
-            size_divisor: self.data.size_divisor,
+            preprocess: self.preprocess.clone(),
+            size_divisor: self.size_divisor,
         }
     }
 
@@ -337,17 +326,7 @@ impl<B: AutodiffBackend> Task<B> for DetrTask {
     }
 
     fn param_groups(&self, model: &Detr<B>, grads: &mut B::Gradients) -> Vec<ParamGroup> {
-        let backbone = GradientsParams::from_module(grads, &model.backbone);
-        vec![
-            ParamGroup {
-                lr_mult: self.backbone_lr_mult,
-                grads: backbone,
-            },
-            ParamGroup {
-                lr_mult: 1.0,
-                grads: GradientsParams::from_module(grads, model),
-            },
-        ]
+        backbone_and_rest(grads, &model.backbone, model, self.backbone_lr_mult)
     }
 
     fn evaluate(&self, model: &Detr<B::InnerBackend>) -> Result<Stats> {

@@ -6,9 +6,27 @@
 //! instead (measurements: `docs/performance.md`). Convolutions whose weight takes no
 //! gradient (frozen, inference) keep burn's kernel.
 
-use burn::nn::conv::Conv2d;
+use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::PaddingConfig2d;
 use burn::tensor::{backend::Backend, Tensor};
+
+/// A bias-free `k×k` convolution padded to keep the size at stride 1 (`dilation · (k / 2)`).
+pub fn conv(
+    cin: usize,
+    cout: usize,
+    k: usize,
+    stride: usize,
+    dilation: usize,
+    groups: usize,
+) -> Conv2dConfig {
+    let pad = dilation * (k / 2);
+    Conv2dConfig::new([cin, cout], [k, k])
+        .with_stride([stride, stride])
+        .with_dilation([dilation, dilation])
+        .with_padding(PaddingConfig2d::Explicit(pad, pad, pad, pad))
+        .with_groups(groups)
+        .with_bias(false)
+}
 
 /// `conv.forward(x)`, as a batched matrix product when `conv` is a trained pointwise
 /// convolution (1×1, stride 1, no padding, dilation or groups).

@@ -1,8 +1,9 @@
-//! Batch normalisation for backbones: frozen (statistics and affine fixed, as DETR and mmdet's
-//! `norm_eval` use) or trainable.
+//! Normalisation layers: batch norm frozen (statistics and affine fixed, as DETR and mmdet's
+//! `norm_eval` use) or trainable, and group norm (independent of the batch, so safe with
+//! data-parallel replicas and batches of one).
 
 use burn::module::{Module, Param, ParamId};
-use burn::nn::{BatchNorm, BatchNormConfig};
+use burn::nn::{BatchNorm, BatchNormConfig, GroupNorm, GroupNormConfig};
 use burn::tensor::{backend::Backend, Tensor};
 use serde::{Deserialize, Serialize};
 
@@ -15,6 +16,8 @@ pub enum NormKind {
     Frozen,
     /// Trainable batch normalisation with running statistics.
     Batch,
+    /// Group normalisation with gcd(32, channels) groups (torchvision's FCOS head uses 32).
+    Group,
 }
 
 /// torchvision's `FrozenBatchNorm2d`: `y = (x − mean) / √(var + ε) · weight + bias` with all four
@@ -70,6 +73,26 @@ fn channel_affine<B: Backend>(
     (x.reshape([n, c, h * w]) * per_row(scale) + per_row(shift)).reshape([n, c, h, w])
 }
 
+/// burn's `GroupNorm` forward (biased variance, ε inside the root) with the affine laid out as
+/// [`channel_affine`].
+fn group_norm<B: Backend>(gn: &GroupNorm<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
+    let [n, c, h, w] = x.dims();
+    let g = gn.num_groups;
+    let x = x.reshape([n, g, (c / g) * h * w]);
+    let centred = x.clone() - x.mean_dim(2);
+    let std = centred
+        .clone()
+        .square()
+        .mean_dim(2)
+        .add_scalar(gn.epsilon)
+        .sqrt();
+    let normalised = (centred / std).reshape([n, c, h, w]);
+    match (&gn.gamma, &gn.beta) {
+        (Some(gamma), Some(beta)) => channel_affine(normalised, gamma.val(), beta.val()),
+        _ => normalised,
+    }
+}
+
 /// burn's `BatchNorm` forward (same statistics, running-average update and result) with the
 /// channel broadcasts laid out for flex's fast paths, as [`channel_affine`].
 fn batch_norm<B: Backend>(bn: &BatchNorm<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
@@ -101,6 +124,17 @@ pub enum Norm2d<B: Backend> {
     Frozen(FrozenBatchNorm2d<B>),
     /// Trainable batch norm.
     Batch(BatchNorm<B>),
+    /// Group norm.
+    Group(GroupNorm<B>),
+}
+
+/// Greatest common divisor.
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
 }
 
 impl<B: Backend> Norm2d<B> {
@@ -109,6 +143,9 @@ impl<B: Backend> Norm2d<B> {
         match kind {
             NormKind::Frozen => Norm2d::Frozen(FrozenBatchNorm2d::new(channels, device)),
             NormKind::Batch => Norm2d::Batch(BatchNormConfig::new(channels).init(device)),
+            NormKind::Group => {
+                Norm2d::Group(GroupNormConfig::new(gcd(32, channels), channels).init(device))
+            }
         }
     }
 
@@ -117,6 +154,7 @@ impl<B: Backend> Norm2d<B> {
         match self {
             Norm2d::Frozen(n) => n.forward(x),
             Norm2d::Batch(n) => batch_norm(n, x),
+            Norm2d::Group(n) => group_norm(n, x),
         }
     }
 }

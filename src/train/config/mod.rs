@@ -1,7 +1,7 @@
 //! Training configuration: a TOML file (optionally built on a `base` file), `key=value`
 //! overrides from the command line, validation that names the offending key, and the resolved
 //! form saved in the run folder. The model kind is chosen by which section is present
-//! (`[detr]`), the distillation method by `[distill] method`.
+//! (`[detr]`, `[deeplabv3]`), the distillation method by `[distill] method`.
 
 mod overrides;
 mod sections;
@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::data::config::DataConfig;
 use crate::distill::DistillConfig;
 use crate::error::{Error, Result};
+use crate::model::deeplabv3::config::DeepLabV3Section;
 use crate::model::detr::config::DetrSection;
 use crate::task::TaskInputs;
 use overrides::read_with_bases;
@@ -20,7 +21,7 @@ pub use overrides::{apply_override, differing_keys};
 pub use sections::{CheckpointConfig, EvalConfig, OptimConfig, Schedule};
 
 /// The model kinds, as their config sections are named.
-pub const MODEL_KINDS: &[&str] = &["detr"];
+pub const MODEL_KINDS: &[&str] = &["detr", "deeplabv3"];
 
 /// A whole training run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -39,6 +40,9 @@ pub struct TrainConfig {
     /// A DETR detector and its loss, matcher and evaluation.
     #[serde(default)]
     pub detr: Option<DetrSection>,
+    /// A DeepLabV3 segmenter and its loss.
+    #[serde(default)]
+    pub deeplabv3: Option<DeepLabV3Section>,
     /// Optimiser and schedule.
     pub optim: OptimConfig,
     /// Evaluation.
@@ -57,6 +61,8 @@ pub struct TrainConfig {
 pub enum ModelSection<'a> {
     /// `[detr]`.
     Detr(&'a DetrSection),
+    /// `[deeplabv3]`.
+    DeepLabV3(&'a DeepLabV3Section),
 }
 
 impl ModelSection<'_> {
@@ -64,6 +70,7 @@ impl ModelSection<'_> {
     pub fn kind(&self) -> &'static str {
         match self {
             ModelSection::Detr(_) => "detr",
+            ModelSection::DeepLabV3(_) => "deeplabv3",
         }
     }
 
@@ -71,6 +78,7 @@ impl ModelSection<'_> {
     pub fn metrics(&self) -> crate::task::Metrics {
         match self {
             ModelSection::Detr(_) => crate::model::detr::task::DETR_METRICS,
+            ModelSection::DeepLabV3(_) => crate::model::deeplabv3::task::SEG_METRICS,
         }
     }
 }
@@ -112,7 +120,12 @@ impl TrainConfig {
 
     /// The model kind's section; exactly one must be present.
     pub fn model(&self) -> Result<ModelSection<'_>> {
-        let present: Vec<ModelSection<'_>> = self.detr.iter().map(ModelSection::Detr).collect();
+        let present: Vec<ModelSection<'_>> = self
+            .detr
+            .iter()
+            .map(ModelSection::Detr)
+            .chain(self.deeplabv3.iter().map(ModelSection::DeepLabV3))
+            .collect();
         match present.as_slice() {
             [one] => Ok(*one),
             [] => Err(Error::config(
@@ -172,8 +185,6 @@ impl TrainConfig {
             ("optim.replicas", o.replicas as f64),
             ("eval.every_epochs", self.eval.every_epochs as f64),
             ("data.size_divisor", self.data.size_divisor as f64),
-            ("data.augment.shorter", self.data.augment.shorter as f64),
-            ("data.augment.max_size", self.data.augment.max_size as f64),
             (
                 "checkpoint.log_every_steps",
                 self.checkpoint.log_every_steps as f64,
@@ -188,7 +199,6 @@ impl TrainConfig {
             ("optim.backbone_lr_mult", o.backbone_lr_mult),
             ("optim.min_lr_ratio", o.min_lr_ratio),
             ("optim.gamma", o.gamma),
-            ("data.augment.hflip_prob", self.data.augment.hflip_prob),
         ];
         for (key, v) in fractions {
             if !(0.0..=1.0).contains(&v) {
@@ -210,11 +220,24 @@ impl TrainConfig {
                 format!("{m} is not an epoch in 1..={}", o.epochs),
             ));
         }
+        if let Some(a) = &self.data.augment {
+            a.validate()?;
+        }
+        if let Some(a) = &self.data.seg_augment {
+            a.validate()?;
+        }
         match self.model()? {
-            ModelSection::Detr(s) => s.validate(o.replicas)?,
+            ModelSection::Detr(s) => {
+                self.data.det_augment()?;
+                s.validate(o.replicas)?
+            }
+            ModelSection::DeepLabV3(s) => {
+                self.data.seg_augment()?;
+                s.validate(o.replicas)?
+            }
         }
         self.distill.validate(self.model()?.kind())?;
-        if self.data.coco.is_none() {
+        if self.data.coco.is_none() && self.data.segmentation.is_none() {
             let s = &self.data.synthetic;
             s.generator
                 .validate()

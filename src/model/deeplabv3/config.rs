@@ -1,0 +1,128 @@
+//! DeepLabV3's config section (`[deeplabv3]`): the architecture (also recorded in exported
+//! weights) and the loss.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::model::backbone::BackboneConfig;
+use crate::model::deeplabv3::loss::SegLossConfig;
+use crate::model::layers::norm::NormKind;
+
+/// DeepLabV3 architecture settings (`[deeplabv3.model]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeepLabV3Config {
+    /// The backbone; its `output_stride` (8 or 16) sets the logits' resolution.
+    pub backbone: BackboneConfig,
+    /// Classes, background included.
+    pub num_classes: usize,
+    /// Dilation rates of ASPP's 3×3 branches (torchvision: 12, 24, 36 at output stride 8).
+    #[serde(default = "default_rates")]
+    pub aspp_rates: Vec<usize>,
+    /// Channels of ASPP and the head (torchvision 256; RDD's students 128).
+    #[serde(default = "default_channels")]
+    pub channels: usize,
+    /// Normalisation in ASPP and the heads (torchvision: batch; `group` allows replicas).
+    #[serde(default = "batch")]
+    pub norm: NormKind,
+    /// Dropout after ASPP's projection (torchvision 0.5).
+    #[serde(default = "default_aspp_dropout")]
+    pub aspp_dropout: f64,
+    /// The auxiliary FCN head on the backbone's third stage (needed by RDD's teacher).
+    #[serde(default = "yes")]
+    pub aux_head: bool,
+    /// Dropout in the auxiliary head (torchvision 0.1).
+    #[serde(default = "default_aux_dropout")]
+    pub aux_dropout: f64,
+}
+
+fn default_rates() -> Vec<usize> {
+    vec![12, 24, 36]
+}
+
+fn default_channels() -> usize {
+    256
+}
+
+fn default_aspp_dropout() -> f64 {
+    0.5
+}
+
+fn default_aux_dropout() -> f64 {
+    0.1
+}
+
+fn batch() -> NormKind {
+    NormKind::Batch
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl DeepLabV3Config {
+    /// Checks the settings, naming the key at fault.
+    pub fn validate(&self) -> Result<()> {
+        if self.num_classes < 2 {
+            return Err(Error::config(
+                "deeplabv3.model.num_classes",
+                format!(
+                    "{} classes: need at least 2 (background included)",
+                    self.num_classes
+                ),
+            ));
+        }
+        if self.channels == 0 {
+            return Err(Error::config(
+                "deeplabv3.model.channels",
+                "must be positive",
+            ));
+        }
+        if self.aspp_rates.contains(&0) {
+            return Err(Error::config(
+                "deeplabv3.model.aspp_rates",
+                "rates must be positive",
+            ));
+        }
+        for (key, p) in [
+            ("deeplabv3.model.aspp_dropout", self.aspp_dropout),
+            ("deeplabv3.model.aux_dropout", self.aux_dropout),
+        ] {
+            if !(0.0..1.0).contains(&p) {
+                return Err(Error::config(key, format!("must be in [0, 1), got {p}")));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The `[deeplabv3]` section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeepLabV3Section {
+    /// The architecture.
+    pub model: DeepLabV3Config,
+    /// The pixel loss.
+    #[serde(default)]
+    pub loss: SegLossConfig,
+}
+
+impl DeepLabV3Section {
+    /// Checks the section, naming the key at fault; `replicas` is the run's data-parallel count.
+    pub fn validate(&self, replicas: usize) -> Result<()> {
+        self.model.validate()?;
+        self.loss.validate(self.model.num_classes)?;
+        let m = &self.model;
+        crate::model::layers::check_replicas(
+            replicas,
+            &[
+                ("deeplabv3.model.backbone.norm", m.backbone.norm),
+                ("deeplabv3.model.norm", m.norm),
+            ],
+            &[
+                ("deeplabv3.model.aspp_dropout", m.aspp_dropout),
+                ("deeplabv3.model.aux_dropout", m.aux_dropout),
+            ],
+        )
+    }
+}
