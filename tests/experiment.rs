@@ -107,6 +107,7 @@ fn lr_grid() -> Grid {
             },
         ],
         base_overrides: vec!["optim.epochs=2".into(), "optim.lr=5e-4".into()],
+        teacher: None,
     }
 }
 

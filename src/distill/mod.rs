@@ -4,8 +4,12 @@
 //! every optimiser step (an EMA update), add models to evaluate and export, and keep state
 //! across checkpoints as one typed record.
 
+pub mod cwd;
 pub mod ema;
 pub mod od_detr;
+pub mod pixel_kd;
+pub mod rdd;
+pub mod seg_kd;
 pub mod teacher;
 
 use std::marker::PhantomData;
@@ -98,6 +102,8 @@ pub enum DistillConfig {
     None(NoDistillConfig),
     /// OD-DETR: online distillation from an EMA teacher.
     OdDetr(od_detr::OdDetrConfig),
+    /// A frozen segmentation teacher: pixel KD, CWD and RDD.
+    SegKd(seg_kd::SegKdConfig),
 }
 
 impl Default for DistillConfig {
@@ -112,6 +118,7 @@ impl DistillConfig {
         match self {
             DistillConfig::None(_) => "none",
             DistillConfig::OdDetr(_) => "od-detr",
+            DistillConfig::SegKd(_) => "seg-kd",
         }
     }
 
@@ -120,6 +127,7 @@ impl DistillConfig {
         match self {
             DistillConfig::None(_) => vec!["student"],
             DistillConfig::OdDetr(_) => vec!["student", od_detr::EMA_LABEL],
+            DistillConfig::SegKd(_) => vec!["student"],
         }
     }
 
@@ -130,6 +138,10 @@ impl DistillConfig {
             DistillConfig::OdDetr(c) => {
                 c.validate()?;
                 &["detr"]
+            }
+            DistillConfig::SegKd(c) => {
+                c.validate()?;
+                &["deeplabv3"]
             }
         };
         if supported.contains(&kind) {

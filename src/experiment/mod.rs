@@ -43,6 +43,23 @@ pub struct Variant {
     pub overrides: Vec<String>,
 }
 
+/// A frozen teacher that an experiment trains once, before its variants, into `OUT/teacher`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TeacherRun {
+    /// The teacher's config.
+    pub config: PathBuf,
+    /// Its overrides (the user's `--set` applies after them).
+    pub overrides: Vec<String>,
+}
+
+/// What a variant's override writes for the teacher's run folder.
+pub const TEACHER_PLACEHOLDER: &str = "{teacher}";
+
+/// The teacher's run folder in an experiment's output folder.
+pub fn teacher_dir(out: &Path) -> PathBuf {
+    out.join("teacher")
+}
+
 /// A named set of variants trained from one config.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Grid {
@@ -54,6 +71,18 @@ pub struct Grid {
     pub variants: Vec<Variant>,
     /// Overrides shared by every run, applied first.
     pub base_overrides: Vec<String>,
+    /// A teacher trained first; variants name its folder as `{teacher}`.
+    pub teacher: Option<TeacherRun>,
+}
+
+/// A grid file's `[teacher]` table: the config (relative to the grid file; the grid's own when
+/// absent) and overrides.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TeacherFile {
+    config: Option<PathBuf>,
+    #[serde(default)]
+    set: Vec<String>,
 }
 
 /// A grid file: the config (relative to the file), the shared overrides and the variants.
@@ -65,6 +94,7 @@ struct GridFile {
     overrides: Vec<String>,
     #[serde(rename = "variant")]
     variants: Vec<Variant>,
+    teacher: Option<TeacherFile>,
 }
 
 impl Grid {
@@ -75,11 +105,16 @@ impl Grid {
             Error::invalid(path, "grid", e.to_string().trim_end().replace('\n', "\n  "))
         })?;
         let dir = path.parent().unwrap_or(Path::new("."));
+        let config = dir.join(file.config);
         Ok(Grid {
             name: path
                 .file_stem()
                 .map_or_else(String::new, |s| s.to_string_lossy().into_owned()),
-            config: dir.join(file.config),
+            teacher: file.teacher.map(|t| TeacherRun {
+                config: t.config.map_or_else(|| config.clone(), |c| dir.join(c)),
+                overrides: t.set,
+            }),
+            config,
             variants: file.variants,
             base_overrides: file.overrides,
         })
@@ -201,11 +236,13 @@ pub fn plan(grid: &Grid, options: &ExperimentOptions) -> Result<Vec<PlannedRun>>
         // The name becomes a folder; path separators or `..` would escape `OUT`.
         let bad =
             v.name.is_empty() || v.name == "." || v.name == ".." || v.name.contains(['/', '\\']);
-        if bad || grid.variants[..i].iter().any(|w| w.name == v.name) {
+        let taken = grid.teacher.is_some() && v.name == "teacher";
+        if bad || taken || grid.variants[..i].iter().any(|w| w.name == v.name) {
             return Err(Error::config(
                 "experiment",
                 format!(
-                    "grid `{}`: variant name `{}` is empty, a duplicate or not a folder name",
+                    "grid `{}`: variant name `{}` is empty, a duplicate, the teacher's folder \
+                     or not a folder name",
                     grid.name, v.name
                 ),
             ));
@@ -220,7 +257,9 @@ pub fn plan(grid: &Grid, options: &ExperimentOptions) -> Result<Vec<PlannedRun>>
         })?;
         for v in &grid.variants {
             let mut overrides = shared.clone();
-            overrides.extend(v.overrides.iter().cloned());
+            for o in &v.overrides {
+                overrides.push(with_teacher(grid, options, &v.name, o)?);
+            }
             overrides.push(format!("seed={seed}"));
             let config = TrainConfig::load(&grid.config, &overrides).map_err(|e| {
                 Error::config(
@@ -238,6 +277,49 @@ pub fn plan(grid: &Grid, options: &ExperimentOptions) -> Result<Vec<PlannedRun>>
         }
     }
     Ok(runs)
+}
+
+/// `assignment` with [`TEACHER_PLACEHOLDER`] replaced by the teacher's run folder; an error
+/// naming the variant when the grid has no teacher.
+fn with_teacher(
+    grid: &Grid,
+    options: &ExperimentOptions,
+    variant: &str,
+    assignment: &str,
+) -> Result<String> {
+    if !assignment.contains(TEACHER_PLACEHOLDER) {
+        return Ok(assignment.to_string());
+    }
+    if grid.teacher.is_none() {
+        return Err(Error::config(
+            format!("experiment {} variant {variant}", grid.name),
+            format!("`{assignment}` names {TEACHER_PLACEHOLDER} but the grid has no [teacher]"),
+        ));
+    }
+    let dir = teacher_dir(&options.out).display().to_string();
+    Ok(assignment.replace(TEACHER_PLACEHOLDER, &dir))
+}
+
+/// The teacher's resolved run: its config, overrides and then the user's `--set`.
+pub fn plan_teacher(grid: &Grid, options: &ExperimentOptions) -> Result<Option<PlannedRun>> {
+    let Some(teacher) = &grid.teacher else {
+        return Ok(None);
+    };
+    let overrides: Vec<String> = teacher
+        .overrides
+        .iter()
+        .chain(&options.overrides)
+        .cloned()
+        .collect();
+    let config = TrainConfig::load(&teacher.config, &overrides)
+        .map_err(|e| Error::config(format!("experiment {} teacher", grid.name), e.to_string()))?;
+    Ok(Some(PlannedRun {
+        variant: "teacher".to_string(),
+        seed_index: 0,
+        dir: teacher_dir(&options.out),
+        overrides,
+        config,
+    }))
 }
 
 /// The `--set` overrides that some variant overrides in turn, as `(user override, variant)`.
@@ -346,14 +428,19 @@ pub fn collect_report(
         });
     }
     let shared = shared_overrides(grid, options);
-    Ok(aggregate(
+    let mut report = aggregate(
         &grid.name,
         &grid.config,
         &shared,
         options.seeds,
         &variants,
         &spec,
-    ))
+    );
+    if grid.teacher.is_some() {
+        report.teacher = read_run(&teacher_dir(&options.out), spec.metrics.headline)?;
+        report.total_wall_s += report.teacher.as_ref().map_or(0.0, |t| t.wall_s);
+    }
+    Ok(report)
 }
 
 /// Trains every run of `grid` that is not finished yet (resuming checkpointed ones), rewriting
@@ -367,8 +454,29 @@ pub fn run_experiment(grid: &Grid, options: &ExperimentOptions) -> Result<Report
         .iter()
         .map(|r| run_state(&r.dir, &r.config))
         .collect::<Result<Vec<_>>>()?;
+    let teacher = plan_teacher(grid, options)?;
+    let teacher_state = teacher
+        .as_ref()
+        .map(|t| run_state(&t.dir, &t.config))
+        .transpose()?;
     for (user, variant) in shadowed_overrides(grid, &options.overrides) {
         eprintln!("warning: --set {user} is overridden by variant `{variant}`");
+    }
+    if let (Some(t), Some(state)) = (&teacher, teacher_state) {
+        if state == RunState::Finished {
+            eprintln!("teacher ({}): reused", t.dir.display());
+        } else {
+            eprintln!("teacher ({}): training…", t.dir.display());
+            let resume = state == RunState::Resume;
+            let summary = crate::train::run::train_run(&t.config, &t.dir, resume, options.progress)
+                .map_err(|e| {
+                    Error::config(
+                        format!("experiment {} teacher ({})", grid.name, t.dir.display()),
+                        e.to_string(),
+                    )
+                })?;
+            eprintln!("teacher: done in {:.0} s", summary.wall_s);
+        }
     }
     let count = |s: RunState| states.iter().filter(|&&x| x == s).count();
     eprintln!(

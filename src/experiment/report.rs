@@ -247,8 +247,10 @@ pub struct Report {
     pub spec: ReportSpec,
     /// One row per variant, in grid order.
     pub variants: Vec<VariantSummary>,
-    /// Sum of the finished runs' `wall_s`.
+    /// Sum of the finished runs' `wall_s` (the teacher's included).
     pub total_wall_s: f64,
+    /// The experiment's frozen teacher, once trained.
+    pub teacher: Option<RunRecord>,
 }
 
 /// Per epoch, the mean over the runs that have that epoch.
@@ -326,6 +328,7 @@ pub fn aggregate(
             .flat_map(|v| &v.runs)
             .map(|r| r.wall_s)
             .sum(),
+        teacher: None,
     }
 }
 
@@ -394,6 +397,16 @@ impl Report {
                 Value::Object(row)
             })
             .collect();
+        let teacher = self.teacher.as_ref().map_or(Value::Null, |t| {
+            let mut row = Map::new();
+            row.insert("dir".into(), json!(t.dir.display().to_string()));
+            for k in self.spec.metrics.reported {
+                let v = t.final_stats.get(STUDENT).and_then(|s| s.get(*k));
+                row.insert(k.to_string(), v.map_or(Value::Null, |v| number(*v)));
+            }
+            row.insert("wall_s".into(), number(t.wall_s));
+            Value::Object(row)
+        });
         json!({
             "experiment": self.experiment,
             "config": self.config.display().to_string(),
@@ -401,6 +414,7 @@ impl Report {
             "overrides": self.overrides,
             "seeds": self.seeds,
             "total_wall_s": number(self.total_wall_s),
+            "teacher": teacher,
             "variants": variants,
         })
     }
@@ -437,6 +451,25 @@ impl Report {
             }
             cells.push(plain(v.wall_s, 1));
             let _ = writeln!(md, "| {} |", cells.join(" | "));
+        }
+        if let Some(t) = &self.teacher {
+            let stats: Vec<String> = self
+                .spec
+                .metrics
+                .reported
+                .iter()
+                .filter_map(|k| {
+                    let v = t.final_stats.get(STUDENT)?.get(*k)?;
+                    Some(format!("{k} {v:.4}"))
+                })
+                .collect();
+            let _ = writeln!(
+                md,
+                "\nTeacher (`{}`, trained once): {}; {:.1} s.",
+                t.dir.display(),
+                stats.join(", "),
+                t.wall_s
+            );
         }
         let shared = if self.overrides.is_empty() {
             "none".to_string()

@@ -5,10 +5,12 @@ use std::path::Path;
 
 use crate::backend::{device, Training};
 use crate::distill::od_detr::OdDetr;
+use crate::distill::seg_kd::SegKd;
 use crate::distill::{DistillConfig, NoDistill};
 use crate::error::{write_atomic, Error, Result};
 use crate::model::deeplabv3::task::SegTask;
 use crate::model::detr::task::DetrTask;
+use crate::task::Task;
 use crate::train::config::{differing_keys, ModelSection, TrainConfig};
 use crate::train::{fit, RunOptions, RunSummary};
 
@@ -74,6 +76,7 @@ pub fn train_with_options(config: &TrainConfig, options: &RunOptions) -> Result<
                     let mut distiller = OdDetr::new(&model, *c);
                     fit(&task, &mut distiller, model, &loop_config, options, &device)
                 }
+                other => Err(unsupported(other, "detr")),
             }
         }
         ModelSection::DeepLabV3(section) => {
@@ -83,11 +86,24 @@ pub fn train_with_options(config: &TrainConfig, options: &RunOptions) -> Result<
                 DistillConfig::None(_) => {
                     fit(&task, &mut NoDistill, model, &loop_config, options, &device)
                 }
-                other => Err(Error::config(
-                    "distill.method",
-                    format!("{} does not apply to deeplabv3", other.method()),
-                )),
+                DistillConfig::SegKd(c) => {
+                    let total = Task::<Training>::batches_per_epoch(&task) * config.optim.epochs;
+                    let mut distiller = SegKd::<Training>::new(&task, c.clone(), total)?;
+                    fit(&task, &mut distiller, model, &loop_config, options, &device)
+                }
+                other => Err(unsupported(other, "deeplabv3")),
             }
         }
     }
+}
+
+/// The error for a method that [`DistillConfig::validate`] should have refused for `kind`.
+fn unsupported(method: &DistillConfig, kind: &str) -> Error {
+    Error::config(
+        "distill.method",
+        format!(
+            "`{}` does not apply to the model kind `{kind}`",
+            method.method()
+        ),
+    )
 }

@@ -34,6 +34,14 @@ pub struct DeepLabV3Config {
     /// Dropout in the auxiliary head (torchvision 0.1).
     #[serde(default = "default_aux_dropout")]
     pub aux_dropout: f64,
+    /// Images are resized by this factor before the backbone (logits are still scored at the
+    /// labels' resolution): small images give a stride-8 head too few cells per object.
+    #[serde(default = "one")]
+    pub input_scale: f64,
+}
+
+fn one() -> f64 {
+    1.0
 }
 
 fn default_rates() -> Vec<usize> {
@@ -82,6 +90,12 @@ impl DeepLabV3Config {
             return Err(Error::config(
                 "deeplabv3.model.aspp_rates",
                 "rates must be positive",
+            ));
+        }
+        if !(self.input_scale.is_finite() && (0.25..=4.0).contains(&self.input_scale)) {
+            return Err(Error::config(
+                "deeplabv3.model.input_scale",
+                format!("must be in [0.25, 4], got {}", self.input_scale),
             ));
         }
         for (key, p) in [

@@ -135,6 +135,8 @@ pub struct DeepLabV3<B: Backend> {
     pub classifier: DeepLabHead<B>,
     /// The auxiliary FCN head on the third stage (C4), if configured.
     pub aux_classifier: Option<FcnHead<B>>,
+    /// Resize factor of the input images.
+    pub input_scale: f64,
 }
 
 /// Everything one forward pass computes, for the loss and the distillers.
@@ -174,6 +176,7 @@ impl DeepLabV3Config {
                 dropout: DropoutConfig::new(self.aux_dropout).init(),
                 out: classifier(aux, self.num_classes, device),
             }),
+            input_scale: self.input_scale,
         })
     }
 }
@@ -181,7 +184,11 @@ impl DeepLabV3Config {
 impl<B: Backend> DeepLabV3<B> {
     /// The forward pass of a normalised image batch `[N, 3, H, W]`.
     pub fn forward(&self, images: Tensor<B, 4>) -> SegOutput<B> {
-        let backbone = self.backbone.features(images);
+        let [_, _, h, w] = images.dims();
+        let scaled = |x: usize| ((x as f64 * self.input_scale).round() as usize).max(1);
+        let backbone = self
+            .backbone
+            .features(upsample(images, [scaled(h), scaled(w)]));
         let head = &self.classifier;
         let features = head.conv.forward(head.aspp.forward(backbone.c5.clone()));
         let logits = conv2d(&head.out, features.clone());

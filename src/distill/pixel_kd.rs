@@ -1,0 +1,66 @@
+//! Pixel-wise knowledge distillation (Hinton KD at every pixel, as CIRKD's `CriterionKD`):
+//! `T² / (N·h·w) · Σ_pixels KL(softmax(z_t / T) ‖ softmax(z_s / T))`, at the logits'
+//! resolution, over every pixel (ignored ones included, as the reference code does).
+
+use burn::tensor::activation::{log_softmax, softmax};
+use burn::tensor::backend::Backend;
+use burn::tensor::Tensor;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// `[distill.kd]`: weight and temperature of pixel-wise KD.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PixelKdConfig {
+    /// λ_kd (CIRKD and RDD: 1).
+    pub weight: f64,
+    /// Softmax temperature T (CIRKD and RDD: 1).
+    pub temperature: f64,
+}
+
+impl Default for PixelKdConfig {
+    fn default() -> Self {
+        PixelKdConfig {
+            weight: 1.0,
+            temperature: 1.0,
+        }
+    }
+}
+
+impl PixelKdConfig {
+    /// Checks the settings; `key` is the table's dotted name.
+    pub fn validate(&self, key: &str) -> Result<()> {
+        positive(key, "weight", self.weight, true)?;
+        positive(key, "temperature", self.temperature, false)
+    }
+}
+
+/// A finite value above zero (or at zero when `zero_ok`), named `key.field` when not.
+pub(crate) fn positive(key: &str, field: &str, v: f64, zero_ok: bool) -> Result<()> {
+    if v.is_finite() && (v > 0.0 || (zero_ok && v == 0.0)) {
+        Ok(())
+    } else {
+        let bound = if zero_ok { "≥ 0" } else { "> 0" };
+        Err(Error::config(
+            format!("{key}.{field}"),
+            format!("must be finite and {bound}, got {v}"),
+        ))
+    }
+}
+
+/// Pixel-wise KD of student logits `[N, K, h, w]` toward teacher logits of the same shape.
+pub fn pixel_kd<B: Backend>(
+    student: Tensor<B, 4>,
+    teacher: Tensor<B, 4>,
+    temperature: f64,
+) -> Tensor<B, 1> {
+    let [n, _, h, w] = student.dims();
+    let t = temperature;
+    let log_s = log_softmax(student.div_scalar(t), 1);
+    let log_t = log_softmax(teacher.clone().div_scalar(t), 1);
+    let p_t = softmax(teacher.div_scalar(t), 1);
+    (p_t * (log_t - log_s))
+        .sum()
+        .mul_scalar(t * t / (n * h * w) as f64)
+}

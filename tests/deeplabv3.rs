@@ -1,0 +1,210 @@
+//! DeepLabV3 end to end through `densekd train` machinery: label-map folders in, mIoU out.
+
+use std::path::Path;
+
+use densekd::data::export::write_split;
+use densekd::data::synth::{Split, SynthConfig};
+use densekd::train::config::TrainConfig;
+use densekd::train::run::train_with_options;
+use densekd::train::RunOptions;
+
+/// `configs/deeplabv3_shapes.toml` made tiny: a 1/4-width ResNet-18 with one block per stage
+/// at output stride 8, from scratch, a 32-wide head, label maps read from `data`.
+fn tiny_config(data: &Path, extra: &[&str]) -> TrainConfig {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/deeplabv3_shapes.toml");
+    let (images, labels) = (data.join("images/train"), data.join("labels/train"));
+    let folders = [
+        format!("data.segmentation.train_images={:?}", images.display().to_string()),
+        format!("data.segmentation.train_labels={:?}", labels.display().to_string()),
+        format!("data.segmentation.val_images={:?}", images.display().to_string()),
+        format!("data.segmentation.val_labels={:?}", labels.display().to_string()),
+        "data.segmentation.class_names=[\"background\",\"circle\",\"square\",\"triangle\",\"ellipse\",\"cross\",\"star\",\"ring\",\"frame\"]".to_string(),
+    ];
+    let sets: Vec<String> = folders
+        .into_iter()
+        .chain(
+            [
+                "backbone_weights=",
+                "data.workers=1",
+                "data.seg_augment.scale_range=[1.0,1.0]",
+                "data.seg_augment.crop=[64,64]",
+                "data.seg_augment.hflip_prob=0.0",
+                "deeplabv3.model.backbone.arch=\"resnet18\"",
+                "deeplabv3.model.backbone.width=0.25",
+                "deeplabv3.model.backbone.blocks=[1,1,1,1]",
+                "deeplabv3.model.backbone.norm=\"group\"",
+                "deeplabv3.model.backbone.frozen_stages=0",
+                "deeplabv3.model.channels=32",
+                "deeplabv3.model.aspp_rates=[1,2,3]",
+                "optim.replicas=1",
+                "optim.batch_size=4",
+                "checkpoint.every_steps=0",
+            ]
+            .iter()
+            .chain(extra)
+            .map(|s| s.to_string()),
+        )
+        .collect();
+    TrainConfig::load(&path, &sets).expect("config")
+}
+
+#[test]
+fn tiny_deeplabv3_memorises_four_images() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let synth = SynthConfig {
+        size: 64,
+        ..SynthConfig::default()
+    };
+    write_split(tmp.path(), &synth, Split::Train, 4).expect("data");
+    let config = tiny_config(
+        tmp.path(),
+        &[
+            "optim.epochs=200",
+            "optim.lr=5e-3",
+            "optim.warmup_steps=10",
+            "eval.every_epochs=200",
+            "checkpoint.log_every_steps=20",
+        ],
+    );
+    let run = tmp.path().join("run");
+    let summary = train_with_options(
+        &config,
+        &RunOptions {
+            run_dir: run.clone(),
+            resume: false,
+            stop_after: None,
+            progress: false,
+        },
+    )
+    .expect("train");
+    let miou = summary.final_eval[0]
+        .1
+        .iter()
+        .find(|(k, _)| k == "mIoU")
+        .map(|(_, v)| *v)
+        .expect("mIoU");
+    println!("{:?}", summary.final_eval);
+    assert!(miou >= 0.95, "mIoU {miou} after 200 steps on 4 images");
+}
+
+fn lines(dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .expect("metrics")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .collect()
+}
+
+fn options(dir: &Path, resume: bool, stop_after: Option<usize>) -> RunOptions {
+    RunOptions {
+        run_dir: dir.to_path_buf(),
+        resume,
+        stop_after,
+        progress: false,
+    }
+}
+
+/// The `[distill]` overrides of a seg-kd student of `teacher` with KD, CWD on features (a
+/// 32 → 16 connector: the student's head is narrower) and RDD switching stage at step 4 of 8.
+fn seg_kd(teacher: &Path) -> Vec<String> {
+    vec![
+        "distill.method=\"seg-kd\"".to_string(),
+        format!("distill.teacher={:?}", teacher.display().to_string()),
+        "distill.kd.weight=1.0".to_string(),
+        "distill.cwd_features.weight=5.0".to_string(),
+        "distill.rdd.tfe_fraction=0.5".to_string(),
+        "deeplabv3.model.channels=16".to_string(),
+        "optim.epochs=8".to_string(),
+        "checkpoint.log_every_steps=1".to_string(),
+        "checkpoint.every_steps=3".to_string(),
+        "eval.every_epochs=8".to_string(),
+    ]
+}
+
+#[test]
+fn seg_kd_with_rdd_distils_from_a_frozen_teacher_and_resumes_exactly() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let synth = SynthConfig {
+        size: 64,
+        ..SynthConfig::default()
+    };
+    write_split(tmp.path(), &synth, Split::Train, 4).expect("data");
+    let teacher = tmp.path().join("teacher");
+    let teacher_config = tiny_config(
+        tmp.path(),
+        &[
+            "optim.epochs=60",
+            "optim.lr=5e-3",
+            "eval.every_epochs=60",
+            "checkpoint.log_every_steps=20",
+        ],
+    );
+    train_with_options(&teacher_config, &options(&teacher, false, None)).expect("teacher");
+
+    let sets = seg_kd(&teacher);
+    let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+    let config = tiny_config(tmp.path(), &sets);
+    let (full, part) = (tmp.path().join("full"), tmp.path().join("part"));
+    train_with_options(&config, &options(&full, false, None)).expect("student");
+    let log = lines(&full);
+    let first = &log[0];
+    assert_eq!(
+        (
+            first["kind"].as_str(),
+            first["model"].as_str(),
+            first["step"].as_u64()
+        ),
+        (Some("eval"), Some("teacher"), Some(0)),
+        "{first}"
+    );
+    assert!(first["mIoU"].as_f64().expect("mIoU") > 0.3, "{first}");
+    let train: Vec<&serde_json::Value> = log.iter().filter(|l| l["kind"] == "train").collect();
+    assert_eq!(train.len(), 8);
+    // TFE for steps 0..4 (its weight map logged), then TSE (its kept share).
+    for (i, l) in train.iter().enumerate() {
+        let (tfe, tse) = (l.get("rdd_weight").is_some(), l.get("rdd_kept").is_some());
+        assert_eq!((tfe, tse), (i < 4, i >= 4), "step {i}: {l}");
+        for key in ["loss_ce", "loss_aux", "loss_kd", "loss_cwd_features"] {
+            assert!(l[key].as_f64().is_some_and(f64::is_finite), "{key}: {l}");
+        }
+    }
+
+    // Killed after step 3 (in TFE) and resumed: the stage and everything else continue exactly.
+    train_with_options(&config, &options(&part, false, Some(3))).expect("part");
+    train_with_options(&config, &options(&part, true, None)).expect("resume");
+    assert_eq!(lines(&part), log, "a resumed run differs");
+
+    // The connector stays out of the export: it holds what a plain run's does.
+    let plain = tmp.path().join("plain");
+    let plain_config = tiny_config(
+        tmp.path(),
+        &["deeplabv3.model.channels=16", "optim.epochs=1"],
+    );
+    train_with_options(&plain_config, &options(&plain, false, None)).expect("plain");
+    let size = |dir: &Path| {
+        std::fs::metadata(dir.join("model.safetensors"))
+            .expect("export")
+            .len()
+    };
+    assert_eq!(size(&full), size(&plain));
+
+    // A teacher without the auxiliary head cannot drive RDD: refused before step 0.
+    let no_aux = tmp.path().join("no-aux");
+    let no_aux_config = tiny_config(
+        tmp.path(),
+        &["deeplabv3.model.aux_head=false", "optim.epochs=1"],
+    );
+    train_with_options(&no_aux_config, &options(&no_aux, false, None)).expect("no-aux teacher");
+    let sets = seg_kd(&no_aux);
+    let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+    let refused = tmp.path().join("refused");
+    let e = train_with_options(
+        &tiny_config(tmp.path(), &sets),
+        &options(&refused, false, None),
+    )
+    .expect_err("no aux head");
+    assert!(
+        e.to_string().contains("no-aux") && e.to_string().contains("auxiliary head"),
+        "{e}"
+    );
+}
