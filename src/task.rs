@@ -23,6 +23,14 @@ pub struct Losses<B: AutodiffBackend> {
 }
 
 impl<B: AutodiffBackend> Losses<B> {
+    /// A loss of one term, `name`, which is also the total.
+    pub fn single(name: &str, term: Tensor<B, 1>) -> Self {
+        Losses {
+            total: term.clone(),
+            terms: vec![(name.to_string(), term)],
+        }
+    }
+
     /// Adds `term × weight` to the total and logs `term` as `name`.
     pub fn add(&mut self, name: &str, term: Tensor<B, 1>, weight: f64) {
         self.total = self.total.clone() + term.clone().mul_scalar(weight);

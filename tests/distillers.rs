@@ -9,6 +9,8 @@ mod common;
 use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
 
+use common::lines;
+
 use burn::module::AutodiffModule;
 use burn::nn::{Linear, LinearConfig, LinearRecord};
 use burn::tensor::backend::{AutodiffBackend, Backend};
@@ -140,14 +142,6 @@ fn initial_connector() -> Vec<f32> {
     )
     .expect("init");
     values(init.weight.val())
-}
-
-fn lines(dir: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(dir.join("metrics.jsonl"))
-        .expect("metrics")
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("json"))
-        .collect()
 }
 
 /// The tensor names of an exported `model.safetensors`.

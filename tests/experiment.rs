@@ -6,9 +6,10 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
+use densekd::distill::DistillConfig;
 use densekd::experiment::{
-    aggregate, named_grid, plan, read_run, run_dir, run_state, shadowed_overrides, write_report,
-    ExperimentOptions, Grid, ReportSpec, RunState, Variant, VariantRuns,
+    aggregate, named_grid, plan, plan_teacher, read_run, run_dir, run_state, shadowed_overrides,
+    write_report, ExperimentOptions, Grid, ReportSpec, RunState, Variant, VariantRuns,
 };
 use densekd::model::detr::task::DETR_METRICS;
 use densekd::train::config::TrainConfig;
@@ -89,6 +90,54 @@ fn named_grids() {
         ]
     );
     assert!(grid.base_overrides.contains(&"optim.epochs=3".to_string()));
+}
+
+#[test]
+fn the_rdd_grid_trains_its_teacher_first_and_names_it_in_the_variants() {
+    let grid = named_grid("rdd").expect("rdd");
+    let names: Vec<&str> = grid.variants.iter().map(|v| v.name.as_str()).collect();
+    assert_eq!(
+        names,
+        ["baseline", "kd", "cwd", "kd+rdd", "cwd+rdd", "kd+tfe", "kd+tse"],
+        "variant order"
+    );
+    let out = PathBuf::from("out-rdd");
+    let options = ExperimentOptions {
+        seeds: 1,
+        out: out.clone(),
+        overrides: vec!["optim.epochs=1".into()],
+        progress: false,
+    };
+    let teacher = plan_teacher(&grid, &options)
+        .expect("plan")
+        .expect("a teacher");
+    assert_eq!(teacher.dir, out.join("teacher"));
+    // The teacher is the recipe as shipped (ImageNet MobileNetV2), resized by --set only.
+    assert!(teacher.config.backbone_weights.is_some());
+    assert_eq!(teacher.config.optim.epochs, 1);
+    let runs = plan(&grid, &options).expect("plan");
+    assert!(runs.iter().all(|r| r.config.backbone_weights.is_none()));
+    for run in &runs {
+        match (&run.config.distill, run.variant.as_str()) {
+            (DistillConfig::None(_), "baseline") => {}
+            (DistillConfig::SegKd(c), name) => {
+                assert_eq!(c.teacher, out.join("teacher"), "{name}");
+                assert_eq!(c.kd.is_some(), name.starts_with("kd"), "{name}");
+                assert_eq!(c.cwd_logits.is_some(), name.starts_with("cwd"), "{name}");
+                assert_eq!(c.rdd.is_some(), name.contains('+'), "{name}");
+            }
+            (other, name) => panic!("{name}: {other:?}"),
+        }
+    }
+
+    // `{teacher}` in a grid without a teacher is an error naming the variant.
+    let mut orphan = grid.clone();
+    orphan.teacher = None;
+    let e = plan(&orphan, &options).expect_err("no teacher");
+    assert!(
+        e.to_string().contains("kd") && e.to_string().contains("{teacher}"),
+        "{e}"
+    );
 }
 
 /// A grid over keys the current config has, so plans resolve.

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::densekd;
+use common::{densekd, lines};
 use std::path::Path;
 
 use densekd::backend::Inference;
@@ -43,14 +43,6 @@ fn run(config: &TrainConfig, dir: &Path, resume: bool, stop_after: Option<usize>
         progress: false,
     };
     train_with_options(config, &options).expect("train")
-}
-
-fn lines(dir: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(dir.join("metrics.jsonl"))
-        .expect("metrics")
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("json line"))
-        .collect()
 }
 
 fn tensor(model: &densekd::model::detr::Detr<Inference>) -> Vec<f32> {

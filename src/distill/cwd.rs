@@ -3,13 +3,13 @@
 //! toward the teacher's by `T² / (N·C) · Σ_{n,c} KL(φ_t ‖ φ_s)`. Used on logits and on head
 //! features (through a trained 1×1 connector when the channel counts differ).
 
-use burn::tensor::activation::{log_softmax, softmax};
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 use serde::{Deserialize, Serialize};
 
 use crate::distill::pixel_kd::positive;
 use crate::error::Result;
+use crate::ops::losses::softmax_kl_sum;
 
 /// `[distill.cwd_logits]` / `[distill.cwd_features]`: weight and temperature of one CWD term.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -43,11 +43,5 @@ pub fn channel_wise_divergence<B: Backend>(
     let [n, c, h, w] = student.dims();
     let t = temperature;
     let flat = |x: Tensor<B, 4>| x.reshape([n * c, h * w]).div_scalar(t);
-    let (s, te) = (flat(student), flat(teacher));
-    let log_s = log_softmax(s, 1);
-    let log_t = log_softmax(te.clone(), 1);
-    let p_t = softmax(te, 1);
-    (p_t * (log_t - log_s))
-        .sum()
-        .mul_scalar(t * t / (n * c) as f64)
+    softmax_kl_sum(flat(student), flat(teacher), 1).mul_scalar(t * t / (n * c) as f64)
 }

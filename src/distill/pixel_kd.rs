@@ -2,12 +2,12 @@
 //! `T² / (N·h·w) · Σ_pixels KL(softmax(z_t / T) ‖ softmax(z_s / T))`, at the logits'
 //! resolution, over every pixel (ignored ones included, as the reference code does).
 
-use burn::tensor::activation::{log_softmax, softmax};
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::ops::losses::softmax_kl_sum;
 
 /// `[distill.kd]`: weight and temperature of pixel-wise KD.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -57,10 +57,6 @@ pub fn pixel_kd<B: Backend>(
 ) -> Tensor<B, 1> {
     let [n, _, h, w] = student.dims();
     let t = temperature;
-    let log_s = log_softmax(student.div_scalar(t), 1);
-    let log_t = log_softmax(teacher.clone().div_scalar(t), 1);
-    let p_t = softmax(teacher.div_scalar(t), 1);
-    (p_t * (log_t - log_s))
-        .sum()
+    softmax_kl_sum(student.div_scalar(t), teacher.div_scalar(t), 1)
         .mul_scalar(t * t / (n * h * w) as f64)
 }

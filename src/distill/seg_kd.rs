@@ -169,10 +169,7 @@ impl<B: AutodiffBackend> SegKd<B> {
                     [h, w],
                 );
                 let ce = tfe_head_loss(student.logits.clone(), labels, rd.clone());
-                let mut losses = Losses {
-                    total: ce.clone(),
-                    terms: vec![("loss_ce".into(), ce)],
-                };
+                let mut losses = Losses::single("loss_ce", ce);
                 if let Some(aux) = &student.aux_logits {
                     losses.add(
                         "loss_aux",
@@ -192,10 +189,7 @@ impl<B: AutodiffBackend> SegKd<B> {
                     weights,
                     rdd,
                 );
-                let mut losses = Losses {
-                    total: ce.clone(),
-                    terms: vec![("loss_ce".into(), ce)],
-                };
+                let mut losses = Losses::single("loss_ce", ce);
                 if let Some(aux) = &student.aux_logits {
                     let (aux, _) = tse_head_loss(aux.clone(), teacher_aux, labels, weights, rdd);
                     losses.add("loss_aux", aux, loss.aux_weight);

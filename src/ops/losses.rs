@@ -52,3 +52,15 @@ pub fn quality_focal_loss<B: Backend>(
     let w = pos.clone() * pos_w + pos.neg().add_scalar(1.0) * neg_w;
     (w * bce).sum()
 }
+
+/// `Σ softmax(t)·(log softmax(t) − log softmax(s))` over every element, the softmax taken along
+/// `dim`: the summed KL divergence `KL(p_t ‖ p_s)` of every distribution along `dim`.
+pub fn softmax_kl_sum<B: Backend, const D: usize>(
+    student: Tensor<B, D>,
+    teacher: Tensor<B, D>,
+    dim: usize,
+) -> Tensor<B, 1> {
+    let log_t = activation::log_softmax(teacher.clone(), dim);
+    let p_t = activation::softmax(teacher, dim);
+    (p_t * (log_t - activation::log_softmax(student, dim))).sum()
+}

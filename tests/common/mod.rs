@@ -53,3 +53,13 @@ pub fn tiny_config(extra: &[&str]) -> densekd::train::config::TrainConfig {
         .collect();
     densekd::train::config::TrainConfig::load(&path, &sets).expect("config")
 }
+
+/// The JSON lines of a run folder's `metrics.jsonl`.
+#[allow(dead_code)] // not every test binary uses it
+pub fn lines(dir: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .expect("metrics")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect()
+}

@@ -168,10 +168,7 @@ impl SegTask {
     ) -> Losses<B> {
         let loss = &self.section.loss;
         let ce = loss.head_loss(output.logits.clone(), labels);
-        let mut losses = Losses {
-            total: ce.clone(),
-            terms: vec![("loss_ce".into(), ce)],
-        };
+        let mut losses = Losses::single("loss_ce", ce);
         if let Some(aux) = &output.aux_logits {
             losses.add(
                 "loss_aux",
