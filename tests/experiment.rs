@@ -112,11 +112,12 @@ fn the_rdd_grid_trains_its_teacher_first_and_names_it_in_the_variants() {
         .expect("plan")
         .expect("a teacher");
     assert_eq!(teacher.dir, out.join("teacher"));
-    // The teacher is the recipe as shipped (ImageNet MobileNetV2), resized by --set only.
-    assert!(teacher.config.backbone_weights.is_some());
+    // The teacher is the recipe as shipped, resized by --set only; the students are narrower.
+    let width = |c: &TrainConfig| c.deeplabv3.as_ref().expect("deeplabv3").model.channels;
+    assert_eq!(width(&teacher.config), 128);
     assert_eq!(teacher.config.optim.epochs, 1);
     let runs = plan(&grid, &options).expect("plan");
-    assert!(runs.iter().all(|r| r.config.backbone_weights.is_none()));
+    assert!(runs.iter().all(|r| width(&r.config) == 64));
     for run in &runs {
         match (&run.config.distill, run.variant.as_str()) {
             (DistillConfig::None(_), "baseline") => {}
