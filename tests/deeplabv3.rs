@@ -4,12 +4,11 @@ mod common;
 
 use std::path::Path;
 
-use common::lines;
+use common::{lines, options};
 use densekd::data::export::write_split;
 use densekd::data::synth::{Split, SynthConfig};
 use densekd::train::config::TrainConfig;
 use densekd::train::run::train_with_options;
-use densekd::train::RunOptions;
 
 /// `configs/deeplabv3_shapes.toml` made tiny: a 1/4-width ResNet-18 with one block per stage
 /// at output stride 8, from scratch, a 32-wide head, label maps read from `data`.
@@ -71,16 +70,7 @@ fn tiny_deeplabv3_memorises_four_images() {
         ],
     );
     let run = tmp.path().join("run");
-    let summary = train_with_options(
-        &config,
-        &RunOptions {
-            run_dir: run.clone(),
-            resume: false,
-            stop_after: None,
-            progress: false,
-        },
-    )
-    .expect("train");
+    let summary = train_with_options(&config, &options(&run, false, None)).expect("train");
     let miou = summary.final_eval[0]
         .1
         .iter()
@@ -123,15 +113,6 @@ fn tiny_deeplabv3_memorises_four_images() {
     let scored: serde_json::Value = serde_json::from_str(&json).expect("json");
     let rescored = scored["mIoU"].as_f64().expect("mIoU");
     assert!((rescored - miou).abs() < 1e-6, "{rescored} vs {miou}");
-}
-
-fn options(dir: &Path, resume: bool, stop_after: Option<usize>) -> RunOptions {
-    RunOptions {
-        run_dir: dir.to_path_buf(),
-        resume,
-        stop_after,
-        progress: false,
-    }
 }
 
 /// The `[distill]` overrides of a seg-kd student of `teacher` with KD, CWD on features (a

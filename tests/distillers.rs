@@ -9,7 +9,7 @@ mod common;
 use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
 
-use common::lines;
+use common::{lines, options};
 
 use burn::module::AutodiffModule;
 use burn::nn::{Linear, LinearConfig, LinearRecord};
@@ -23,7 +23,7 @@ use densekd::model::detr::{Detr, DetrRecord};
 use densekd::task::{InnerModel, Losses, Task};
 use densekd::train::checkpoint::{load_record, Checkpoints};
 use densekd::train::config::{ModelSection, TrainConfig};
-use densekd::train::{fit, RunOptions, RunSummary};
+use densekd::train::{fit, RunSummary};
 
 /// The tests of this binary run one at a time: the backend's generator is process-global, so
 /// one test's initialisation would otherwise draw from another's seeded stream.
@@ -38,15 +38,6 @@ fn task(config: &TrainConfig) -> DetrTask {
         panic!("the tiny config is a DETR config");
     };
     DetrTask::new(&config.task_inputs(), section).expect("task")
-}
-
-fn options(dir: &Path, resume: bool, stop_after: Option<usize>) -> RunOptions {
-    RunOptions {
-        run_dir: dir.to_path_buf(),
-        resume,
-        stop_after,
-        progress: false,
-    }
 }
 
 /// Trains `config` with `distiller` into `dir`.

@@ -63,3 +63,18 @@ pub fn lines(dir: &std::path::Path) -> Vec<serde_json::Value> {
         .map(|l| serde_json::from_str(l).expect("json line"))
         .collect()
 }
+
+/// Options of a quiet run into `dir`.
+#[allow(dead_code)] // not every test binary uses it
+pub fn options(
+    dir: &std::path::Path,
+    resume: bool,
+    stop_after: Option<usize>,
+) -> densekd::train::RunOptions {
+    densekd::train::RunOptions {
+        run_dir: dir.to_path_buf(),
+        resume,
+        stop_after,
+        progress: false,
+    }
+}
