@@ -8,17 +8,18 @@ use std::path::{Path, PathBuf};
 use burn::tensor::backend::Backend;
 use serde_json::json;
 
-use crate::data::coco::{CocoDataset, InvalidPolicy};
-use crate::data::detection::{collate_detection, prepare_image};
+use crate::data::coco::{Category, CocoDataset, InvalidPolicy};
+use crate::data::detection::{collate_detection, prepare_image, DetAugment, DetBatch};
 use crate::data::images::{list_images, load_rgb, save_png};
 use crate::data::labelmap::{write_label_map, LabelMap};
 use crate::data::segmentation::{collate_segmentation, SegSample};
 use crate::error::{Error, Result};
+use crate::eval::coco::Detection;
 use crate::model::deeplabv3::export::SegmenterInfo;
 use crate::model::deeplabv3::task::predict_labels;
 use crate::model::deeplabv3::DeepLabV3;
-use crate::model::detr::export::DetectorInfo;
-use crate::model::detr::{postprocess, Detr};
+use crate::model::detr::postprocess;
+use crate::model::fcos::config::FcosDecodeConfig;
 use crate::model::{load_export, Exported};
 
 /// How to predict.
@@ -79,9 +80,41 @@ pub fn predict<B: Backend>(
     device: &B::Device,
 ) -> Result<PredictSummary> {
     match load_export::<B>(weights, device)? {
-        Exported::Detr(model, info) => detect(&model, &info, weights, images, out, options, device),
+        Exported::Detr(model, info) => {
+            let header = DetectorHeader {
+                categories: &info.categories,
+                preprocess: &info.preprocess,
+                size_divisor: info.size_divisor,
+            };
+            detect(&header, weights, images, out, options, |batch| {
+                let prediction = model.forward(batch.images_tensor::<B>(device), &batch.padding, 1);
+                let sizes: Vec<(u32, u32)> = batch.targets.iter().map(|t| t.orig_size).collect();
+                postprocess(prediction.last(), model.num_queries, &sizes, options.max_dets)
+            })
+        }
+        Exported::Fcos(model, info) => {
+            let header = DetectorHeader {
+                categories: &info.categories,
+                preprocess: &info.preprocess,
+                size_divisor: info.size_divisor,
+            };
+            let decode = FcosDecodeConfig {
+                max_dets: options.max_dets,
+                ..info.decode.clone()
+            };
+            detect(&header, weights, images, out, options, |batch| {
+                crate::model::fcos::task::detect(&model, &info.model.strides, &decode, batch)
+            })
+        }
         Exported::DeepLabV3(model, info) => segment(&model, &info, images, out, options),
     }
+}
+
+/// What a detector's export records about its input and output.
+struct DetectorHeader<'a> {
+    categories: &'a [Category],
+    preprocess: &'a DetAugment,
+    size_divisor: u32,
 }
 
 /// Output file stems of `images`: their own, suffixed with the position where two collide.
@@ -145,15 +178,15 @@ fn segment<B: Backend>(
     })
 }
 
-/// Detects objects in each image: `out/detections.json` and, if asked, `out/vis/<stem>.png`.
-fn detect<B: Backend>(
-    model: &Detr<B>,
-    info: &DetectorInfo,
+/// Detects objects in each image with `run` (detections per image of a batch): writes
+/// `out/detections.json` and, if asked, `out/vis/<stem>.png`.
+fn detect(
+    info: &DetectorHeader,
     weights: &Path,
     images: &[PathBuf],
     out: &Path,
     options: &PredictOptions,
-    device: &B::Device,
+    run: impl Fn(&DetBatch) -> Vec<Vec<Detection>>,
 ) -> Result<PredictSummary> {
     let names: Vec<String> = info.categories.iter().map(|c| c.name.clone()).collect();
     let ids: Vec<u64> = match &options.gt {
@@ -204,17 +237,11 @@ fn detect<B: Backend>(
             vec![prepare_image(id, &image, &info.preprocess)],
             info.size_divisor,
         )?;
-        let prediction = model.forward(batch.images_tensor::<B>(device), &batch.padding, 1);
-        let dets: Vec<_> = postprocess(
-            prediction.last(),
-            model.num_queries,
-            &[image.dimensions()],
-            options.max_dets,
-        )
-        .into_iter()
-        .flatten()
-        .filter(|d| d.score >= options.score_thr)
-        .collect();
+        let dets: Vec<_> = run(&batch)
+            .into_iter()
+            .flatten()
+            .filter(|d| d.score >= options.score_thr)
+            .collect();
         for d in &dets {
             let category = info.categories.get(d.class).ok_or_else(|| {
                 Error::invalid(

@@ -107,6 +107,7 @@ fn augment_sample<R: Rng>(
 }
 
 /// Images and boxes from a validated COCO file and an image folder.
+#[derive(Clone)]
 pub struct CocoSource {
     /// The annotations.
     pub dataset: CocoDataset,
@@ -166,6 +167,7 @@ impl Source for CocoSource {
 }
 
 /// The built-in synthetic dataset, generated in memory on demand.
+#[derive(Clone)]
 pub struct SynthDetSource {
     /// Generator settings.
     pub config: SynthConfig,
@@ -344,6 +346,7 @@ impl DetBatch {
 }
 
 /// Either detection source, so one loader type serves both.
+#[derive(Clone)]
 pub enum DetSource {
     /// A COCO dataset on disk.
     Coco(CocoSource),

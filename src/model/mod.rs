@@ -5,6 +5,7 @@ pub mod backbone;
 pub mod classify;
 pub mod deeplabv3;
 pub mod detr;
+pub mod fcos;
 pub mod layers;
 pub mod pretrained;
 pub mod weights;
@@ -21,6 +22,8 @@ use crate::error::{Error, Result};
 pub enum Exported<B: Backend> {
     /// A DETR detector.
     Detr(detr::Detr<B>, detr::export::DetectorInfo),
+    /// An FCOS detector.
+    Fcos(fcos::Fcos<B>, fcos::export::FcosInfo),
     /// A DeepLabV3 segmenter.
     DeepLabV3(deeplabv3::DeepLabV3<B>, deeplabv3::export::SegmenterInfo),
 }
@@ -32,6 +35,10 @@ pub fn load_export<B: Backend>(path: &Path, device: &B::Device) -> Result<Export
         let (model, info) = detr::export::load_detector(path, device)?;
         return Ok(Exported::Detr(model, info));
     }
+    if meta.contains_key(fcos::export::META_KEY) {
+        let (model, info) = fcos::export::load_fcos(path, device)?;
+        return Ok(Exported::Fcos(model, info));
+    }
     if meta.contains_key(deeplabv3::export::META_KEY) {
         let (model, info) = deeplabv3::export::load_segmenter(path, device)?;
         return Ok(Exported::DeepLabV3(model, info));
@@ -40,8 +47,9 @@ pub fn load_export<B: Backend>(path: &Path, device: &B::Device) -> Result<Export
         path,
         "metadata",
         format!(
-            "not a densekd export (no `{}` or `{}` entry): use a run's model.safetensors",
+            "not a densekd export (no `{}`, `{}` or `{}` entry): use a run's model.safetensors",
             detr::export::META_KEY,
+            fcos::export::META_KEY,
             deeplabv3::export::META_KEY
         ),
     ))

@@ -3,4 +3,5 @@
 pub mod boxes;
 pub mod losses;
 pub mod matcher;
+pub mod nms;
 pub mod pixel;

@@ -10,6 +10,7 @@ use crate::distill::{DistillConfig, NoDistill};
 use crate::error::{write_atomic, Error, Result};
 use crate::model::deeplabv3::task::SegTask;
 use crate::model::detr::task::DetrTask;
+use crate::model::fcos::task::FcosTask;
 use crate::task::Task;
 use crate::train::config::{differing_keys, ModelSection, TrainConfig};
 use crate::train::{fit, RunOptions, RunSummary};
@@ -77,6 +78,16 @@ pub fn train_with_options(config: &TrainConfig, options: &RunOptions) -> Result<
                     fit(&task, &mut distiller, model, &loop_config, options, &device)
                 }
                 other => Err(unsupported(other, "detr")),
+            }
+        }
+        ModelSection::Fcos(section) => {
+            let task = FcosTask::new(&config.task_inputs(), section)?;
+            let model = task.init_model::<Training>(&device)?;
+            match &config.distill {
+                DistillConfig::None(_) => {
+                    fit(&task, &mut NoDistill, model, &loop_config, options, &device)
+                }
+                other => Err(unsupported(other, "fcos")),
             }
         }
         ModelSection::DeepLabV3(section) => {

@@ -2,21 +2,17 @@
 //! pass with room for a distiller's extra query groups, the set loss with denoising, COCO
 //! evaluation on the validation split, matching instability, and self-describing export.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use serde_json::Value;
 
-use crate::data::coco::{Category, CocoDataset, InvalidPolicy};
-use crate::data::detection::{
-    collate_detection, CocoSource, DetAugment, DetBatch, DetSource, DetTarget, SynthDetSource,
-};
-use crate::data::export::synth_coco;
-use crate::data::loader::{EpochIter, Loader, LoaderConfig, Subset};
-use crate::data::synth::Split;
+use crate::data::coco::Category;
+use crate::data::det_splits::DetSplits;
+use crate::data::detection::{DetBatch, DetSource, DetTarget};
+use crate::data::loader::{EpochIter, Loader, Subset};
 use crate::error::{Error, Result};
-use crate::eval::coco::{CocoEvaluator, STAT_KEYS};
+use crate::eval::coco::STAT_KEYS;
 use crate::model::detr::config::DetrSection;
 use crate::model::detr::denoising::{denoising_groups, DenoisingGroups};
 use crate::model::detr::export::{export_detr, load_detector, DetectorInfo};
@@ -37,18 +33,12 @@ pub const DETR_METRICS: Metrics = Metrics {
 /// DETR training on the configured data.
 pub struct DetrTask {
     section: DetrSection,
-    /// Evaluation preprocessing.
-    preprocess: DetAugment,
-    size_divisor: u32,
     seed: u64,
     backbone_weights: Option<PathBuf>,
     backbone_lr_mult: f64,
-    train: Loader<DetSource, DetBatch>,
-    val: Loader<DetSource, DetBatch>,
+    data: DetSplits,
     /// The first training images without augmentation, for matching instability.
     stability: Option<Loader<Subset<DetSource>, DetBatch>>,
-    val_gt: CocoDataset,
-    val_index: HashMap<u64, usize>,
 }
 
 /// A DETR training forward pass: the main query groups, the extra groups a distiller asked
@@ -65,120 +55,15 @@ pub struct DetrForward<B: Backend> {
 impl DetrTask {
     /// Opens the datasets, checking they agree with the model.
     pub fn new(inputs: &TaskInputs, section: &DetrSection) -> Result<Self> {
-        let d = inputs.data;
-        let augment = d.det_augment()?;
-        let eval_aug = augment.eval();
-        let (train_source, stability_source, val_source, val_gt) = match &d.coco {
-            Some(c) => {
-                let train = CocoDataset::load(&c.train_json, InvalidPolicy::Skip)?;
-                let val = CocoDataset::load(&c.val_json, InvalidPolicy::Skip)?;
-                if train.categories != val.categories {
-                    return Err(Error::invalid(
-                        &c.val_json,
-                        "categories",
-                        format!("differ from those of {}", c.train_json.display()),
-                    ));
-                }
-                (
-                    DetSource::Coco(CocoSource {
-                        dataset: train.clone(),
-                        image_root: c.train_images.clone(),
-                        augment: augment.clone(),
-                    }),
-                    DetSource::Coco(CocoSource {
-                        dataset: train,
-                        image_root: c.train_images.clone(),
-                        augment: eval_aug.clone(),
-                    }),
-                    DetSource::Coco(CocoSource {
-                        dataset: val.clone(),
-                        image_root: c.val_images.clone(),
-                        augment: eval_aug,
-                    }),
-                    val,
-                )
-            }
-            None => {
-                let s = &d.synthetic;
-                let gt = synth_coco(&s.generator, Split::Val, s.val_images)?;
-                let gt = CocoDataset::from_dataset(
-                    Path::new("synthetic validation split"),
-                    gt,
-                    InvalidPolicy::Reject,
-                )?;
-                let source = |split, len, augment| {
-                    DetSource::Synth(SynthDetSource {
-                        config: s.generator.clone(),
-                        split,
-                        len,
-                        augment,
-                    })
-                };
-                (
-                    source(Split::Train, s.train_images, augment.clone()),
-                    source(Split::Train, s.train_images, eval_aug.clone()),
-                    source(Split::Val, s.val_images, eval_aug),
-                    gt,
-                )
-            }
+        let data = DetSplits::open(inputs, section.model.num_classes, "detr.model.num_classes")?;
+        let stability = match section.eval.instability_images {
+            0 => None,
+            n => Some(data.train_subset(n, inputs.batch_size, inputs.seed)?),
         };
-        if val_gt.num_classes() != section.model.num_classes {
-            return Err(Error::config(
-                "detr.model.num_classes",
-                format!(
-                    "is {} but the data has {} categories",
-                    section.model.num_classes,
-                    val_gt.num_classes()
-                ),
-            ));
-        }
-        let divisor = d.size_divisor;
-        let loader = |source, shuffle, seed| {
-            Loader::<DetSource, DetBatch>::new(
-                source,
-                move |samples| collate_detection(samples, divisor),
-                LoaderConfig {
-                    batch_size: inputs.batch_size,
-                    shuffle,
-                    drop_last: shuffle,
-                    workers: d.workers,
-                    prefetch: 2,
-                    seed,
-                },
-            )
-        };
-        let val_index = val_gt
-            .images
-            .iter()
-            .enumerate()
-            .map(|(i, e)| (e.id, i))
-            .collect();
         Ok(DetrTask {
-            train: loader(train_source, true, inputs.seed)?,
-            val: loader(val_source, false, inputs.seed)?,
-            stability: match section.eval.instability_images {
-                0 => None,
-                n => Some(Loader::new(
-                    Subset {
-                        inner: stability_source,
-                        len: n,
-                    },
-                    move |samples| collate_detection(samples, divisor),
-                    LoaderConfig {
-                        batch_size: inputs.batch_size,
-                        shuffle: false,
-                        drop_last: false,
-                        workers: 0,
-                        prefetch: 2,
-                        seed: inputs.seed,
-                    },
-                )?),
-            },
-            val_gt,
-            val_index,
+            data,
+            stability,
             section: section.clone(),
-            preprocess: augment.eval(),
-            size_divisor: d.size_divisor,
             seed: inputs.seed,
             backbone_weights: inputs.backbone_weights.map(Path::to_path_buf),
             backbone_lr_mult: inputs.backbone_lr_mult,
@@ -187,7 +72,7 @@ impl DetrTask {
 
     /// The categories of the data, in class order.
     pub fn categories(&self) -> &[Category] {
-        &self.val_gt.categories
+        self.data.categories()
     }
 
     /// The run's `[detr]` section.
@@ -209,9 +94,9 @@ impl DetrTask {
     pub fn info(&self) -> DetectorInfo {
         DetectorInfo {
             model: self.section.model.clone(),
-            categories: self.val_gt.categories.clone(),
-            preprocess: self.preprocess.clone(),
-            size_divisor: self.size_divisor,
+            categories: self.data.categories().to_vec(),
+            preprocess: self.data.preprocess.clone(),
+            size_divisor: self.data.size_divisor,
         }
     }
 
@@ -292,11 +177,11 @@ impl<B: AutodiffBackend> Task<B> for DetrTask {
     }
 
     fn batches_per_epoch(&self) -> usize {
-        self.train.batches_per_epoch()
+        self.data.train.batches_per_epoch()
     }
 
     fn train_batches(&self, epoch: usize, skip: usize) -> EpochIter<DetBatch> {
-        self.train.epoch_from(epoch, skip)
+        self.data.train.epoch_from(epoch, skip)
     }
 
     fn forward(&self, model: &Detr<B>, batch: &DetBatch) -> Result<DetrForward<B>> {
@@ -330,13 +215,13 @@ impl<B: AutodiffBackend> Task<B> for DetrTask {
     }
 
     fn evaluate(&self, model: &Detr<B::InnerBackend>) -> Result<Stats> {
-        let stats = evaluate_detr(
-            model,
-            &self.val,
-            &self.val_gt,
-            &self.val_index,
-            self.section.eval.max_dets,
-        )?;
+        let device = model.query_content.device();
+        let max_dets = self.section.eval.max_dets;
+        let stats = self.data.evaluate(|batch| {
+            let out = model.forward(batch.images_tensor(&device), &batch.padding, 1);
+            let sizes: Vec<(u32, u32)> = batch.targets.iter().map(|t| t.orig_size).collect();
+            postprocess(out.last(), model.num_queries, &sizes, max_dets)
+        })?;
         Ok(STAT_KEYS
             .iter()
             .zip(stats.to_array())
@@ -350,23 +235,7 @@ impl<B: AutodiffBackend> Task<B> for DetrTask {
 
     fn load_export(&self, path: &Path) -> Result<InnerModel<B, Self>> {
         let (model, info) = load_detector::<B::InnerBackend>(path, &Default::default())?;
-        if info.categories != self.val_gt.categories {
-            let names = |c: &[Category]| {
-                c.iter()
-                    .map(|c| c.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            };
-            return Err(Error::invalid(
-                path,
-                "categories",
-                format!(
-                    "[{}] differ from this run's data [{}]",
-                    names(&info.categories),
-                    names(&self.val_gt.categories)
-                ),
-            ));
-        }
+        self.data.check_categories(path, &info.categories)?;
         Ok(model)
     }
 
@@ -383,36 +252,4 @@ impl<B: AutodiffBackend> Task<B> for DetrTask {
     fn diagnose(&self, previous: &Value, current: &Value) -> Result<Option<Diagnostic>> {
         instability(previous, current)
     }
-}
-
-/// COCO statistics of `model` on the batches of `loader` against `gt`.
-fn evaluate_detr<B: Backend>(
-    model: &Detr<B>,
-    loader: &Loader<DetSource, DetBatch>,
-    gt: &CocoDataset,
-    index: &HashMap<u64, usize>,
-    max_dets: usize,
-) -> Result<crate::eval::coco::CocoStats> {
-    let device = model.query_content.device();
-    let mut evaluator = CocoEvaluator::new(gt)?;
-    for batch in loader.epoch(0) {
-        let batch = batch?;
-        let out = model.forward(batch.images_tensor::<B>(&device), &batch.padding, 1);
-        let sizes: Vec<(u32, u32)> = batch.targets.iter().map(|t| t.orig_size).collect();
-        let dets = postprocess(out.last(), model.num_queries, &sizes, max_dets);
-        for (target, d) in batch.targets.iter().zip(&dets) {
-            let entry = index
-                .get(&target.image_id)
-                .map(|&i| &gt.images[i])
-                .ok_or_else(|| {
-                    Error::invalid(
-                        &gt.path,
-                        "images",
-                        format!("no image id {}", target.image_id),
-                    )
-                })?;
-            evaluator.add_image(entry, d)?;
-        }
-    }
-    evaluator.finish()
 }

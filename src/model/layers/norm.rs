@@ -75,7 +75,7 @@ fn channel_affine<B: Backend>(
 
 /// burn's `GroupNorm` forward (biased variance, ε inside the root) with the affine laid out as
 /// [`channel_affine`].
-fn group_norm<B: Backend>(gn: &GroupNorm<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
+pub(crate) fn group_norm<B: Backend>(gn: &GroupNorm<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
     let [n, c, h, w] = x.dims();
     let g = gn.num_groups;
     let x = x.reshape([n, g, (c / g) * h * w]);

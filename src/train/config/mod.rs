@@ -1,7 +1,7 @@
 //! Training configuration: a TOML file (optionally built on a `base` file), `key=value`
 //! overrides from the command line, validation that names the offending key, and the resolved
 //! form saved in the run folder. The model kind is chosen by which section is present
-//! (`[detr]`, `[deeplabv3]`), the distillation method by `[distill] method`.
+//! (`[detr]`, `[fcos]`, `[deeplabv3]`), the distillation method by `[distill] method`.
 
 mod overrides;
 mod sections;
@@ -15,13 +15,14 @@ use crate::distill::DistillConfig;
 use crate::error::{Error, Result};
 use crate::model::deeplabv3::config::DeepLabV3Section;
 use crate::model::detr::config::DetrSection;
+use crate::model::fcos::config::FcosSection;
 use crate::task::TaskInputs;
 use overrides::read_with_bases;
 pub use overrides::{apply_override, differing_keys};
 pub use sections::{CheckpointConfig, EvalConfig, OptimConfig, Schedule};
 
 /// The model kinds, as their config sections are named.
-pub const MODEL_KINDS: &[&str] = &["detr", "deeplabv3"];
+pub const MODEL_KINDS: &[&str] = &["detr", "fcos", "deeplabv3"];
 
 /// A whole training run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -40,6 +41,9 @@ pub struct TrainConfig {
     /// A DETR detector and its loss, matcher and evaluation.
     #[serde(default)]
     pub detr: Option<DetrSection>,
+    /// An FCOS detector, its targets, loss and decoding.
+    #[serde(default)]
+    pub fcos: Option<FcosSection>,
     /// A DeepLabV3 segmenter and its loss.
     #[serde(default)]
     pub deeplabv3: Option<DeepLabV3Section>,
@@ -61,6 +65,8 @@ pub struct TrainConfig {
 pub enum ModelSection<'a> {
     /// `[detr]`.
     Detr(&'a DetrSection),
+    /// `[fcos]`.
+    Fcos(&'a FcosSection),
     /// `[deeplabv3]`.
     DeepLabV3(&'a DeepLabV3Section),
 }
@@ -70,6 +76,7 @@ impl ModelSection<'_> {
     pub fn kind(&self) -> &'static str {
         match self {
             ModelSection::Detr(_) => "detr",
+            ModelSection::Fcos(_) => "fcos",
             ModelSection::DeepLabV3(_) => "deeplabv3",
         }
     }
@@ -78,6 +85,7 @@ impl ModelSection<'_> {
     pub fn metrics(&self) -> crate::task::Metrics {
         match self {
             ModelSection::Detr(_) => crate::model::detr::task::DETR_METRICS,
+            ModelSection::Fcos(_) => crate::model::fcos::task::FCOS_METRICS,
             ModelSection::DeepLabV3(_) => crate::model::deeplabv3::task::SEG_METRICS,
         }
     }
@@ -124,6 +132,7 @@ impl TrainConfig {
             .detr
             .iter()
             .map(ModelSection::Detr)
+            .chain(self.fcos.iter().map(ModelSection::Fcos))
             .chain(self.deeplabv3.iter().map(ModelSection::DeepLabV3))
             .collect();
         match present.as_slice() {
@@ -228,6 +237,10 @@ impl TrainConfig {
         }
         match self.model()? {
             ModelSection::Detr(s) => {
+                self.data.det_augment()?;
+                s.validate(o.replicas)?
+            }
+            ModelSection::Fcos(s) => {
                 self.data.det_augment()?;
                 s.validate(o.replicas)?
             }
