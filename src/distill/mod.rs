@@ -6,8 +6,12 @@
 
 pub mod cwd;
 pub mod ema;
+pub mod fcos_kd;
+pub mod fitnet;
+pub mod lgd;
 pub mod od_detr;
 pub mod pixel_kd;
+pub mod pkd;
 pub mod rdd;
 pub mod seg_kd;
 pub mod teacher;
@@ -104,6 +108,10 @@ pub enum DistillConfig {
     OdDetr(od_detr::OdDetrConfig),
     /// A frozen segmentation teacher: pixel KD, CWD and RDD.
     SegKd(seg_kd::SegKdConfig),
+    /// LGD: an implicit teacher built from the labels and the student's FPN.
+    Lgd(lgd::LgdConfig),
+    /// A frozen FCOS teacher: CWD, PKD and masked imitation on the FPN.
+    FcosKd(fcos_kd::FcosKdConfig),
 }
 
 impl Default for DistillConfig {
@@ -119,6 +127,8 @@ impl DistillConfig {
             DistillConfig::None(_) => "none",
             DistillConfig::OdDetr(_) => "od-detr",
             DistillConfig::SegKd(_) => "seg-kd",
+            DistillConfig::Lgd(_) => "lgd",
+            DistillConfig::FcosKd(_) => "fcos-kd",
         }
     }
 
@@ -127,7 +137,9 @@ impl DistillConfig {
         match self {
             DistillConfig::None(_) => vec!["student"],
             DistillConfig::OdDetr(_) => vec!["student", od_detr::EMA_LABEL],
-            DistillConfig::SegKd(_) => vec!["student"],
+            DistillConfig::SegKd(_) | DistillConfig::Lgd(_) | DistillConfig::FcosKd(_) => {
+                vec!["student"]
+            }
         }
     }
 
@@ -142,6 +154,14 @@ impl DistillConfig {
             DistillConfig::SegKd(c) => {
                 c.validate()?;
                 &["deeplabv3"]
+            }
+            DistillConfig::Lgd(c) => {
+                c.validate()?;
+                &["fcos"]
+            }
+            DistillConfig::FcosKd(c) => {
+                c.validate()?;
+                &["fcos"]
             }
         };
         if supported.contains(&kind) {

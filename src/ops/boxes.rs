@@ -138,3 +138,37 @@ pub fn iou_cxcywh(a: [f64; 4], b: [f64; 4]) -> f64 {
         0.0
     }
 }
+
+/// The cells of an `(h, w)` level inside box `b` of a `(H, W)` padded image: a cell `(y, x)`
+/// is inside when `|y − y_c| ≤ h_b / 2` and `|x − x_c| ≤ w_b / 2` in level coordinates.
+pub fn box_mask(b: &[f64; 4], (ph, pw): (usize, usize), (h, w): (usize, usize)) -> Vec<f32> {
+    let (sy, sx) = (h as f64 / ph as f64, w as f64 / pw as f64);
+    let (x0, y0, x1, y1) = (b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy);
+    let (xc, yc, hw, hh) = ((x0 + x1) / 2.0, (y0 + y1) / 2.0, (x1 - x0) / 2.0, (y1 - y0) / 2.0);
+    let mut m = vec![0f32; h * w];
+    for y in 0..h {
+        for x in 0..w {
+            if (y as f64 - yc).abs() <= hh && (x as f64 - xc).abs() <= hw {
+                m[y * w + x] = 1.0;
+            }
+        }
+    }
+    m
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn box_masks_use_closed_half_extents_in_level_cells() {
+        // A 16×16 box at (8, 8)–(24, 24) of a 32×32 image on a 4×4 level: centre (2, 2),
+        // half-extent 1, so cells 1..=3 in both directions.
+        let m = box_mask(&[8.0, 8.0, 24.0, 24.0], (32, 32), (4, 4));
+        let inside: Vec<usize> = (0..16).filter(|&i| m[i] == 1.0).collect();
+        assert_eq!(inside, vec![5, 6, 7, 9, 10, 11, 13, 14, 15]);
+        // A box smaller than a cell between cell centres covers none.
+        assert!(box_mask(&[1.0, 1.0, 3.0, 3.0], (32, 32), (4, 4)).iter().all(|&v| v == 0.0));
+    }
+}

@@ -30,7 +30,7 @@ use checkpoint::{load_record, record_bytes, Checkpoints, LoopState, Saved};
 use config::{CheckpointConfig, EvalConfig, OptimConfig};
 use evaluation::{check_teachers, evaluate_all, log_diagnostics, plot, probe_all, Probes};
 use metrics::MetricsLog;
-use optim::{clip_global_norm, step_groups};
+use optim::{clip_global_norm, clip_values, step_groups};
 use schedule::LrSchedule;
 use step::{data_parallel_step, StepError};
 
@@ -189,6 +189,7 @@ where
             let step = data_parallel_step(task, &*distiller, &model, shards, log_now)
                 .map_err(|e| not_finite(e, state.step, &checkpoints))?;
             let mut groups = step.groups;
+            clip_values(&model, &mut groups[..], config.optim.clip_value);
             let grad_norm = clip_global_norm(&model, &mut groups[..], config.optim.clip_norm);
             model = step_groups(&mut optim, model, groups, lr);
             distiller.after_step(&model.0, state.step);

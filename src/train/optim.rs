@@ -124,6 +124,34 @@ pub fn replica<B: AutodiffBackend, M: AutodiffModule<B>>(model: &M) -> M {
     model.clone().map(&mut FreshLeaves)
 }
 
+/// Clamps every gradient element of the groups to `[-limit, limit]`.
+struct ClampValues<'a> {
+    groups: &'a mut [ParamGroup],
+    limit: f64,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for ClampValues<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        for g in self.groups.iter_mut() {
+            if let Some(grad) = g.grads.remove::<B::InnerBackend, D>(param.id) {
+                g.grads
+                    .register(param.id, grad.clamp(-self.limit, self.limit));
+            }
+        }
+    }
+}
+
+/// Clamps every gradient element of `model`'s parameters in `groups` to ±`limit` (0 = none).
+pub fn clip_values<B: AutodiffBackend, M: AutodiffModule<B>>(
+    model: &M,
+    groups: &mut [ParamGroup],
+    limit: f64,
+) {
+    if limit > 0.0 {
+        model.visit(&mut ClampValues { groups, limit });
+    }
+}
+
 /// Scales all groups' gradients so their joint L2 norm is at most `max_norm` (0 = no clipping);
 /// returns the norm before clipping.
 pub fn clip_global_norm<B: AutodiffBackend, M: AutodiffModule<B>>(

@@ -4,6 +4,8 @@
 use std::path::Path;
 
 use crate::backend::{device, Training};
+use crate::distill::fcos_kd::FcosKd;
+use crate::distill::lgd::Lgd;
 use crate::distill::od_detr::OdDetr;
 use crate::distill::seg_kd::SegKd;
 use crate::distill::{DistillConfig, NoDistill};
@@ -86,6 +88,14 @@ pub fn train_with_options(config: &TrainConfig, options: &RunOptions) -> Result<
             match &config.distill {
                 DistillConfig::None(_) => {
                     fit(&task, &mut NoDistill, model, &loop_config, options, &device)
+                }
+                DistillConfig::Lgd(c) => {
+                    let mut distiller = Lgd::new(&task, c.clone())?;
+                    fit(&task, &mut distiller, model, &loop_config, options, &device)
+                }
+                DistillConfig::FcosKd(c) => {
+                    let mut distiller = FcosKd::<Training>::new(&task, c.clone())?;
+                    fit(&task, &mut distiller, model, &loop_config, options, &device)
                 }
                 other => Err(unsupported(other, "fcos")),
             }

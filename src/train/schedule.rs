@@ -73,6 +73,7 @@ mod tests {
             weight_decay: 0.0,
             eps: 1e-8,
             clip_norm: 0.0,
+            clip_value: 0.0,
             warmup_steps: 4,
             schedule: kind,
             milestones: vec![5, 8],

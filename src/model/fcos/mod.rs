@@ -293,9 +293,19 @@ impl FcosConfig {
 impl<B: Backend> Fcos<B> {
     /// The forward pass of a normalised image batch `[N, 3, H, W]`.
     pub fn forward(&self, images: Tensor<B, 4>) -> FcosOutput<B> {
+        self.forward_with(images, false)
+    }
+
+    /// The forward pass, with the backbone's features detached when `freeze_backbone` is set
+    /// (no gradient reaches the backbone; LGD's first phase).
+    pub fn forward_with(&self, images: Tensor<B, 4>, freeze_backbone: bool) -> FcosOutput<B> {
         let f = self.backbone.features(images);
         let levels = self.fpn.inner_blocks.len();
-        let stages: Vec<Tensor<B, 4>> = [f.c3, f.c4, f.c5].into_iter().take(levels).collect();
+        let stages: Vec<Tensor<B, 4>> = [f.c3, f.c4, f.c5]
+            .into_iter()
+            .take(levels)
+            .map(|t| if freeze_backbone { t.detach() } else { t })
+            .collect();
         let fpn = self.fpn.forward(stages);
         let levels = self.head(&fpn);
         FcosOutput { fpn, levels }

@@ -59,8 +59,13 @@ pub fn image_boxes(targets: &[DetTarget]) -> Vec<ImageBoxes> {
 
 /// The pyramid's points for a batch whose levels have `shapes`.
 fn batch_points(batch: &DetBatch, shapes: &[(usize, usize)], strides: &[usize]) -> Points {
+    Points::new(padded_size(batch), shapes, strides)
+}
+
+/// The padded `(height, width)` of a batch's images.
+pub fn padded_size(batch: &DetBatch) -> (usize, usize) {
     let [_, _, h, w] = batch.shape;
-    Points::new((h, w), shapes, strides)
+    (h, w)
 }
 
 /// Detections of `model` on `batch`, in original-image pixels.
@@ -123,11 +128,16 @@ impl FcosTask {
     }
 
     /// The unweighted loss terms of head outputs `levels` (the student's, or the head run on
-    /// other maps of the same shapes) against `batch`'s boxes.
-    pub fn loss_terms<B: Backend>(&self, levels: &[LevelOutput<B>], batch: &DetBatch) -> FcosLosses<B> {
+    /// other maps of the same shapes) against `targets`, images padded to `padded` (h, w).
+    pub fn loss_terms<B: Backend>(
+        &self,
+        levels: &[LevelOutput<B>],
+        targets: &[DetTarget],
+        padded: (usize, usize),
+    ) -> FcosLosses<B> {
         let flat = LevelOutput::flatten(levels);
-        let points = batch_points(batch, &flat.level_shapes, &self.section.model.strides);
-        fcos_loss(&flat, &points, &image_boxes(&batch.targets), &self.section.loss)
+        let points = Points::new(padded, &flat.level_shapes, &self.section.model.strides);
+        fcos_loss(&flat, &points, &image_boxes(targets), &self.section.loss)
     }
 
     /// The weighted total with its terms logged as `loss_cls`, `loss_box` and `loss_ctr`,
@@ -166,7 +176,8 @@ impl<B: AutodiffBackend> Task<B> for FcosTask {
     }
 
     fn loss(&self, output: &FcosOutput<B>, batch: &DetBatch) -> Result<Losses<B>> {
-        Ok(self.losses(self.loss_terms(&output.levels, batch), ""))
+        let terms = self.loss_terms(&output.levels, &batch.targets, padded_size(batch));
+        Ok(self.losses(terms, ""))
     }
 
     fn split(&self, batch: DetBatch, parts: usize, seed: u64) -> Vec<DetBatch> {
@@ -176,9 +187,9 @@ impl<B: AutodiffBackend> Task<B> for FcosTask {
     /// A shard's losses are normalised by its own positive points, so weighting it by them
     /// makes the weighted sum the whole batch's loss; a shard without any counts as one.
     fn shard_weight(&self, shard: &DetBatch) -> f64 {
-        let [_, _, h, w] = shard.shape;
+        let size = padded_size(shard);
         let strides = &self.section.model.strides;
-        let points = Points::new((h, w), &level_shapes((h, w), strides), strides);
+        let points = Points::new(size, &level_shapes(size, strides), strides);
         let radius = self.section.loss.center_sampling_radius;
         positives(&points, &image_boxes(&shard.targets), radius)
             .index

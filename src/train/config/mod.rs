@@ -218,6 +218,7 @@ impl TrainConfig {
             ("optim.weight_decay", o.weight_decay),
             ("optim.eps", o.eps),
             ("optim.clip_norm", o.clip_norm),
+            ("optim.clip_value", o.clip_value),
         ] {
             if !(v.is_finite() && v >= 0.0) {
                 return Err(Error::config(key, format!("must be ≥ 0, got {v}")));

@@ -45,6 +45,10 @@ pub struct OptimConfig {
     /// Maximum global gradient norm (0 disables clipping).
     #[serde(default = "default_clip")]
     pub clip_norm: f64,
+    /// Clamps every gradient element to ±this before the norm clipping (detectron2's `value`
+    /// clipping, which LGD's recipes use; 0 disables it).
+    #[serde(default)]
+    pub clip_value: f64,
     /// Linear warm-up steps from 0.
     #[serde(default)]
     pub warmup_steps: usize,
