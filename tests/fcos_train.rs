@@ -15,6 +15,7 @@ use densekd::distill::Distiller;
 use densekd::model::fcos::task::FcosTask;
 use densekd::model::fcos::Fcos;
 use densekd::task::Task;
+use densekd::train::optim::replica;
 use densekd::data::export::write_split;
 use densekd::data::synth::{Split, SynthConfig};
 use densekd::train::config::TrainConfig;
@@ -187,7 +188,8 @@ fn lgd_gradients_flow_as_the_spec_says() {
     let section = config.fcos.clone().expect("fcos");
     let task = FcosTask::new(&config.task_inputs(), &section).expect("task");
     let device = Default::default();
-    let student = task.init_model::<Training>(&device).expect("model");
+    // As the training loop does: every parameter a materialised autodiff leaf.
+    let student = replica(&task.init_model::<Training>(&device).expect("model"));
     let lgd_config = LgdConfig {
         freeze_backbone_steps: 2,
         ..match &config.distill {
@@ -196,44 +198,50 @@ fn lgd_gradients_flow_as_the_spec_says() {
         }
     };
     let lgd = Lgd::new(&task, lgd_config.clone()).expect("lgd");
-    let modules: LgdModules<Training> = Distiller::<Training, FcosTask>::init_trainable(&lgd, &device).expect("modules");
+    let modules: LgdModules<Training> = replica(
+        &Distiller::<Training, FcosTask>::init_trainable(&lgd, &device).expect("modules"),
+    );
     let batch = Task::<Training>::train_batches(&task, 0, 0)
         .next()
         .expect("batch")
         .expect("batch ok");
     let terms = |step| lgd_terms(&lgd_config, &task, &student, &modules, &batch, step);
 
+    // Each term from its own forward pass: a backward pass consumes the graph it shares.
+    let student_det = |step| {
+        let t = terms(step).student;
+        t.class + t.boxes + t.centerness
+    };
+    let teacher_det = |config: &LgdConfig, step| {
+        let t = lgd_terms(config, &task, &student, &modules, &batch, step)
+            .teacher
+            .expect("teacher terms");
+        t.class + t.boxes + t.centerness
+    };
+    let distill = |step| terms(step).distill.expect("distill term");
+
     // Step 10: past the backbone freeze and the distillation warm-up.
-    let t = terms(10);
-    let student_det = t.student.class + t.student.boxes + t.student.centerness;
-    assert_eq!(reached(student_det, &student, &modules), [true, true, true, false, false]);
-    let teacher = t.teacher.expect("teacher terms");
-    let teacher_det = teacher.class + teacher.boxes + teacher.centerness;
+    assert_eq!(reached(student_det(10), &student, &modules), [true, true, true, false, false]);
     // The teacher learns only from its own detection loss, through the student's shared head;
     // the student's FPN (and backbone) get it through the teacher's appearance pooling.
-    assert_eq!(reached(teacher_det, &student, &modules), [true, true, true, true, false]);
-    let distill = t.distill.expect("distill term");
-    assert_eq!(reached(distill, &student, &modules), [true, true, false, false, true]);
-
+    assert_eq!(
+        reached(teacher_det(&lgd_config, 10), &student, &modules),
+        [true, true, true, true, false]
+    );
+    assert_eq!(reached(distill(10), &student, &modules), [true, true, false, false, true]);
     // Step 3: distillation off (only the adapter learns from it), backbone unfrozen.
-    let t = terms(3);
-    let distill = t.distill.expect("distill term");
-    assert_eq!(reached(distill, &student, &modules), [false, false, false, false, true]);
-
+    assert_eq!(reached(distill(3), &student, &modules), [false, false, false, false, true]);
     // Step 0: the backbone is frozen for every term.
-    let t = terms(0);
-    let student_det = t.student.class + t.student.boxes + t.student.centerness;
-    assert_eq!(reached(student_det, &student, &modules), [false, true, true, false, false]);
-
+    assert_eq!(reached(student_det(0), &student, &modules), [false, true, true, false, false]);
     // With detached appearance the teacher's detection loss no longer reaches the student.
     let detached = LgdConfig {
         detach_appearance: true,
         ..lgd_config.clone()
     };
-    let t = lgd_terms(&detached, &task, &student, &modules, &batch, 10);
-    let teacher = t.teacher.expect("teacher terms");
-    let teacher_det = teacher.class + teacher.boxes + teacher.centerness;
-    assert_eq!(reached(teacher_det, &student, &modules), [false, false, true, true, false]);
+    assert_eq!(
+        reached(teacher_det(&detached, 10), &student, &modules),
+        [false, false, true, true, false]
+    );
 }
 
 #[test]
@@ -295,23 +303,42 @@ fn lgd_resumes_exactly_and_exports_the_student_only() {
 #[test]
 fn fcos_kd_distils_every_level_from_a_frozen_teacher() {
     let tmp = tempfile::tempdir().expect("tmp");
+    let synth = SynthConfig {
+        size: 64,
+        max_objects: 3,
+        ..SynthConfig::default()
+    };
+    write_split(tmp.path(), &synth, Split::Train, 8).expect("data");
+    // A teacher that has learnt its (training = validation) images well above chance level.
     let teacher = tmp.path().join("teacher");
-    let mut config = tiny_synthetic(&["optim.epochs=1"]);
-    config.checkpoint.every_steps = 0;
+    let config = tiny_config(
+        tmp.path(),
+        &[
+            "optim.epochs=60",
+            "optim.lr=5e-3",
+            "optim.warmup_steps=10",
+            "eval.every_epochs=60",
+        ],
+    );
     train_with_options(&config, &options(&teacher, false, None)).expect("teacher");
     // A narrower student: CWD and PKD go through a connector, the imitation through its adapter.
     let student = tmp.path().join("student");
-    let config = tiny_synthetic(&[
-        "fcos.model.channels=16",
-        "optim.epochs=1",
-        "checkpoint.log_every_steps=1",
-        "distill.method=\"fcos-kd\"",
-        &format!("distill.teacher={:?}", teacher.display().to_string()),
-        "distill.cwd.weight=10.0",
-        "distill.cwd.temperature=1.0",
-        "distill.pkd.weight=10.0",
-        "distill.fitnet.weight=0.01",
-    ]);
+    let teacher_set = format!("distill.teacher={:?}", teacher.display().to_string());
+    let config = tiny_config(
+        tmp.path(),
+        &[
+            "fcos.model.channels=16",
+            "optim.epochs=2",
+            "eval.every_epochs=2",
+            "checkpoint.log_every_steps=1",
+            "distill.method=\"fcos-kd\"",
+            &teacher_set,
+            "distill.cwd.weight=10.0",
+            "distill.cwd.temperature=1.0",
+            "distill.pkd.weight=10.0",
+            "distill.fitnet.weight=0.01",
+        ],
+    );
     train_with_options(&config, &options(&student, false, None)).expect("student");
     let lines = lines(&student);
     assert!(
@@ -326,6 +353,9 @@ fn fcos_kd_distils_every_level_from_a_frozen_teacher() {
         .find(|l| l["kind"] == "train")
         .expect("train line");
     for key in ["loss_cwd", "loss_pkd", "loss_fitnet", "loss_cls"] {
-        assert!(last[key].as_f64().is_some_and(|v| v.is_finite() && v > 0.0), "{key}: {last}");
+        assert!(
+            last[key].as_f64().is_some_and(|v| v.is_finite() && v > 0.0),
+            "{key}: {last}"
+        );
     }
 }

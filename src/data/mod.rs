@@ -3,7 +3,6 @@
 
 pub mod coco;
 pub mod config;
-pub mod det_splits;
 pub mod detection;
 pub mod export;
 pub mod images;

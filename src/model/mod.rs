@@ -4,6 +4,7 @@
 pub mod backbone;
 pub mod classify;
 pub mod deeplabv3;
+pub mod det_splits;
 pub mod detr;
 pub mod fcos;
 pub mod layers;

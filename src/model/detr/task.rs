@@ -8,7 +8,7 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use serde_json::Value;
 
 use crate::data::coco::Category;
-use crate::data::det_splits::DetSplits;
+use crate::model::det_splits::{DetSplits, DETECTION_METRICS};
 use crate::data::detection::{DetBatch, DetSource, DetTarget};
 use crate::data::loader::{EpochIter, Loader, Subset};
 use crate::error::{Error, Result};
@@ -24,11 +24,7 @@ use crate::task::{
 };
 
 /// DETR's statistics: the 12 COCO stats, AP first.
-pub const DETR_METRICS: Metrics = Metrics {
-    headline: "AP",
-    reported: &["AP", "AP50", "AP75"],
-    chance: 0.01,
-};
+pub const DETR_METRICS: Metrics = DETECTION_METRICS;
 
 /// DETR training on the configured data.
 pub struct DetrTask {

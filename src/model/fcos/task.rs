@@ -7,12 +7,11 @@ use std::path::{Path, PathBuf};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 
 use crate::data::coco::Category;
-use crate::data::det_splits::DetSplits;
+use crate::model::det_splits::{DetSplits, DETECTION_METRICS};
 use crate::data::detection::{DetBatch, DetTarget};
 use crate::data::loader::EpochIter;
 use crate::error::Result;
 use crate::eval::coco::{Detection, STAT_KEYS};
-use crate::model::detr::task::DETR_METRICS;
 use crate::model::fcos::config::{FcosDecodeConfig, FcosSection};
 use crate::model::fcos::export::{export_fcos, load_fcos, FcosInfo};
 use crate::model::fcos::loss::{fcos_loss, positives, FcosLosses, ImageBoxes};
@@ -24,7 +23,7 @@ use crate::task::{
 };
 
 /// FCOS's statistics: the 12 COCO stats, AP first (as every detector's).
-pub const FCOS_METRICS: Metrics = DETR_METRICS;
+pub const FCOS_METRICS: Metrics = DETECTION_METRICS;
 
 /// FCOS training on the configured data.
 pub struct FcosTask {

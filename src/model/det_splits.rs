@@ -14,7 +14,14 @@ use crate::data::loader::{Loader, LoaderConfig, Subset};
 use crate::data::synth::Split;
 use crate::error::{Error, Result};
 use crate::eval::coco::{CocoEvaluator, CocoStats, Detection};
-use crate::task::TaskInputs;
+use crate::task::{Metrics, TaskInputs};
+
+/// Every detector's statistics: the 12 COCO stats, AP first.
+pub const DETECTION_METRICS: Metrics = Metrics {
+    headline: "AP",
+    reported: &["AP", "AP50", "AP75"],
+    chance: 0.01,
+};
 
 /// A detector's datasets.
 pub struct DetSplits {
