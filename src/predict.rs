@@ -89,7 +89,12 @@ pub fn predict<B: Backend>(
             detect(&header, weights, images, out, options, |batch| {
                 let prediction = model.forward(batch.images_tensor::<B>(device), &batch.padding, 1);
                 let sizes: Vec<(u32, u32)> = batch.targets.iter().map(|t| t.orig_size).collect();
-                postprocess(prediction.last(), model.num_queries, &sizes, options.max_dets)
+                postprocess(
+                    prediction.last(),
+                    model.num_queries,
+                    &sizes,
+                    options.max_dets,
+                )
             })
         }
         Exported::Fcos(model, info) => {
@@ -234,7 +239,7 @@ fn detect(
     for ((path, &id), stem) in images.iter().zip(&ids).zip(unique_stems(images)) {
         let image = load_rgb(path)?;
         let batch = collate_detection(
-            vec![prepare_image(id, &image, &info.preprocess)],
+            vec![prepare_image(id, &image, info.preprocess)],
             info.size_divisor,
         )?;
         let dets: Vec<_> = run(&batch)

@@ -79,7 +79,10 @@ fn points_are_torchvision_anchor_centres() {
     let anchors = boxes(&f["targets"]["anchors"]);
     assert_eq!(points.len(), anchors.len());
     for (p, a) in points.points.iter().zip(&anchors) {
-        assert_eq!([p.x, p.y, p.size], [(a[0] + a[2]) / 2.0, (a[1] + a[3]) / 2.0, a[2] - a[0]]);
+        assert_eq!(
+            [p.x, p.y, p.size],
+            [(a[0] + a[2]) / 2.0, (a[1] + a[3]) / 2.0, a[2] - a[0]]
+        );
     }
 }
 
@@ -106,7 +109,10 @@ fn assignment_and_targets_match_torchvision() {
             for (k, v) in d.iter().enumerate() {
                 assert!((v - reg[a * 4 + k]).abs() < 1e-12, "image {i} point {a}");
             }
-            assert!((centerness(d) - ctr[a]).abs() < 1e-12, "image {i} point {a}");
+            assert!(
+                (centerness(d) - ctr[a]).abs() < 1e-12,
+                "image {i} point {a}"
+            );
         }
     }
     assert_eq!(positives, 35);
@@ -115,7 +121,10 @@ fn assignment_and_targets_match_torchvision() {
 /// A fixture tensor `[B, A, C]` as a leaf tracked for gradients.
 fn leaf(v: &Value, c: usize) -> Tensor<B, 3> {
     let data: Vec<f32> = numbers(v).into_iter().map(|x| x as f32).collect();
-    let (b, a) = (v.as_array().expect("batch").len(), v[0].as_array().expect("points").len());
+    let (b, a) = (
+        v.as_array().expect("batch").len(),
+        v[0].as_array().expect("points").len(),
+    );
     Tensor::from_data(TensorData::new(data, [b, a, c]), &Default::default()).require_grad()
 }
 
@@ -160,7 +169,11 @@ fn losses_and_gradients_match_torchvision() {
     }
     let total = losses.class + losses.boxes + losses.centerness;
     let grads = total.backward();
-    for (name, t) in [("cls_logits", cls), ("bbox_regression", reg), ("bbox_ctrness", ctr)] {
+    for (name, t) in [
+        ("cls_logits", cls),
+        ("bbox_regression", reg),
+        ("bbox_ctrness", ctr),
+    ] {
         let g = t.grad(&grads).expect("gradient");
         let g: Vec<f32> = g.into_data().to_vec().expect("f32");
         assert_close(&g, &numbers(&l["grads"][name]), 1e-4, name);

@@ -10,15 +10,15 @@ use burn::module::AutodiffModule;
 use burn::optim::GradientsParams;
 use common::{lines, options};
 use densekd::backend::Training;
+use densekd::data::export::write_split;
+use densekd::data::synth::{Split, SynthConfig};
 use densekd::distill::lgd::{lgd_terms, Lgd, LgdConfig, LgdModules};
 use densekd::distill::Distiller;
 use densekd::model::fcos::task::FcosTask;
 use densekd::model::fcos::Fcos;
 use densekd::task::Task;
-use densekd::train::optim::replica;
-use densekd::data::export::write_split;
-use densekd::data::synth::{Split, SynthConfig};
 use densekd::train::config::TrainConfig;
+use densekd::train::optim::replica;
 use densekd::train::run::train_with_options;
 
 /// `configs/fcos_shapes.toml` made tiny: a 1/4-width ResNet-18 with one block per stage from
@@ -92,7 +92,11 @@ fn tiny_fcos_memorises_eight_images_and_its_export_rescores() {
             .expect("stat")
     };
     let ap = stat("AP");
-    assert!(ap >= 0.9, "AP {ap} (AP50 {}) after 150 steps on 8 images", stat("AP50"));
+    assert!(
+        ap >= 0.9,
+        "AP {ap} (AP50 {}) after 150 steps on 8 images",
+        stat("AP50")
+    );
 
     // `predict` writes COCO results that `eval coco` scores as the run did.
     let out = tmp.path().join("pred");
@@ -198,9 +202,8 @@ fn lgd_gradients_flow_as_the_spec_says() {
         }
     };
     let lgd = Lgd::new(&task, lgd_config.clone()).expect("lgd");
-    let modules: LgdModules<Training> = replica(
-        &Distiller::<Training, FcosTask>::init_trainable(&lgd, &device).expect("modules"),
-    );
+    let modules: LgdModules<Training> =
+        replica(&Distiller::<Training, FcosTask>::init_trainable(&lgd, &device).expect("modules"));
     let batch = Task::<Training>::train_batches(&task, 0, 0)
         .next()
         .expect("batch")
@@ -221,18 +224,30 @@ fn lgd_gradients_flow_as_the_spec_says() {
     let distill = |step| terms(step).distill.expect("distill term");
 
     // Step 10: past the backbone freeze and the distillation warm-up.
-    assert_eq!(reached(student_det(10), &student, &modules), [true, true, true, false, false]);
+    assert_eq!(
+        reached(student_det(10), &student, &modules),
+        [true, true, true, false, false]
+    );
     // The teacher learns only from its own detection loss, through the student's shared head;
     // the student's FPN (and backbone) get it through the teacher's appearance pooling.
     assert_eq!(
         reached(teacher_det(&lgd_config, 10), &student, &modules),
         [true, true, true, true, false]
     );
-    assert_eq!(reached(distill(10), &student, &modules), [true, true, false, false, true]);
+    assert_eq!(
+        reached(distill(10), &student, &modules),
+        [true, true, false, false, true]
+    );
     // Step 3: distillation off (only the adapter learns from it), backbone unfrozen.
-    assert_eq!(reached(distill(3), &student, &modules), [false, false, false, false, true]);
+    assert_eq!(
+        reached(distill(3), &student, &modules),
+        [false, false, false, false, true]
+    );
     // Step 0: the backbone is frozen for every term.
-    assert_eq!(reached(student_det(0), &student, &modules), [false, true, true, false, false]);
+    assert_eq!(
+        reached(student_det(0), &student, &modules),
+        [false, true, true, false, false]
+    );
     // With detached appearance the teacher's detection loss no longer reaches the student.
     let detached = LgdConfig {
         detach_appearance: true,
@@ -271,9 +286,22 @@ fn lgd_resumes_exactly_and_exports_the_student_only() {
     };
     let (a, b) = (train_lines(&whole), train_lines(&parts));
     assert_eq!(a.len(), 8);
-    assert_eq!(a.last(), b.last(), "the resumed run ends where the whole run does");
-    for key in ["loss_lgd", "teacher_loss_cls", "teacher_loss_box", "loss_cls"] {
-        assert!(a[7][key].as_f64().is_some_and(f64::is_finite), "{key}: {}", a[7]);
+    assert_eq!(
+        a.last(),
+        b.last(),
+        "the resumed run ends where the whole run does"
+    );
+    for key in [
+        "loss_lgd",
+        "teacher_loss_cls",
+        "teacher_loss_box",
+        "loss_cls",
+    ] {
+        assert!(
+            a[7][key].as_f64().is_some_and(f64::is_finite),
+            "{key}: {}",
+            a[7]
+        );
     }
 
     // The export holds the student alone: the same tensors as a plain FCOS run's.
@@ -296,7 +324,9 @@ fn lgd_resumes_exactly_and_exports_the_student_only() {
         names
     };
     let exported = names(&whole);
-    assert!(exported.iter().all(|n| !n.contains("teacher") && !n.contains("adapter")));
+    assert!(exported
+        .iter()
+        .all(|n| !n.contains("teacher") && !n.contains("adapter")));
     assert_eq!(exported, names(&plain));
 }
 

@@ -11,7 +11,10 @@ use serde_json::Value;
 type B = Training;
 
 fn fixture() -> Value {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/feature_kd.json");
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/feature_kd.json"
+    );
     serde_json::from_str(&std::fs::read_to_string(path).expect("fixture")).expect("json")
 }
 
@@ -42,7 +45,10 @@ fn check(case: &Value, loss: impl Fn(Tensor<B, 4>, Tensor<B, 4>, &Value) -> Tens
     let value = loss(student.clone(), tensor::<4>(&case["teacher"]), case);
     let expected = case["loss"].as_f64().expect("loss");
     let got = value.clone().into_scalar() as f64;
-    assert!((got - expected).abs() <= 1e-5 * expected.abs() + 1e-6, "{what}: {got} vs {expected}");
+    assert!(
+        (got - expected).abs() <= 1e-5 * expected.abs() + 1e-6,
+        "{what}: {got} vs {expected}"
+    );
     let grads = value.backward();
     let g: Vec<f32> = student
         .grad(&grads)
@@ -53,7 +59,10 @@ fn check(case: &Value, loss: impl Fn(Tensor<B, 4>, Tensor<B, 4>, &Value) -> Tens
     let e = floats(&case["grad_student"]);
     let scale = e.iter().fold(0f32, |m, v| m.max(v.abs()));
     for (i, (a, b)) in g.iter().zip(&e).enumerate() {
-        assert!((a - b).abs() <= 1e-4 * scale + 1e-6, "{what} grad[{i}]: {a} vs {b}");
+        assert!(
+            (a - b).abs() <= 1e-4 * scale + 1e-6,
+            "{what} grad[{i}]: {a} vs {b}"
+        );
     }
 }
 
@@ -69,6 +78,8 @@ fn pkd_matches_mmrazor_formula() {
 fn masked_imitation_matches_fgfi_formula() {
     let f = fixture();
     for case in f["masked_mse"].as_array().expect("cases") {
-        check(case, |s, t, c| masked_imitation(s, t, tensor::<3>(&c["mask"])));
+        check(case, |s, t, c| {
+            masked_imitation(s, t, tensor::<3>(&c["mask"]))
+        });
     }
 }

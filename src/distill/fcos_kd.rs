@@ -89,11 +89,7 @@ pub struct FcosKd<B: AutodiffBackend> {
 impl<B: AutodiffBackend> FcosKd<B> {
     /// Loads the teacher for `task`'s data and checks its pyramid matches the student's.
     pub fn new(task: &FcosTask, config: FcosKdConfig) -> Result<Self> {
-        let teacher = FrozenTeacher::load::<B, _>(
-            task,
-            TEACHER_LABEL,
-            Path::new(&config.teacher),
-        )?;
+        let teacher = FrozenTeacher::load::<B, _>(task, TEACHER_LABEL, Path::new(&config.teacher))?;
         let levels = teacher.model.fpn.layer_blocks.len()
             + usize::from(teacher.model.fpn.p6.is_some())
             + usize::from(teacher.model.fpn.p7.is_some());
@@ -121,11 +117,7 @@ impl<B: AutodiffBackend> FcosKd<B> {
     }
 
     /// The teacher's FPN on `batch`, as constants of the student's graph.
-    fn teacher_fpn(
-        &self,
-        batch: &DetBatch,
-        device: &B::Device,
-    ) -> Vec<Tensor<B, 4>> {
+    fn teacher_fpn(&self, batch: &DetBatch, device: &B::Device) -> Vec<Tensor<B, 4>> {
         let images = batch.images_tensor::<B>(device).inner();
         self.teacher
             .model
@@ -138,7 +130,11 @@ impl<B: AutodiffBackend> FcosKd<B> {
 }
 
 /// The union of `batch`'s boxes on an `(h, w)` level, `[N, h, w]`.
-fn object_mask<B: Backend>(batch: &DetBatch, (h, w): (usize, usize), device: &B::Device) -> Tensor<B, 3> {
+fn object_mask<B: Backend>(
+    batch: &DetBatch,
+    (h, w): (usize, usize),
+    device: &B::Device,
+) -> Tensor<B, 3> {
     let padded = padded_size(batch);
     let images = image_boxes(&batch.targets);
     let mut data = vec![0f32; images.len() * h * w];
@@ -197,7 +193,11 @@ impl<B: AutodiffBackend> Distiller<B, FcosTask> for FcosKd<B> {
                 None => s.clone(),
             };
             if let Some(cfg) = &c.cwd {
-                cwd.push(channel_wise_divergence(connected(), t.clone(), cfg.temperature));
+                cwd.push(channel_wise_divergence(
+                    connected(),
+                    t.clone(),
+                    cfg.temperature,
+                ));
             }
             if c.pkd.is_some() {
                 pkd.push(pearson_distillation(connected(), t.clone()));
@@ -205,7 +205,11 @@ impl<B: AutodiffBackend> Distiller<B, FcosTask> for FcosKd<B> {
             if let Some(adapter) = &modules.adapter {
                 let [_, _, h, w] = s.dims();
                 let mask = object_mask::<B>(batch, (h, w), &device);
-                fitnet.push(masked_imitation(adapter.forward(s.clone()), t.clone(), mask));
+                fitnet.push(masked_imitation(
+                    adapter.forward(s.clone()),
+                    t.clone(),
+                    mask,
+                ));
             }
         }
         let sum = |terms: Vec<Tensor<B, 1>>| terms.into_iter().reduce(|a, b| a + b);

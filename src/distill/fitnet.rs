@@ -35,5 +35,7 @@ pub fn masked_imitation<B: Backend>(
     let area: f32 = mask.clone().sum().into_scalar().elem();
     let weights = mask.reshape([n, 1, h * w]).repeat_dim(1, c);
     let sq = (student - teacher).square().reshape([n, c, h * w]);
-    (sq * weights).sum().div_scalar(2.0 * (area as f64).max(1.0))
+    (sq * weights)
+        .sum()
+        .div_scalar(2.0 * (area as f64).max(1.0))
 }

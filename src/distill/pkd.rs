@@ -34,7 +34,10 @@ fn standardise<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 2> {
 }
 
 /// PKD of a student map toward a teacher map of the same shape.
-pub fn pearson_distillation<B: Backend>(student: Tensor<B, 4>, teacher: Tensor<B, 4>) -> Tensor<B, 1> {
+pub fn pearson_distillation<B: Backend>(
+    student: Tensor<B, 4>,
+    teacher: Tensor<B, 4>,
+) -> Tensor<B, 1> {
     (standardise(student) - standardise(teacher))
         .square()
         .mean()

@@ -144,7 +144,12 @@ pub fn iou_cxcywh(a: [f64; 4], b: [f64; 4]) -> f64 {
 pub fn box_mask(b: &[f64; 4], (ph, pw): (usize, usize), (h, w): (usize, usize)) -> Vec<f32> {
     let (sy, sx) = (h as f64 / ph as f64, w as f64 / pw as f64);
     let (x0, y0, x1, y1) = (b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy);
-    let (xc, yc, hw, hh) = ((x0 + x1) / 2.0, (y0 + y1) / 2.0, (x1 - x0) / 2.0, (y1 - y0) / 2.0);
+    let (xc, yc, hw, hh) = (
+        (x0 + x1) / 2.0,
+        (y0 + y1) / 2.0,
+        (x1 - x0) / 2.0,
+        (y1 - y0) / 2.0,
+    );
     let mut m = vec![0f32; h * w];
     for y in 0..h {
         for x in 0..w {
@@ -155,7 +160,6 @@ pub fn box_mask(b: &[f64; 4], (ph, pw): (usize, usize), (h, w): (usize, usize)) 
     }
     m
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -169,6 +173,8 @@ mod tests {
         let inside: Vec<usize> = (0..16).filter(|&i| m[i] == 1.0).collect();
         assert_eq!(inside, vec![5, 6, 7, 9, 10, 11, 13, 14, 15]);
         // A box smaller than a cell between cell centres covers none.
-        assert!(box_mask(&[1.0, 1.0, 3.0, 3.0], (32, 32), (4, 4)).iter().all(|&v| v == 0.0));
+        assert!(box_mask(&[1.0, 1.0, 3.0, 3.0], (32, 32), (4, 4))
+            .iter()
+            .all(|&v| v == 0.0));
     }
 }

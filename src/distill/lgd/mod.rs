@@ -71,7 +71,10 @@ fn eight() -> usize {
 impl LgdConfig {
     /// Checks the settings, naming `distill.<key>`.
     pub fn validate(&self) -> Result<()> {
-        for (k, v) in [("weight", self.weight), ("teacher_weight", self.teacher_weight)] {
+        for (k, v) in [
+            ("weight", self.weight),
+            ("teacher_weight", self.teacher_weight),
+        ] {
             if !(v.is_finite() && v >= 0.0) {
                 return Err(Error::config(
                     format!("distill.{k}"),
@@ -154,12 +157,17 @@ fn instance_norm<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
 
 /// LGD's distillation loss: the mean squared difference of the instance-normalised student
 /// and teacher maps over every element of every level (levels weighted by their size).
-pub fn lgd_distill_loss<B: Backend>(student: &[Tensor<B, 4>], teacher: &[Tensor<B, 4>]) -> Tensor<B, 1> {
+pub fn lgd_distill_loss<B: Backend>(
+    student: &[Tensor<B, 4>],
+    teacher: &[Tensor<B, 4>],
+) -> Tensor<B, 1> {
     let mut total = None;
     let mut count = 0;
     for (s, t) in student.iter().zip(teacher) {
         count += s.dims().iter().product::<usize>();
-        let d = (instance_norm(s.clone()) - instance_norm(t.clone())).square().sum();
+        let d = (instance_norm(s.clone()) - instance_norm(t.clone()))
+            .square()
+            .sum();
         total = Some(match total {
             Some(acc) => acc + d,
             None => d,
@@ -219,7 +227,10 @@ pub fn lgd_terms<B: Backend>(
             TensorData::new(keep.iter().map(|&i| i as i64).collect(), [keep.len()]),
             &device,
         );
-        out.fpn.into_iter().map(|p| p.select(0, idx.clone())).collect()
+        out.fpn
+            .into_iter()
+            .map(|p| p.select(0, idx.clone()))
+            .collect()
     };
     let targets: Vec<DetTarget> = keep.iter().map(|&i| batch.targets[i].clone()).collect();
     let shapes: Vec<(usize, usize)> = fpn
@@ -247,7 +258,11 @@ pub fn lgd_terms<B: Backend>(
     let distills = config.distills_at(step);
     let adapted: Vec<Tensor<B, 4>> = fpn
         .into_iter()
-        .map(|p| modules.adapter.forward(if distills { p } else { p.detach() }))
+        .map(|p| {
+            modules
+                .adapter
+                .forward(if distills { p } else { p.detach() })
+        })
         .collect();
     let detached: Vec<Tensor<B, 4>> = maps.into_iter().map(|m| m.detach()).collect();
     LgdTerms {
@@ -271,7 +286,7 @@ impl Lgd {
     /// LGD for `task`'s student.
     pub fn new(task: &FcosTask, config: LgdConfig) -> Result<Self> {
         let model = &task.section().model;
-        if model.channels % config.heads != 0 {
+        if !model.channels.is_multiple_of(config.heads) {
             return Err(Error::config(
                 "distill.heads",
                 format!(

@@ -116,7 +116,12 @@ impl<B: Backend> LabelEncoder<B> {
 
     /// Label embeddings `[T, C]` of descriptors `[T, k]`; `image_of` gives each object's image
     /// (every image in `0..images` has at least one object).
-    fn forward(&self, desc: Tensor<B, 2>, image_of: &Tensor<B, 1, Int>, images: &[Vec<usize>]) -> Tensor<B, 2> {
+    fn forward(
+        &self,
+        desc: Tensor<B, 2>,
+        image_of: &Tensor<B, 1, Int>,
+        images: &[Vec<usize>],
+    ) -> Tensor<B, 2> {
         let x = self.input_tnet.transform(desc);
         let h = lin_ln_relu(&self.lin1, x);
         let f = self.feature_tnet.transform(h);
@@ -175,7 +180,12 @@ pub struct Objects<B: Backend> {
 
 /// A box's descriptor: corners clamped to the padded image and divided by its size, the class
 /// one-hot (all zeros for the context box), everything mapped to `2d − 1`.
-pub fn descriptor(b: &[f64; 4], class: Option<usize>, k: usize, (ph, pw): (usize, usize)) -> Vec<f32> {
+pub fn descriptor(
+    b: &[f64; 4],
+    class: Option<usize>,
+    k: usize,
+    (ph, pw): (usize, usize),
+) -> Vec<f32> {
     let (fw, fh) = (pw as f64, ph as f64);
     let mut d = vec![
         b[0].clamp(0.0, fw - 1.0) / fw,
@@ -278,9 +288,9 @@ impl<B: Backend> ImplicitTeacher<B> {
     /// Teacher maps with the shapes of `fpn` (the student's levels, of the images in
     /// `objects` only).
     pub fn forward(&self, fpn: &[Tensor<B, 4>], objects: &Objects<B>) -> Vec<Tensor<B, 4>> {
-        let labels = self
-            .label_encoder
-            .forward(objects.desc.clone(), &objects.image_of, &objects.rows);
+        let labels =
+            self.label_encoder
+                .forward(objects.desc.clone(), &objects.image_of, &objects.rows);
         let t = labels.dims()[0];
         fpn.iter()
             .zip(&objects.masks)
@@ -302,8 +312,12 @@ impl<B: Backend> ImplicitTeacher<B> {
                 let related = self
                     .relation
                     .forward(
-                        MhaInput::new(appearance, labels.clone().reshape([1, t, c]), labels.clone().reshape([1, t, c]))
-                            .mask_attn(objects.blocked.clone()),
+                        MhaInput::new(
+                            appearance,
+                            labels.clone().reshape([1, t, c]),
+                            labels.clone().reshape([1, t, c]),
+                        )
+                        .mask_attn(objects.blocked.clone()),
                     )
                     .context
                     .reshape([t, c]);
@@ -321,7 +335,11 @@ impl<B: Backend> ImplicitTeacher<B> {
                     .collect();
                 let mut u = self.local.forward(Tensor::cat(rendered, 0));
                 if let Some(ctx) = &self.context_proj {
-                    let last: Vec<usize> = objects.rows.iter().filter_map(|r| r.last().copied()).collect();
+                    let last: Vec<usize> = objects
+                        .rows
+                        .iter()
+                        .filter_map(|r| r.last().copied())
+                        .collect();
                     let tokens = related.clone().select(0, index(&last, &u.device()));
                     u = u + ctx.forward(tokens).reshape([n, c, 1, 1]);
                 }

@@ -8,11 +8,11 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use serde_json::Value;
 
 use crate::data::coco::Category;
-use crate::model::det_splits::{DetSplits, DETECTION_METRICS};
 use crate::data::detection::{DetBatch, DetSource, DetTarget};
 use crate::data::loader::{EpochIter, Loader, Subset};
 use crate::error::{Error, Result};
 use crate::eval::coco::STAT_KEYS;
+use crate::model::det_splits::{DetSplits, DETECTION_METRICS};
 use crate::model::detr::config::DetrSection;
 use crate::model::detr::denoising::{denoising_groups, DenoisingGroups};
 use crate::model::detr::export::{export_detr, load_detector, DetectorInfo};

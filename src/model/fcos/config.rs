@@ -76,7 +76,10 @@ impl FcosConfig {
                 format!("is {}: FCOS needs 32", self.backbone.output_stride),
             ));
         }
-        if self.channels == 0 || self.norm_groups == 0 || self.channels % self.norm_groups != 0 {
+        if self.channels == 0
+            || self.norm_groups == 0
+            || !self.channels.is_multiple_of(self.norm_groups)
+        {
             return Err(Error::config(
                 key("norm_groups"),
                 format!(
@@ -186,10 +189,13 @@ impl FcosSection {
                 ));
             }
         }
-        if !(l.focal_alpha <= 1.0) {
+        if l.focal_alpha.is_nan() || l.focal_alpha > 1.0 {
             return Err(Error::config(
                 "fcos.loss.focal_alpha",
-                format!("{} is above 1 (negative disables the weighting)", l.focal_alpha),
+                format!(
+                    "{} is above 1 (negative disables the weighting)",
+                    l.focal_alpha
+                ),
             ));
         }
         let e = &self.eval;

@@ -119,7 +119,11 @@ pub fn fcos_loss<B: Backend>(
         TensorData::new(pos.index.iter().map(|&i| i as i64).collect(), [f]),
         &device,
     );
-    let reg = out.bbox_reg.clone().reshape([n * a, 4]).select(0, index.clone());
+    let reg = out
+        .bbox_reg
+        .clone()
+        .reshape([n * a, 4])
+        .select(0, index.clone());
     let pts = matrix::<B, 3>(&pos.point, &device);
     let col = |t: &Tensor<B, 2>, c: usize| t.clone().narrow(1, c, 1);
     let (px, py, size) = (col(&pts, 0), col(&pts, 1), col(&pts, 2));
@@ -137,10 +141,7 @@ pub fn fcos_loss<B: Backend>(
 
     let logit = out.centerness.clone().reshape([n * a]).select(0, index);
     let t = Tensor::<B, 1>::from_data(
-        TensorData::new(
-            pos.centerness.iter().map(|&c| c as f32).collect(),
-            [f],
-        ),
+        TensorData::new(pos.centerness.iter().map(|&c| c as f32).collect(), [f]),
         &device,
     );
     let bce = (t.clone() * log_sigmoid(logit.clone())

@@ -44,7 +44,13 @@ fn conv_init<B: Backend>(
 }
 
 /// torchvision's FPN initialisation: `kaiming_uniform_(a=1)`, zero bias.
-fn fpn_conv<B: Backend>(cin: usize, cout: usize, k: usize, stride: usize, device: &B::Device) -> Conv2d<B> {
+fn fpn_conv<B: Backend>(
+    cin: usize,
+    cout: usize,
+    k: usize,
+    stride: usize,
+    device: &B::Device,
+) -> Conv2d<B> {
     let init = Initializer::KaimingUniform {
         gain: 1.0,
         fan_out_only: false,
@@ -348,11 +354,23 @@ impl<B: Backend> Fcos<B> {
                 }),
         );
         let fixed = [
-            (r"^backbone\.fpn\.inner_blocks\.(\d+)\.0\.", "fpn.inner_blocks.$1."),
-            (r"^backbone\.fpn\.layer_blocks\.(\d+)\.0\.", "fpn.layer_blocks.$1."),
+            (
+                r"^backbone\.fpn\.inner_blocks\.(\d+)\.0\.",
+                "fpn.inner_blocks.$1.",
+            ),
+            (
+                r"^backbone\.fpn\.layer_blocks\.(\d+)\.0\.",
+                "fpn.layer_blocks.$1.",
+            ),
             (r"^backbone\.fpn\.extra_blocks\.(p6|p7)\.", "fpn.$1."),
-            (r"^head\.classification_head\.cls_logits\.", "head.classification_head.cls_logits."),
-            (r"^head\.regression_head\.(bbox_reg|bbox_ctrness)\.", "head.regression_head.$1."),
+            (
+                r"^head\.classification_head\.cls_logits\.",
+                "head.classification_head.cls_logits.",
+            ),
+            (
+                r"^head\.regression_head\.(bbox_reg|bbox_ctrness)\.",
+                "head.regression_head.$1.",
+            ),
         ];
         rules.extend(fixed.iter().map(|(a, b)| (a.to_string(), b.to_string())));
         // torchvision's towers are `Sequential(conv, GroupNorm, ReLU) × n`: index 3i is the

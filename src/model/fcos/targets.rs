@@ -168,14 +168,32 @@ mod tests {
     fn points_start_at_the_corner() {
         let p = Points::new((32, 32), &[(4, 4), (2, 2)], &[8, 16]);
         assert_eq!(p.per_level, vec![16, 4]);
-        assert_eq!(p.points[5], Point { x: 8.0, y: 8.0, size: 8.0 });
-        assert_eq!(p.points[17], Point { x: 16.0, y: 0.0, size: 16.0 });
+        assert_eq!(
+            p.points[5],
+            Point {
+                x: 8.0,
+                y: 8.0,
+                size: 8.0
+            }
+        );
+        assert_eq!(
+            p.points[17],
+            Point {
+                x: 16.0,
+                y: 0.0,
+                size: 16.0
+            }
+        );
         assert_eq!(p.levels()[16], 1);
     }
 
     #[test]
     fn encode_decode_round_trip_and_centerness() {
-        let p = Point { x: 16.0, y: 24.0, size: 8.0 };
+        let p = Point {
+            x: 16.0,
+            y: 24.0,
+            size: 8.0,
+        };
         let b = [4.0, 20.0, 40.0, 32.0];
         let d = encode(&p, &b);
         assert_eq!(d, [1.5, 0.5, 3.0, 1.0]);

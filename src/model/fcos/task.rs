@@ -7,11 +7,11 @@ use std::path::{Path, PathBuf};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 
 use crate::data::coco::Category;
-use crate::model::det_splits::{DetSplits, DETECTION_METRICS};
 use crate::data::detection::{DetBatch, DetTarget};
 use crate::data::loader::EpochIter;
 use crate::error::Result;
 use crate::eval::coco::{Detection, STAT_KEYS};
+use crate::model::det_splits::{DetSplits, DETECTION_METRICS};
 use crate::model::fcos::config::{FcosDecodeConfig, FcosSection};
 use crate::model::fcos::export::{export_fcos, load_fcos, FcosInfo};
 use crate::model::fcos::loss::{fcos_loss, positives, FcosLosses, ImageBoxes};
