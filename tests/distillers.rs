@@ -9,7 +9,7 @@ mod common;
 use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
 
-use common::{lines, options};
+use common::{lines, options, serial};
 
 use burn::module::AutodiffModule;
 use burn::nn::{Linear, LinearConfig, LinearRecord};
@@ -24,14 +24,6 @@ use densekd::task::{InnerModel, Losses, Task};
 use densekd::train::checkpoint::{load_record, Checkpoints};
 use densekd::train::config::{ModelSection, TrainConfig};
 use densekd::train::{fit, RunSummary};
-
-/// The tests of this binary run one at a time: the backend's generator is process-global, so
-/// one test's initialisation would otherwise draw from another's seeded stream.
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 fn task(config: &TrainConfig) -> DetrTask {
     let ModelSection::Detr(section) = config.model().expect("model") else {

@@ -1,14 +1,20 @@
 //! FCOS against torchvision (`tests/fixtures/fcos.json`, made by
 //! `tests/fixtures/make_fcos_fixtures.py`): the points (`AnchorGenerator`), the target
 //! assignment, regression and centerness targets (`FCOS.compute_loss`), the three losses and
-//! their input gradients (`FCOSHead.compute_loss`), and class-aware NMS (`batched_nms`).
+//! their input gradients (`FCOSHead.compute_loss`), class-aware NMS (`batched_nms`), and the
+//! import of a torchvision FCOS checkpoint (`tests/fixtures/fcos_import/`, made by
+//! `tests/fixtures/make_fcos_import_fixture.py`) whose forward pass must match torchvision's.
 
 use burn::tensor::{Tensor, TensorData};
-use densekd::backend::Training;
+use densekd::backend::{Inference, Training};
+use densekd::model::backbone::{Arch, BackboneConfig};
 use densekd::model::fcos::config::FcosLossConfig;
 use densekd::model::fcos::loss::{fcos_loss, ImageBoxes};
 use densekd::model::fcos::targets::{assign, centerness, encode, level_shapes, Points};
 use densekd::model::fcos::FlatOutput;
+use densekd::model::fcos::{FcosConfig, LevelOutput};
+use densekd::model::layers::norm::NormKind;
+use densekd::model::weights::{load_pytorch, LoadOptions};
 use densekd::ops::nms::batched_nms;
 use serde_json::Value;
 
@@ -192,4 +198,95 @@ fn nms_matches_torchvision_batched_nms() {
         );
         assert_eq!(keep, usizes(&case["keep"]), "{}", case["description"]);
     }
+}
+
+/// A fixture tensor `{"shape", "data"}` on the inference backend.
+fn fixture_tensor<const D: usize>(v: &Value) -> Tensor<Inference, D> {
+    let shape: [usize; D] = usizes(&v["shape"]).try_into().expect("rank");
+    let data: Vec<f32> = numbers(&v["data"]).into_iter().map(|x| x as f32).collect();
+    Tensor::from_data(TensorData::new(data, shape), &Default::default())
+}
+
+fn assert_tensor_close<const D: usize>(got: Tensor<Inference, D>, expected: &Value, what: &str) {
+    assert_eq!(
+        got.dims().to_vec(),
+        usizes(&expected["shape"]),
+        "{what} shape"
+    );
+    let got: Vec<f32> = got.into_data().to_vec().expect("f32");
+    assert_close(&got, &numbers(&expected["data"]), 1e-4, what);
+}
+
+#[test]
+fn torchvision_fcos_checkpoint_imports_and_matches_its_outputs() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/fcos_import");
+    let expected: Value = serde_json::from_str(
+        &std::fs::read_to_string(format!("{dir}/expected.json")).expect("fixture"),
+    )
+    .expect("json");
+    // The checkpoint's architecture: a quarter-width ResNet-18 with one block per stage,
+    // torchvision's FPN with P6/P7 at 32 channels and its FCOS head (4 convs, GroupNorm 32).
+    let config = FcosConfig {
+        backbone: BackboneConfig {
+            arch: Arch::Resnet18,
+            width: 0.25,
+            norm: NormKind::Frozen,
+            blocks: Some([1, 1, 1, 1]),
+            output_stride: 32,
+            last_conv: true,
+            frozen_stages: 0,
+            num_classes: None,
+        },
+        num_classes: 3,
+        strides: vec![8, 16, 32, 64, 128],
+        channels: 32,
+        head_convs: 4,
+        norm_groups: 32,
+        prior_prob: 0.01,
+    };
+    let model = config
+        .init::<Inference>(&Default::default())
+        .expect("model");
+    let options = LoadOptions {
+        key_rules: model.torchvision_key_rules(),
+        top_level_key: None,
+        allow_partial: true,
+    };
+    let (model, report) = load_pytorch(
+        model,
+        std::path::Path::new(&format!("{dir}/fcos_tiny.pth")),
+        &options,
+    )
+    .expect("import");
+    // Every checkpoint tensor has its place; only the per-level scales, which torchvision's
+    // FCOS does not have, keep their initial value of 1.
+    assert!(report.unused.is_empty(), "unused: {:?}", report.unused);
+    assert_eq!(report.missing, vec!["scales".to_string()]);
+    assert_eq!(
+        report.applied,
+        expected["keys"].as_array().expect("keys").len()
+    );
+
+    let out = model.forward(fixture_tensor::<4>(&expected["image"]));
+    for (level, (got, e)) in out
+        .fpn
+        .iter()
+        .zip(expected["fpn"].as_array().expect("fpn"))
+        .enumerate()
+    {
+        assert_tensor_close(got.clone(), e, &format!("P{}", level + 3));
+    }
+    let flat = LevelOutput::flatten(&out.levels);
+    assert_tensor_close(flat.cls_logits, &expected["cls_logits"], "cls_logits");
+    assert_tensor_close(
+        flat.bbox_reg,
+        &expected["bbox_regression"],
+        "bbox_regression",
+    );
+    let [n, a] = flat.centerness.dims();
+    assert_tensor_close(
+        flat.centerness.reshape([n, a, 1]),
+        &expected["bbox_ctrness"],
+        "bbox_ctrness",
+    );
 }

@@ -8,7 +8,7 @@ use std::path::Path;
 
 use burn::module::AutodiffModule;
 use burn::optim::GradientsParams;
-use common::{lines, options};
+use common::{lines, options, serial};
 use densekd::backend::Training;
 use densekd::data::export::write_split;
 use densekd::data::synth::{Split, SynthConfig};
@@ -64,6 +64,7 @@ fn tiny_config(data: &Path, extra: &[&str]) -> TrainConfig {
 
 #[test]
 fn tiny_fcos_memorises_eight_images_and_its_export_rescores() {
+    let _serial = serial();
     let tmp = tempfile::tempdir().expect("tmp");
     let synth = SynthConfig {
         size: 64,
@@ -188,6 +189,7 @@ fn reached(
 
 #[test]
 fn lgd_gradients_flow_as_the_spec_says() {
+    let _serial = serial();
     let config = tiny_synthetic(&["distill.method=\"lgd\"", "distill.distill_warmup_steps=5"]);
     let section = config.fcos.clone().expect("fcos");
     let task = FcosTask::new(&config.task_inputs(), &section).expect("task");
@@ -261,6 +263,7 @@ fn lgd_gradients_flow_as_the_spec_says() {
 
 #[test]
 fn lgd_resumes_exactly_and_exports_the_student_only() {
+    let _serial = serial();
     let tmp = tempfile::tempdir().expect("tmp");
     let config = tiny_synthetic(&[
         "distill.method=\"lgd\"",
@@ -332,6 +335,7 @@ fn lgd_resumes_exactly_and_exports_the_student_only() {
 
 #[test]
 fn fcos_kd_distils_every_level_from_a_frozen_teacher() {
+    let _serial = serial();
     let tmp = tempfile::tempdir().expect("tmp");
     let synth = SynthConfig {
         size: 64,

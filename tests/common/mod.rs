@@ -78,3 +78,14 @@ pub fn options(
         progress: false,
     }
 }
+
+/// The backend's generator is process-global, so concurrent tests' initialisations would draw
+/// from each other's seeded streams: tests that need exact values hold this lock throughout.
+#[allow(dead_code)] // not every test binary uses it
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Runs the calling test alone among those of its binary that also call it.
+#[allow(dead_code)] // not every test binary uses it
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}

@@ -385,6 +385,15 @@ impl<B: Backend> Fcos<B> {
                 }
             }
         }
+        // burn's GroupNorm names its affine `gamma` / `beta`.
+        rules.push((
+            r"^(head\.\w+\.conv\.\d+\.norm)\.weight$".to_string(),
+            "$1.gamma".to_string(),
+        ));
+        rules.push((
+            r"^(head\.\w+\.conv\.\d+\.norm)\.bias$".to_string(),
+            "$1.beta".to_string(),
+        ));
         rules
     }
 }
