@@ -142,6 +142,50 @@ fn the_rdd_grid_trains_its_teacher_first_and_names_it_in_the_variants() {
 }
 
 /// A grid over keys the current config has, so plans resolve.
+#[test]
+fn the_lgd_grid_compares_teacher_free_lgd_with_teacher_based_baselines() {
+    let grid = named_grid("lgd").expect("lgd");
+    let names: Vec<&str> = grid.variants.iter().map(|v| v.name.as_str()).collect();
+    assert_eq!(
+        names,
+        ["baseline", "lgd", "cwd", "pkd", "fitnet"],
+        "variant order"
+    );
+    let out = PathBuf::from("out-lgd");
+    let options = ExperimentOptions {
+        seeds: 1,
+        out: out.clone(),
+        overrides: Vec::new(),
+        progress: false,
+    };
+    let teacher = plan_teacher(&grid, &options)
+        .expect("plan")
+        .expect("a teacher");
+    // The teacher is the FCOS recipe as shipped; the students are narrower and shorter.
+    let fcos = |c: &TrainConfig| c.fcos.clone().expect("fcos").model;
+    assert_eq!(
+        (fcos(&teacher.config).channels, teacher.config.optim.epochs),
+        (64, 10)
+    );
+    let runs = plan(&grid, &options).expect("plan");
+    for run in &runs {
+        assert_eq!(
+            (fcos(&run.config).channels, run.config.optim.epochs),
+            (32, 3)
+        );
+        match (&run.config.distill, run.variant.as_str()) {
+            (DistillConfig::None(_), "baseline") | (DistillConfig::Lgd(_), "lgd") => {}
+            (DistillConfig::FcosKd(c), name) => {
+                assert_eq!(c.teacher, out.join("teacher"), "{name}");
+                let terms = [c.cwd.is_some(), c.pkd.is_some(), c.fitnet.is_some()];
+                let expected = [name == "cwd", name == "pkd", name == "fitnet"];
+                assert_eq!(terms, expected, "{name}");
+            }
+            (other, name) => panic!("{name}: {other:?}"),
+        }
+    }
+}
+
 fn lr_grid() -> Grid {
     Grid {
         name: "lr".into(),
