@@ -435,6 +435,49 @@ fn report_aggregates_finished_runs() {
     let text = std::fs::read_to_string(out.join("report.json")).expect("read report");
     let again: Value = serde_json::from_str(&text).expect("report.json is JSON");
     assert_eq!(again, json);
+    assert!(
+        b.get("extra_wall_s").is_none(),
+        "no teacher, no extra cost: {b}"
+    );
+
+    // With a frozen teacher, each variant's cost beyond the baseline, plus the teacher's
+    // training for a variant that distils from it (LGD's Table 7).
+    fake_run(
+        &out.join("teacher"),
+        1000.0,
+        json!({"student": coco(0.7, 0.9, json!(0.6))}),
+        &[eval(1, "student", 0.7)],
+    );
+    variants[1].overrides = vec!["distill.teacher=\"{teacher}\"".to_string()];
+    let mut report = aggregate(
+        "toy",
+        Path::new("configs/detr_shapes.toml"),
+        &overrides,
+        2,
+        &variants,
+        &ReportSpec {
+            metrics: DETR_METRICS,
+            labels: vec!["student".into(), "ema".into()],
+        },
+    );
+    report.teacher = read_run(&out.join("teacher"), "AP").expect("teacher");
+    let json = report.to_json();
+    let extra: Vec<Value> = json["variants"]
+        .as_array()
+        .expect("variants")
+        .iter()
+        .map(|v| v["extra_wall_s"].clone())
+        .collect();
+    assert!(
+        close(&extra[0], 0.0) && close(&extra[1], 50.0 - 150.0 + 1000.0),
+        "{extra:?}"
+    );
+    assert!(extra[2].is_null(), "no finished run: {extra:?}");
+    assert!(
+        report.to_markdown().contains("| 900.0 |"),
+        "{}",
+        report.to_markdown()
+    );
 }
 
 #[test]

@@ -369,6 +369,19 @@ fn plain(v: Option<MeanStd>, decimals: usize) -> String {
 }
 
 impl Report {
+    /// With a frozen teacher, each variant's training cost beyond the first variant (the
+    /// baseline): its mean wall time minus the baseline's, plus the teacher's training when the
+    /// variant distils from it (LGD's Table 7); `None` without a teacher or timings.
+    fn extra_wall_s(&self, v: &VariantSummary) -> Option<f64> {
+        let teacher = self.teacher.as_ref()?;
+        let base = self.variants.first()?.wall_s?.mean;
+        let uses_teacher = v
+            .overrides
+            .iter()
+            .any(|o| o.contains(crate::experiment::TEACHER_PLACEHOLDER));
+        Some(v.wall_s?.mean - base + if uses_teacher { teacher.wall_s } else { 0.0 })
+    }
+
     /// The `report.json` object: per variant, `<stat>_mean` / `<stat>_std` of the student and
     /// `<label>_<stat>_mean` / `_std` of the other models; missing values are null.
     pub fn to_json(&self) -> Value {
@@ -394,6 +407,10 @@ impl Report {
                     );
                 }
                 row.insert("wall_s_mean".into(), mean(v.wall_s));
+                if self.teacher.is_some() {
+                    let extra = self.extra_wall_s(v).map_or(Value::Null, number);
+                    row.insert("extra_wall_s".into(), extra);
+                }
                 Value::Object(row)
             })
             .collect();
@@ -439,6 +456,9 @@ impl Report {
             header.extend(labels.iter().map(|l| format!("{}instability", title(l))));
         }
         header.push("wall s".to_string());
+        if self.teacher.is_some() {
+            header.push("extra s".to_string());
+        }
         let _ = writeln!(md, "| {} |", header.join(" | "));
         let _ = writeln!(md, "|{}", "---|".repeat(header.len()));
         for v in &self.variants {
@@ -450,6 +470,12 @@ impl Report {
                 cells.extend(v.models.iter().map(|(_, m)| plain(m.instability, 4)));
             }
             cells.push(plain(v.wall_s, 1));
+            if self.teacher.is_some() {
+                cells.push(
+                    self.extra_wall_s(v)
+                        .map_or_else(|| "–".to_string(), |x| format!("{x:.1}")),
+                );
+            }
             let _ = writeln!(md, "| {} |", cells.join(" | "));
         }
         if let Some(t) = &self.teacher {
@@ -484,7 +510,8 @@ impl Report {
             md,
             "\nFinal statistics of each model ({}), mean ± sample std over finished seeds; \
              instability = changed fraction of the last instability line, mean over seeds; \
-             wall s = mean seconds per run.\n\n\
+             wall s = mean seconds per run; extra s (with a teacher) = wall s minus the first \
+             variant's, plus the teacher's training for the variants that distil from it.\n\n\
              Backend `{}`; config `{}`; overrides {}; seed k adds `seed=<config seed + k>`.\n\n\
              Total training wall time: {:.0} s (sum of the runs' `wall_s`; a resumed run counts \
              its last invocation only).\n\nVariant overrides (applied after the overrides \
