@@ -13,8 +13,8 @@ use crate::data::export::synth_coco;
 use crate::data::loader::{Loader, LoaderConfig, Subset};
 use crate::data::synth::Split;
 use crate::error::{Error, Result};
-use crate::eval::coco::{CocoEvaluator, CocoStats, Detection};
-use crate::task::{Metrics, TaskInputs};
+use crate::eval::coco::{CocoEvaluator, Detection, STAT_KEYS};
+use crate::task::{Metrics, Stats, TaskInputs};
 
 /// Every detector's statistics: the 12 COCO stats, AP first.
 pub const DETECTION_METRICS: Metrics = Metrics {
@@ -168,12 +168,12 @@ impl DetSplits {
         &self.val_gt.categories
     }
 
-    /// COCO statistics of the detections `detect` returns for each validation batch (one list
-    /// per image).
+    /// The 12 COCO statistics, named, of the detections `detect` returns for each validation
+    /// batch (one list per image).
     pub fn evaluate(
         &self,
         mut detect: impl FnMut(&DetBatch) -> Vec<Vec<Detection>>,
-    ) -> Result<CocoStats> {
+    ) -> Result<Stats> {
         let gt = &self.val_gt;
         let mut evaluator = CocoEvaluator::new(gt)?;
         for batch in self.val.epoch(0) {
@@ -194,7 +194,12 @@ impl DetSplits {
                 evaluator.add_image(entry, d)?;
             }
         }
-        evaluator.finish()
+        let stats = evaluator.finish()?;
+        Ok(STAT_KEYS
+            .iter()
+            .zip(stats.to_array())
+            .map(|(k, v)| ((*k).to_string(), v))
+            .collect())
     }
 
     /// Refuses an exported detector trained on other categories.

@@ -11,7 +11,6 @@ use crate::data::coco::Category;
 use crate::data::detection::{DetBatch, DetSource, DetTarget};
 use crate::data::loader::{EpochIter, Loader, Subset};
 use crate::error::{Error, Result};
-use crate::eval::coco::STAT_KEYS;
 use crate::model::det_splits::{DetSplits, DETECTION_METRICS};
 use crate::model::detr::config::DetrSection;
 use crate::model::detr::denoising::{denoising_groups, DenoisingGroups};
@@ -213,16 +212,11 @@ impl<B: AutodiffBackend> Task<B> for DetrTask {
     fn evaluate(&self, model: &Detr<B::InnerBackend>) -> Result<Stats> {
         let device = model.query_content.device();
         let max_dets = self.section.eval.max_dets;
-        let stats = self.data.evaluate(|batch| {
+        self.data.evaluate(|batch| {
             let out = model.forward(batch.images_tensor(&device), &batch.padding, 1);
             let sizes: Vec<(u32, u32)> = batch.targets.iter().map(|t| t.orig_size).collect();
             postprocess(out.last(), model.num_queries, &sizes, max_dets)
-        })?;
-        Ok(STAT_KEYS
-            .iter()
-            .zip(stats.to_array())
-            .map(|(k, v)| ((*k).to_string(), v))
-            .collect())
+        })
     }
 
     fn export(&self, model: &Detr<B::InnerBackend>, path: &Path) -> Result<()> {

@@ -10,7 +10,7 @@ use crate::data::coco::Category;
 use crate::data::detection::{DetBatch, DetTarget};
 use crate::data::loader::EpochIter;
 use crate::error::Result;
-use crate::eval::coco::{Detection, STAT_KEYS};
+use crate::eval::coco::Detection;
 use crate::model::det_splits::{DetSplits, DETECTION_METRICS};
 use crate::model::fcos::config::{FcosDecodeConfig, FcosSection};
 use crate::model::fcos::export::{export_fcos, load_fcos, FcosInfo};
@@ -202,14 +202,8 @@ impl<B: AutodiffBackend> Task<B> for FcosTask {
 
     fn evaluate(&self, model: &Fcos<B::InnerBackend>) -> Result<Stats> {
         let (strides, decode) = (&self.section.model.strides, &self.section.eval);
-        let stats = self
-            .data
-            .evaluate(|batch| detect(model, strides, decode, batch))?;
-        Ok(STAT_KEYS
-            .iter()
-            .zip(stats.to_array())
-            .map(|(k, v)| ((*k).to_string(), v))
-            .collect())
+        self.data
+            .evaluate(|batch| detect(model, strides, decode, batch))
     }
 
     fn export(&self, model: &Fcos<B::InnerBackend>, path: &Path) -> Result<()> {
