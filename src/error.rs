@@ -42,6 +42,12 @@ pub enum Error {
         /// What is wrong with it.
         message: String,
     },
+    /// A computed value is NaN or infinite (diverged training: too high a learning rate).
+    #[error("{what} is not finite: the model has diverged")]
+    NotFinite {
+        /// The value and where it was computed.
+        what: String,
+    },
     /// A configuration or argument value is invalid.
     #[error("{field}: {message}")]
     Config {

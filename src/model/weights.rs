@@ -7,8 +7,10 @@
 
 use std::path::Path;
 
-use burn::module::Module;
+use burn::module::{Module, ModuleVisitor, Param};
 use burn::tensor::backend::Backend;
+use burn::tensor::{ElementConversion, Tensor};
+use burn_store::pytorch::PytorchReader;
 use burn_store::{
     ApplyResult, KeyRemapper, ModuleSnapshot, PyTorchToBurnAdapter, PytorchStore, SafetensorsStore,
 };
@@ -42,6 +44,134 @@ fn is_bookkeeping(key: &str) -> bool {
     key.ends_with("num_batches_tracked")
 }
 
+/// Records the paths of float parameters holding NaN or an infinity.
+struct NonFinite {
+    path: Vec<String>,
+    found: Vec<String>,
+}
+
+impl<B: Backend> ModuleVisitor<B> for NonFinite {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        // A NaN or infinity makes the sum non-finite; real weights are far too small to overflow.
+        let sum = param.val().sum().into_scalar().elem::<f64>();
+        if !sum.is_finite() {
+            self.found.push(self.path.join("."));
+        }
+    }
+}
+
+/// Refuses a module whose loaded parameters hold NaN or infinities (a damaged file).
+fn check_finite<B: Backend, M: Module<B>>(module: &M, path: &Path) -> Result<()> {
+    let mut visitor = NonFinite {
+        path: Vec::new(),
+        found: Vec::new(),
+    };
+    module.visit(&mut visitor);
+    match visitor.found.first() {
+        None => Ok(()),
+        Some(first) => Err(Error::invalid(
+            path,
+            "tensors",
+            format!(
+                "{} tensor(s) hold NaN or infinite values (first: {first}); the file is damaged \
+                 or was saved from a diverged run",
+                visitor.found.len()
+            ),
+        )),
+    }
+}
+
+/// Reads every member of a zip-format `.pth` once, so that the zip's CRC-32 of each member is
+/// checked: burn-store reads members by range, which skips the check, and loads a damaged
+/// member as zeros. A legacy (non-zip) file passes unchecked.
+fn verify_zip(path: &Path) -> Result<()> {
+    let damaged = |e: &dyn std::fmt::Display| {
+        Error::invalid(
+            path,
+            "zip",
+            format!("the file is damaged or cut short ({e}); download or copy it again"),
+        )
+    };
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut magic = [0u8; 4];
+    use std::io::Read;
+    if (&file).read_exact(&mut magic).is_err() || magic != *b"PK\x03\x04" {
+        return Ok(());
+    }
+    let mut archive = zip::ZipArchive::new(file).map_err(|e| damaged(&e))?;
+    for i in 0..archive.len() {
+        let mut member = archive.by_index(i).map_err(|e| damaged(&e))?;
+        let name = member.name().to_string();
+        std::io::copy(&mut member, &mut std::io::sink())
+            .map_err(|e| damaged(&format!("member {name}: {e}")))?;
+    }
+    Ok(())
+}
+
+/// Checks that a legacy (pre-zip) `.pth` holds exactly the bytes its tensors need: burn-store
+/// reads a tensor that lies past the end of a cut-short file as zeros instead of failing. The
+/// layout is five pickles (magic, protocol, system info, the state dict, the storage keys)
+/// followed by each storage as a u64 element count and its elements.
+fn verify_legacy(path: &Path, top_level_key: Option<&str>) -> Result<()> {
+    use burn_store::pytorch::pickle_reader::{read_pickle, skip_pickle, Object};
+    use std::io::Seek;
+    let reader = match top_level_key {
+        Some(key) => PytorchReader::with_top_level_key(path, key),
+        None => PytorchReader::new(path),
+    }
+    .map_err(|e| Error::invalid(path, "pickle", e.to_string()))?;
+    if !reader.metadata().is_legacy_format() {
+        return Ok(());
+    }
+    let bad = |e: &dyn std::fmt::Display| Error::invalid(path, "pickle", e.to_string());
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut stream = std::io::BufReader::new(file);
+    for _ in 0..3 {
+        read_pickle(&mut stream).map_err(|e| bad(&e))?;
+    }
+    skip_pickle(&mut stream).map_err(|e| bad(&e))?;
+    let keys = match read_pickle(&mut stream).map_err(|e| bad(&e))? {
+        Object::List(keys) => keys.len(),
+        _ => return Err(bad(&"the storage key list is missing")),
+    };
+    let start = stream.stream_position().map_err(|e| Error::io(path, e))?;
+    let end = stream
+        .seek(std::io::SeekFrom::End(0))
+        .map_err(|e| Error::io(path, e))?;
+    let held = end - start;
+    let tensors = reader.tensors();
+    // One storage per tensor (what `torch.save(model.state_dict())` writes) gives the exact
+    // size; shared storages give only a lower bound.
+    let needed: u64 = if tensors.len() == keys {
+        tensors
+            .values()
+            .map(|t| 8 + (t.shape.num_elements() * t.dtype.size()) as u64)
+            .sum()
+    } else {
+        8 * keys as u64
+    };
+    let exact = tensors.len() == keys;
+    if held < needed || (exact && held != needed) {
+        return Err(Error::invalid(
+            path,
+            "tensors",
+            format!(
+                "the file holds {held} bytes of tensor data where its {keys} tensors need \
+                 {needed}: it is cut short or damaged; download or copy it again"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Loads `path` into `module`, returning it with the report.
 pub fn load_pytorch<B: Backend, M: Module<B> + ModuleSnapshot<B>>(
     mut module: M,
@@ -69,6 +199,8 @@ pub fn load_pytorch<B: Backend, M: Module<B> + ModuleSnapshot<B>>(
             .load_from(&mut store)
             .map_err(|e| Error::invalid(path, "tensors", e.to_string()))?
     } else {
+        verify_zip(path)?;
+        verify_legacy(path, options.top_level_key.as_deref())?;
         let mut store = PytorchStore::from_file(path)
             .remap(remapper)
             .allow_partial(true);
@@ -104,7 +236,8 @@ pub fn load_pytorch<B: Backend, M: Module<B> + ModuleSnapshot<B>>(
             path,
             "tensors",
             format!(
-                "{} module tensor(s) missing from the file (first: {}); set allow_partial to load anyway",
+                "{} module tensor(s) missing from the file (first: {}); it holds weights of \
+                 another architecture or size",
                 report.missing.len(),
                 shown.join(", ")
             ),
@@ -117,6 +250,7 @@ pub fn load_pytorch<B: Backend, M: Module<B> + ModuleSnapshot<B>>(
             "no tensor matched the module; wrong architecture or key layout?",
         ));
     }
+    check_finite(&module, path)?;
     Ok((module, report))
 }
 
@@ -145,10 +279,34 @@ pub fn load_native<B: Backend, M: Module<B> + ModuleSnapshot<B>>(
     mut module: M,
     path: &Path,
 ) -> Result<M> {
-    let mut store = SafetensorsStore::from_file(path).skip_enum_variants(true);
-    module
+    let mut store = SafetensorsStore::from_file(path)
+        .skip_enum_variants(true)
+        .allow_partial(true);
+    let result = module
         .load_from(&mut store)
         .map_err(|e| Error::invalid(path, "tensors", e.to_string()))?;
+    if let Some(err) = result.errors.first() {
+        return Err(Error::invalid(
+            path,
+            "tensors",
+            format!(
+                "{} tensor(s) could not be loaded, first: {err}",
+                result.errors.len()
+            ),
+        ));
+    }
+    if let Some((first, _)) = result.missing.first() {
+        return Err(Error::invalid(
+            path,
+            "tensors",
+            format!(
+                "{} tensor(s) of the model are missing (first: {first}); the file was exported \
+                 for another model or by another densekd version",
+                result.missing.len()
+            ),
+        ));
+    }
+    check_finite(&module, path)?;
     Ok(module)
 }
 

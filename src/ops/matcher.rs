@@ -35,15 +35,14 @@ pub fn linear_sum_assignment<T: Copy + Into<f64>>(
     }
     let costs: Vec<f64> = cost.iter().map(|&c| c.into()).collect();
     if let Some(i) = costs.iter().position(|c| !c.is_finite()) {
-        return Err(Error::config(
-            "cost",
-            format!(
-                "entry ({}, {}) is {}; matching costs must be finite",
+        return Err(Error::NotFinite {
+            what: format!(
+                "the matching cost ({}, {}) = {}",
                 i / cols,
                 i % cols,
                 costs[i]
             ),
-        ));
+        });
     }
     let (row_ind, col_ind) = lsap::solve(rows, cols, &costs, false)
         .map_err(|e| Error::config("cost", format!("assignment failed: {e:?}")))?;

@@ -1,12 +1,15 @@
 //! Checkpoints: a folder per step holding the model, optimiser and distiller records and the
-//! loop state, made current by atomically rewriting `latest.json`. A run killed at any instant
-//! leaves the previous checkpoint intact.
+//! loop state with each record's length and SHA-256, made current by atomically rewriting
+//! `latest.json`. The folder is written under a temporary name and renamed when complete, so a
+//! run killed at any instant (or a full disk) leaves the previous checkpoint intact and no
+//! half-written one; a truncated or altered record is refused, naming its file, before loading.
 
 use std::path::{Path, PathBuf};
 
 use burn::record::{BinBytesRecorder, FullPrecisionSettings, Record, Recorder};
 use burn::tensor::backend::Backend;
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 use crate::error::{write_atomic, Error, Result};
 
@@ -23,6 +26,41 @@ pub struct LoopState {
     pub next_lr: f64,
     /// Run seed; the data order, augmentation and dropout streams derive from it and the step.
     pub seed: u64,
+    /// Batches skipped so far for a non-finite loss or gradient (`optim.skip_nonfinite`).
+    #[serde(default)]
+    pub skipped: usize,
+}
+
+/// A checkpoint's `state.json`: the loop state and what each record file must hold.
+#[derive(Serialize, Deserialize)]
+struct Manifest {
+    #[serde(flatten)]
+    state: LoopState,
+    /// Empty in checkpoints written before records were checksummed.
+    #[serde(default)]
+    files: Vec<FileSum>,
+}
+
+/// The length and SHA-256 of one record file.
+#[derive(Serialize, Deserialize)]
+struct FileSum {
+    name: String,
+    bytes: usize,
+    sha256: String,
+}
+
+impl FileSum {
+    fn of(name: &str, bytes: &[u8]) -> Self {
+        FileSum {
+            name: name.to_string(),
+            bytes: bytes.len(),
+            sha256: hex(&Sha256::digest(bytes)),
+        }
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[derive(Serialize, Deserialize)]
@@ -70,16 +108,38 @@ impl Checkpoints {
         }
     }
 
-    /// Writes a checkpoint and makes it the latest, then removes older ones.
+    /// Writes a checkpoint and makes it the latest, then removes older ones. On failure the
+    /// partial folder is removed and the previous checkpoint stays the latest.
     pub fn save(&self, saved: &Saved) -> Result<()> {
         let name = format!("step-{:08}", saved.state.step);
         let dir = self.root.join(&name);
-        for (part, bytes) in &saved.parts {
-            write_atomic(&dir.join(format!("{part}.bin")), bytes)?;
+        let partial = self.root.join(format!("{name}.partial"));
+        let written = (|| {
+            if partial.exists() {
+                std::fs::remove_dir_all(&partial).map_err(|e| Error::io(&partial, e))?;
+            }
+            let mut files = Vec::with_capacity(saved.parts.len());
+            for (part, bytes) in &saved.parts {
+                let file = format!("{part}.bin");
+                write_atomic(&partial.join(&file), bytes)?;
+                files.push(FileSum::of(&file, bytes));
+            }
+            let manifest = Manifest {
+                state: saved.state,
+                files,
+            };
+            let state = serde_json::to_vec_pretty(&manifest)
+                .map_err(|e| Error::config("checkpoint", e.to_string()))?;
+            write_atomic(&partial.join("state.json"), &state)?;
+            if dir.exists() {
+                std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+            }
+            std::fs::rename(&partial, &dir).map_err(|e| Error::io(&dir, e))
+        })();
+        if let Err(e) = written {
+            let _ = std::fs::remove_dir_all(&partial);
+            return Err(e);
         }
-        let state = serde_json::to_vec_pretty(&saved.state)
-            .map_err(|e| Error::config("checkpoint", e.to_string()))?;
-        write_atomic(&dir.join("state.json"), &state)?;
         let latest = serde_json::to_vec(&Latest {
             step: saved.state.step,
             dir: name.clone(),
@@ -98,6 +158,14 @@ impl Checkpoints {
         Ok(())
     }
 
+    /// The step of the latest checkpoint, if one was written.
+    pub fn latest_step(&self) -> Option<usize> {
+        let bytes = std::fs::read(self.root.join("latest.json")).ok()?;
+        serde_json::from_slice::<Latest>(&bytes)
+            .ok()
+            .map(|l| l.step)
+    }
+
     /// Reads the latest checkpoint, if any; `parts` names the records to load.
     pub fn load_latest(&self, parts: &[&str]) -> Result<Option<Saved>> {
         let latest_path = self.root.join("latest.json");
@@ -112,20 +180,54 @@ impl Checkpoints {
             })?;
         let dir = self.root.join(&latest.dir);
         let state_path = dir.join("state.json");
-        let state: LoopState =
+        let manifest: Manifest =
             serde_json::from_slice(&read(&state_path)?).map_err(|e| Error::Json {
                 path: state_path.clone(),
                 source: e,
             })?;
         let parts = parts
             .iter()
-            .map(|p| Ok(((*p).to_string(), read(&dir.join(format!("{p}.bin")))?)))
+            .map(|p| {
+                let file = format!("{p}.bin");
+                let path = dir.join(&file);
+                let bytes = read(&path)?;
+                if let Some(sum) = manifest.files.iter().find(|f| f.name == file) {
+                    verify(&path, &bytes, sum)?;
+                }
+                Ok(((*p).to_string(), bytes))
+            })
             .collect::<Result<Vec<_>>>()?;
+        let state = manifest.state;
         Ok(Some(Saved { state, parts }))
     }
 
-    /// The folder holding the latest checkpoint's files (for error messages).
+    /// The checkpoint folder (for messages).
     pub fn root(&self) -> &Path {
         &self.root
     }
+}
+
+/// Refuses record bytes that differ from their manifest entry.
+fn verify(path: &Path, bytes: &[u8], sum: &FileSum) -> Result<()> {
+    let damaged = |what: String| {
+        Err(Error::invalid(
+            path,
+            "checkpoint",
+            format!(
+                "{what}; the file is damaged (a copy cut short or altered). Restore it, or \
+                 delete the checkpoints folder and train from scratch"
+            ),
+        ))
+    };
+    if bytes.len() != sum.bytes {
+        return damaged(format!(
+            "holds {} bytes where the checkpoint wrote {}",
+            bytes.len(),
+            sum.bytes
+        ));
+    }
+    if hex(&Sha256::digest(bytes)) != sum.sha256 {
+        return damaged("its SHA-256 differs from the one recorded in state.json".into());
+    }
+    Ok(())
 }

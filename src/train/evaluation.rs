@@ -71,6 +71,7 @@ where
         batch: 0,
         next_lr: 0.0,
         seed: 0,
+        skipped: 0,
     };
     for teacher in distiller.teachers() {
         let stats = task.evaluate(&teacher.model)?;

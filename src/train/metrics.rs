@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
+use crate::task::ModelStats;
 
 /// An append-only metrics log.
 pub struct MetricsLog {
@@ -47,6 +48,32 @@ impl MetricsLog {
     /// The log's path.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The `eval` lines logged at `step`, as (model, stats) in log order; `null` reads as NaN.
+    pub fn evals_at(&self, step: usize) -> Result<ModelStats> {
+        let text = std::fs::read_to_string(&self.path).map_err(|e| Error::io(&self.path, e))?;
+        let mut out = Vec::new();
+        for line in text.lines() {
+            let Ok(Value::Object(fields)) = serde_json::from_str::<Value>(line) else {
+                continue;
+            };
+            let at = fields.get("step").and_then(Value::as_u64) == Some(step as u64);
+            if !at || fields.get("kind").and_then(Value::as_str) != Some("eval") {
+                continue;
+            }
+            let model = fields
+                .get("model")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            let stats = fields
+                .iter()
+                .filter(|(k, _)| !matches!(k.as_str(), "kind" | "epoch" | "step" | "model"))
+                .map(|(k, v)| (k.clone(), v.as_f64().unwrap_or(f64::NAN)))
+                .collect();
+            out.push((model.to_string(), stats));
+        }
+        Ok(out)
     }
 
     /// Appends one line: `kind`, then `fields` in order.

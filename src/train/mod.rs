@@ -9,6 +9,7 @@ pub mod config;
 mod evaluation;
 pub mod metrics;
 pub mod optim;
+mod progress;
 pub mod run;
 pub mod schedule;
 mod step;
@@ -31,6 +32,7 @@ use config::{CheckpointConfig, EvalConfig, OptimConfig};
 use evaluation::{check_teachers, evaluate_all, log_diagnostics, plot, probe_all, Probes};
 use metrics::MetricsLog;
 use optim::{clip_global_norm, clip_values, step_groups};
+use progress::Progress;
 use schedule::LrSchedule;
 use step::{data_parallel_step, StepError};
 
@@ -119,6 +121,7 @@ where
         batch: 0,
         next_lr: schedule.lr(0),
         seed: config.seed,
+        skipped: 0,
     };
     let mut resumed = None;
     let mut probes: Probes = Vec::new();
@@ -146,6 +149,10 @@ where
     }
     let mut log = MetricsLog::open(&run_dir.join("metrics.jsonl"), resumed)?;
     match resumed {
+        Some(step) if step >= total => eprintln!(
+            "{} finished its {total} steps already; rewriting its exports",
+            run_dir.display()
+        ),
         Some(step) => eprintln!("resuming {} at step {step}/{total}", run_dir.display()),
         None => {
             check_teachers(task, &*distiller, &mut log)?;
@@ -154,7 +161,7 @@ where
         }
     }
 
-    let bar = progress_bar(options.progress, total, state.step)?;
+    let mut progress = Progress::new(options.progress, total, state.step)?;
     let save = |model: &Trained<B, T, D>, optim: Vec<u8>, distiller: &D, probes: &Probes, state| {
         let probes =
             serde_json::to_vec(probes).map_err(|e| Error::config("probes", e.to_string()))?;
@@ -186,19 +193,50 @@ where
                 config.optim.replicas,
                 derive_seed(&[config.seed, state.step as u64, 0xd1]),
             );
-            let step = data_parallel_step(task, &*distiller, &model, shards, log_now)
-                .map_err(|e| not_finite(e, state.step, &checkpoints))?;
-            let mut groups = step.groups;
-            clip_values(&model, &mut groups[..], config.optim.clip_value);
-            let grad_norm = clip_global_norm(&model, &mut groups[..], config.optim.clip_norm);
+            let outcome =
+                data_parallel_step(task, &*distiller, &model, shards, log_now).and_then(|step| {
+                    let mut groups = step.groups;
+                    clip_values(&model, &mut groups[..], config.optim.clip_value);
+                    let norm = clip_global_norm(&model, &mut groups[..], config.optim.clip_norm);
+                    if norm.is_finite() {
+                        Ok((groups, norm, step.total, step.values))
+                    } else {
+                        Err(StepError::NotFinite(format!(
+                            "gradient norm {norm}; loss {}",
+                            step.total
+                        )))
+                    }
+                });
+            let (groups, grad_norm, loss, values) = match outcome {
+                Ok(done) => done,
+                Err(StepError::NotFinite(what)) if state.skipped < config.optim.skip_nonfinite => {
+                    state.skipped += 1;
+                    progress.println(&format!(
+                        "warning: step {}: not finite ({what}); batch skipped without an update \
+                         ({} of optim.skip_nonfinite = {})",
+                        state.step + 1,
+                        state.skipped,
+                        config.optim.skip_nonfinite
+                    ));
+                    log.write(
+                        "skipped",
+                        &[
+                            ("epoch", Value::from(epoch)),
+                            ("step", Value::from(state.step + 1)),
+                            ("reason", Value::from(what)),
+                        ],
+                    )?;
+                    (Vec::new(), f64::NAN, f64::NAN, None)
+                }
+                Err(e) => return Err(step_error(e, state.step + 1, &checkpoints)),
+            };
             model = step_groups(&mut optim, model, groups, lr);
             distiller.after_step(&model.0, state.step);
             state.step += 1;
             state.batch += 1;
             state.next_lr = schedule.lr(state.step);
-            bar.set_position(state.step as u64);
-            if let Some(values) = step.values {
-                bar.set_message(format!("loss {:.3} lr {lr:.2e}", step.total));
+            progress.update(state.step, values.as_ref().map(|_| loss), lr);
+            if let Some(values) = values {
                 let mut fields = vec![
                     ("epoch", Value::from(epoch)),
                     ("step", Value::from(state.step)),
@@ -235,17 +273,15 @@ where
         }
         if last || state.epoch.is_multiple_of(config.eval.every_epochs) {
             final_eval = evaluate_all(task, &*distiller, &model.0, &mut log, state)?;
-            bar.suspend(|| {
-                for (name, stats) in &final_eval {
-                    eprintln!(
-                        "epoch {}/{} step {} {name}: {}",
-                        state.epoch,
-                        config.optim.epochs,
-                        state.step,
-                        evaluation::headline(task, stats)
-                    );
-                }
-            });
+            for (name, stats) in &final_eval {
+                progress.println(&format!(
+                    "epoch {}/{} step {} {name}: {}",
+                    state.epoch,
+                    config.optim.epochs,
+                    state.step,
+                    evaluation::headline(task, stats)
+                ));
+            }
             plot(&log);
         }
         save(
@@ -260,14 +296,28 @@ where
             break;
         }
     }
-    bar.finish_and_clear();
+    progress.finish();
 
     if finished {
         if final_eval.is_empty() {
-            // Resumed after the last epoch's checkpoint: the eval ran, but recompute for the summary.
-            final_eval = evaluate_all(task, &*distiller, &model.0, &mut log, state)?;
+            // Resumed after the last epoch's checkpoint: its evaluation is in the log already.
+            final_eval = match log.evals_at(state.step)? {
+                logged if !logged.is_empty() => logged,
+                _ => evaluate_all(task, &*distiller, &model.0, &mut log, state)?,
+            };
         }
         evaluation::finish(task, &*distiller, &model.0, &final_eval, &log, state, start)?;
+        eprintln!(
+            "finished {}: {}",
+            run_dir.display(),
+            run_dir.join("summary.json").display()
+        );
+    } else {
+        eprintln!(
+            "stopped at step {}; resume {} with --resume",
+            state.step,
+            run_dir.display()
+        );
     }
     Ok(RunSummary {
         steps: state.step,
@@ -277,34 +327,29 @@ where
     })
 }
 
-/// The error of a step that produced no gradients, naming the step and the intact checkpoint.
-fn not_finite(e: StepError, step: usize, checkpoints: &Checkpoints) -> Error {
+/// The error of a step whose loss or gradient norm is not finite, naming the step (1-based, as
+/// the progress lines and the log), the loss terms and what was saved before it.
+fn step_error(e: StepError, step: usize, checkpoints: &Checkpoints) -> Error {
     match e {
-        StepError::NotFinite(terms) => Error::config(
-            "training",
-            format!(
-                "step {step}: the loss is not finite ({terms}); the last checkpoint in {} is \
-                 intact — lower optim.lr or raise optim.warmup_steps and resume",
-                checkpoints.root().display()
-            ),
-        ),
+        StepError::NotFinite(terms) => {
+            let saved = match checkpoints.latest_step() {
+                Some(s) => format!(
+                    "the checkpoint of step {s} in {} is intact: lower optim.lr or raise \
+                     optim.warmup_steps and resume with --resume",
+                    checkpoints.root().display()
+                ),
+                None => "no checkpoint had been written yet: lower optim.lr or raise \
+                         optim.warmup_steps and start again"
+                    .to_string(),
+            };
+            Error::config(
+                "training",
+                format!(
+                    "step {step}: not finite ({terms}); stopped before the optimiser step, \
+                     {saved} (or set optim.skip_nonfinite to skip a few such batches)"
+                ),
+            )
+        }
         StepError::Failed(e) => e,
     }
-}
-
-/// A progress bar with loss and ETA at `position` of `total` steps, or a hidden one.
-fn progress_bar(show: bool, total: usize, position: usize) -> Result<indicatif::ProgressBar> {
-    if !show {
-        return Ok(indicatif::ProgressBar::hidden());
-    }
-    let bar = indicatif::ProgressBar::new(total as u64);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{elapsed_precise} [{bar:30}] {pos}/{len} ETA {eta} {msg}",
-        )
-        .map_err(|e| Error::config("progress", e.to_string()))?
-        .progress_chars("=> "),
-    );
-    bar.set_position(position as u64);
-    Ok(bar)
 }

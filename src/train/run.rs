@@ -42,7 +42,26 @@ pub fn train_with_options(config: &TrainConfig, options: &RunOptions) -> Result<
     let (run_dir, resume) = (options.run_dir.as_path(), options.resume);
     let saved_path = run_dir.join("config.toml");
     let has_checkpoint = run_dir.join("checkpoints").join("latest.json").exists();
-    if resume && saved_path.exists() {
+    if resume && !has_checkpoint {
+        return Err(Error::config(
+            "--resume",
+            format!(
+                "{} holds no checkpoint to resume; train without --resume to start a run there",
+                run_dir.display()
+            ),
+        ));
+    }
+    if resume && !saved_path.exists() {
+        return Err(Error::config(
+            "--resume",
+            format!(
+                "{} is missing: the run's config cannot be checked against this one; restore it \
+                 (or copy the config the run was started with there) and resume again",
+                saved_path.display()
+            ),
+        ));
+    }
+    if resume {
         let saved = TrainConfig::load(&saved_path, &[])?;
         let changed = differing_keys(&saved, config)?;
         if !changed.is_empty() {
@@ -55,7 +74,7 @@ pub fn train_with_options(config: &TrainConfig, options: &RunOptions) -> Result<
                 ),
             ));
         }
-    } else if has_checkpoint && !resume {
+    } else if has_checkpoint {
         return Err(Error::config(
             "--out",
             format!(

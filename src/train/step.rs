@@ -31,7 +31,10 @@ pub(super) enum StepError {
 
 impl From<Error> for StepError {
     fn from(e: Error) -> Self {
-        StepError::Failed(e)
+        match e {
+            Error::NotFinite { what } => StepError::NotFinite(what),
+            e => StepError::Failed(e),
+        }
     }
 }
 

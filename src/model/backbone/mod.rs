@@ -26,7 +26,8 @@ pub struct BackboneFeatures<B: Backend> {
     pub c5: Tensor<B, 4>,
 }
 
-/// Which network.
+/// Which network. One vocabulary everywhere: configs and `--arch` accept both `mobilenet_v2`
+/// and `mobilenet-v2`; configs are written with underscores.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum Arch {
@@ -37,6 +38,8 @@ pub enum Arch {
     /// ResNet-50 (bottlenecks 3-4-6-3).
     Resnet50,
     /// MobileNetV2 (inverted residuals).
+    #[serde(alias = "mobilenet-v2")]
+    #[value(name = "mobilenet_v2", alias = "mobilenet-v2")]
     MobilenetV2,
 }
 

@@ -49,6 +49,10 @@ pub struct OptimConfig {
     /// clipping, which LGD's recipes use; 0 disables it).
     #[serde(default)]
     pub clip_value: f64,
+    /// Batches whose loss or gradient norm is not finite that may be skipped (counted, with a
+    /// warning) before training stops; 0 stops at the first.
+    #[serde(default)]
+    pub skip_nonfinite: usize,
     /// Linear warm-up steps from 0.
     #[serde(default)]
     pub warmup_steps: usize,
