@@ -86,12 +86,12 @@ struct PredictArgs {
     /// Output folder: detections.json and vis/*.png.
     #[arg(long)]
     out: PathBuf,
-    /// Keep detections scoring at least this (use 0 to evaluate AP with the results).
-    #[arg(long, default_value_t = 0.3)]
+    /// Keep detections scoring at least this, in [0, 1] (use 0 to evaluate AP with the results).
+    #[arg(long, default_value_t = 0.3, value_parser = unit_interval, allow_hyphen_values = true)]
     score_thr: f64,
-    /// Detections per image before the threshold.
-    #[arg(long, default_value_t = 100)]
-    max_dets: usize,
+    /// Detections per image before the threshold (1 to 10000).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u16).range(1..=10_000))]
+    max_dets: u16,
     /// COCO ground truth whose image ids the results use (images matched by file name).
     #[arg(long)]
     gt: Option<PathBuf>,
@@ -147,6 +147,9 @@ struct SynthArgs {
     /// Read the written val split back and evaluate its ground truth against itself.
     #[arg(long)]
     check: bool,
+    /// Replace the output folder when it is not empty (its whole content is deleted).
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(Args)]
@@ -192,9 +195,9 @@ enum EvalCommand {
         /// Folder of predicted label-map PNGs.
         #[arg(long)]
         pred: PathBuf,
-        /// Number of classes K (labels 0..K-1).
-        #[arg(long)]
-        num_classes: usize,
+        /// Number of classes K (labels 0..K-1; label maps are 8-bit, so at most 256).
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..=256))]
+        num_classes: u16,
         /// Ground-truth label to ignore.
         #[arg(long, default_value_t = 255)]
         ignore_index: u8,
@@ -202,6 +205,18 @@ enum EvalCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// Parses a number in [0, 1] (NaN and negatives are refused by name).
+fn unit_interval(text: &str) -> std::result::Result<f64, String> {
+    let v: f64 = text
+        .parse()
+        .map_err(|_| format!("`{text}` is not a number"))?;
+    if (0.0..=1.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("{text} is outside [0, 1]"))
+    }
 }
 
 fn to_json<T: serde::Serialize>(value: &T) -> Result<String> {
@@ -219,6 +234,18 @@ fn synth(args: SynthArgs) -> Result<()> {
         ..SynthConfig::default()
     };
     config.validate().map_err(|m| Error::config("synth", m))?;
+    let occupied = std::fs::read_dir(&args.out).is_ok_and(|mut d| d.next().is_some());
+    if occupied && !args.force {
+        return Err(Error::invalid(
+            &args.out,
+            "--out",
+            "the folder is not empty; writing into it would mix old and new files. Choose an \
+             empty folder, or pass --force to replace it whole",
+        ));
+    }
+    if occupied {
+        std::fs::remove_dir_all(&args.out).map_err(|e| Error::io(&args.out, e))?;
+    }
     for (split, n) in [(Split::Train, args.train), (Split::Val, args.val)] {
         let started = std::time::Instant::now();
         let s = write_split(&args.out, &config, split, n)?;
@@ -320,10 +347,7 @@ fn eval(cmd: EvalCommand) -> Result<()> {
             ignore_index,
             json,
         } => {
-            if num_classes == 0 {
-                return Err(Error::config("--num-classes", "must be at least 1"));
-            }
-            let stats = seg::evaluate_dirs(&gt, &pred, num_classes, ignore_index)?;
+            let stats = seg::evaluate_dirs(&gt, &pred, num_classes.into(), ignore_index)?;
             if json {
                 println!("{}", to_json(&stats)?);
             } else {
@@ -356,13 +380,27 @@ fn classify(args: ClassifyArgs) -> Result<()> {
         );
     }
     let mut ranked = Vec::with_capacity(args.images.len());
+    let mut skipped = Vec::new();
     // Small batches keep memory flat for long image lists.
     for chunk in args.images.chunks(8) {
-        let images = chunk
-            .iter()
-            .map(|p| load_rgb(p))
-            .collect::<Result<Vec<_>>>()?;
-        for (path, logits) in chunk.iter().zip(classify_images(&model, &images, &device)?) {
+        let mut paths = Vec::with_capacity(chunk.len());
+        let mut images = Vec::with_capacity(chunk.len());
+        for path in chunk {
+            match load_rgb(path) {
+                Ok(image) => {
+                    paths.push(path);
+                    images.push(image);
+                }
+                Err(e) => skipped.push(e),
+            }
+        }
+        if images.is_empty() {
+            continue;
+        }
+        for (path, logits) in paths
+            .into_iter()
+            .zip(classify_images(&model, &images, &device)?)
+        {
             ranked.push(Ranked {
                 image: path.display().to_string(),
                 top: top_k(&logits, args.top),
@@ -382,7 +420,7 @@ fn classify(args: ClassifyArgs) -> Result<()> {
             }
         }
     }
-    Ok(())
+    skipped_images(&skipped, args.images.len())
 }
 
 fn train(args: TrainArgs) -> Result<()> {
@@ -438,7 +476,7 @@ fn predict(args: PredictArgs) -> Result<()> {
     let images = collect_images(&args.images)?;
     let options = PredictOptions {
         score_thr: args.score_thr,
-        max_dets: args.max_dets,
+        max_dets: args.max_dets.into(),
         gt: args.gt,
         draw: !args.no_draw,
     };
@@ -456,7 +494,26 @@ fn predict(args: PredictArgs) -> Result<()> {
             summary.results.display()
         ),
     }
-    Ok(())
+    skipped_images(&summary.skipped, images.len())
+}
+
+/// Reports the images a command could not read; an error when there were any, after the others'
+/// results were written.
+fn skipped_images(skipped: &[Error], total: usize) -> Result<()> {
+    for e in skipped {
+        eprintln!("skipped: {e}");
+    }
+    if skipped.is_empty() {
+        return Ok(());
+    }
+    Err(Error::config(
+        "--images",
+        format!(
+            "{} of {total} images could not be read (listed above); the results of the others \
+             were written",
+            skipped.len()
+        ),
+    ))
 }
 
 fn main() -> ExitCode {

@@ -36,7 +36,7 @@ pub struct PredictOptions {
 }
 
 /// What a prediction run wrote.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct PredictSummary {
     /// Images processed.
     pub images: usize,
@@ -44,6 +44,8 @@ pub struct PredictSummary {
     pub detections: Option<usize>,
     /// The results JSON (detector) or the label-map folder (segmenter).
     pub results: PathBuf,
+    /// Images that could not be read, with why; the others were processed.
+    pub skipped: Vec<Error>,
 }
 
 /// Expands folders into their images (sorted) and keeps files as given.
@@ -71,7 +73,8 @@ pub fn collect_images(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
 }
 
 /// Runs the model in `weights` on `images`: a detector writes `out/detections.json`, a
-/// segmenter `out/labels/<stem>.png`; both draw `out/vis/<stem>.png` if asked.
+/// segmenter `out/labels/<stem>.png`; both draw `out/vis/<stem>.png` if asked. An unreadable
+/// image is listed in [`PredictSummary::skipped`] and the others are still processed.
 pub fn predict<B: Backend>(
     weights: &Path,
     images: &[PathBuf],
@@ -151,8 +154,15 @@ fn segment<B: Backend>(
     options: &PredictOptions,
 ) -> Result<PredictSummary> {
     let labels_dir = out.join("labels");
+    let mut skipped = Vec::new();
     for (path, stem) in images.iter().zip(unique_stems(images)) {
-        let image = load_rgb(path)?;
+        let image = match load_rgb(path) {
+            Ok(image) => image,
+            Err(e) => {
+                skipped.push(e);
+                continue;
+            }
+        };
         let (width, height) = image.dimensions();
         let sample = SegSample {
             name: stem.clone(),
@@ -177,9 +187,10 @@ fn segment<B: Backend>(
         }
     }
     Ok(PredictSummary {
-        images: images.len(),
+        images: images.len() - skipped.len(),
         detections: None,
         results: labels_dir,
+        skipped,
     })
 }
 
@@ -236,8 +247,15 @@ fn detect(
     };
 
     let mut results = Vec::new();
+    let mut skipped = Vec::new();
     for ((path, &id), stem) in images.iter().zip(&ids).zip(unique_stems(images)) {
-        let image = load_rgb(path)?;
+        let image = match load_rgb(path) {
+            Ok(image) => image,
+            Err(e) => {
+                skipped.push(e);
+                continue;
+            }
+        };
         let batch = collate_detection(
             vec![prepare_image(id, &image, info.preprocess)],
             info.size_divisor,
@@ -270,8 +288,9 @@ fn detect(
     let results_path = out.join("detections.json");
     crate::data::coco::write_json(&results_path, &results)?;
     Ok(PredictSummary {
-        images: images.len(),
+        images: images.len() - skipped.len(),
         detections: Some(results.len()),
         results: results_path,
+        skipped,
     })
 }

@@ -106,6 +106,30 @@ fn augment_sample<R: Rng>(
     }
 }
 
+/// Reads the header of every image `dataset` lists under `root`: a missing or undecodable file,
+/// or one whose size differs from its record, is an error naming it before training starts
+/// instead of when the loader first reaches it.
+pub fn check_image_headers(dataset: &CocoDataset, root: &std::path::Path) -> Result<()> {
+    for entry in &dataset.images {
+        let path = root.join(&entry.file_name);
+        let (width, height) = crate::data::images::read_size(&path)?;
+        if (width, height) != (entry.width, entry.height) {
+            return Err(Error::invalid(
+                &path,
+                "size",
+                format!(
+                    "{width}x{height} but {} says {}x{} (image id {})",
+                    dataset.path.display(),
+                    entry.width,
+                    entry.height,
+                    entry.id
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Images and boxes from a validated COCO file and an image folder.
 #[derive(Clone)]
 pub struct CocoSource {

@@ -8,7 +8,7 @@ use image::RgbImage;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
-use crate::data::images::{list_images, load_rgb};
+use crate::data::images::{list_images, load_rgb, read_size};
 use crate::data::labelmap::{read_label_map, LabelMap};
 use crate::data::loader::Source;
 use crate::data::synth::{self, Split, SynthConfig};
@@ -128,6 +128,23 @@ impl LabelMapFolder {
                     format!("no label map with this stem in {}", labels.display()),
                 )
             })?;
+            // Headers only: a missing, undecodable or mismatched file fails now, not mid-epoch.
+            let size = read_size(&img)?;
+            let label_size = read_size(&label)?;
+            if size != label_size {
+                return Err(Error::invalid(
+                    &label,
+                    "size",
+                    format!(
+                        "{}x{} but its image {} is {}x{}",
+                        label_size.0,
+                        label_size.1,
+                        img.display(),
+                        size.0,
+                        size.1
+                    ),
+                ));
+            }
             pairs.push((img, label));
         }
         if pairs.is_empty() {

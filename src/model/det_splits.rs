@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use crate::data::coco::{Category, CocoDataset, InvalidPolicy};
+use crate::data::detection::check_image_headers;
 use crate::data::detection::{
     collate_detection, CocoSource, DetAugment, DetBatch, DetSource, SynthDetSource,
 };
@@ -59,6 +60,8 @@ impl DetSplits {
                         format!("differ from those of {}", c.train_json.display()),
                     ));
                 }
+                check_image_headers(&train, &c.train_images)?;
+                check_image_headers(&val, &c.val_images)?;
                 let source = |dataset, root: &Path, augment| {
                     DetSource::Coco(CocoSource {
                         dataset,

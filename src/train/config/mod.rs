@@ -17,8 +17,8 @@ use crate::model::deeplabv3::config::DeepLabV3Section;
 use crate::model::detr::config::DetrSection;
 use crate::model::fcos::config::FcosSection;
 use crate::task::TaskInputs;
-use overrides::read_with_bases;
 pub use overrides::{apply_override, differing_keys};
+use overrides::{key_line, read_with_bases, Sources};
 pub use sections::{CheckpointConfig, EvalConfig, OptimConfig, Schedule};
 
 /// The model kinds, as their config sections are named.
@@ -91,31 +91,80 @@ impl ModelSection<'_> {
     }
 }
 
-/// Turns a TOML table into a config, naming the key at fault. `origin` labels errors.
-fn from_table(table: &toml::Table, origin: &Path) -> Result<TrainConfig> {
-    // Re-serialising lets toml report the line of the offending key, even for overrides.
-    let text = toml::to_string(table)
-        .map_err(|e| Error::config(origin.display().to_string(), e.to_string()))?;
-    let config: TrainConfig = toml::from_str(&text).map_err(|e| {
-        Error::invalid(
-            origin,
-            "config",
-            e.to_string().trim_end().replace('\n', "\n  "),
-        )
+/// Turns a TOML table into a config. An error names the dotted key, where it was set (the
+/// file and line, or `--set`) and, for a misspelled key, the closest valid one.
+fn from_table(table: &toml::Table, sources: &Sources, overrides: &[String]) -> Result<TrainConfig> {
+    let value = toml::Value::Table(table.clone());
+    let config: TrainConfig = serde_path_to_error::deserialize(value).map_err(|e| {
+        let mut key: Vec<String> = e
+            .path()
+            .iter()
+            .map(|s| s.to_string())
+            .filter(|s| s != "?")
+            .collect();
+        // toml appends "in `key`" on a second line; the key is named here already.
+        let inner = e.inner().to_string();
+        let mut message = inner.lines().next().unwrap_or_default().to_string();
+        if let Some(unknown) = message
+            .strip_prefix("unknown field `")
+            .and_then(|m| m.split_once('`'))
+            .map(|(name, _)| name.to_string())
+        {
+            let close = closest(&unknown, &message);
+            if key.last() != Some(&unknown) {
+                key.push(unknown);
+            }
+            message = match close {
+                Some(c) => format!("unknown key; did you mean `{c}`?"),
+                None => format!("unknown key ({message})"),
+            };
+        }
+        let dotted = key.join(".");
+        let parts: Vec<&str> = key.iter().map(String::as_str).collect();
+        let set = overrides.iter().rev().find(|o| {
+            o.split_once('=').is_some_and(|(k, _)| {
+                let k = k.trim();
+                k == dotted || k.starts_with(&format!("{dotted}."))
+            })
+        });
+        match set {
+            Some(o) => Error::config(format!("--set {o}"), message),
+            None => match sources
+                .iter()
+                .find_map(|(path, text)| Some((path, key_line(text, &parts)?)))
+            {
+                Some((path, line)) => {
+                    Error::invalid(path, format!("{dotted} (line {line})"), message)
+                }
+                None => Error::invalid(&sources[0].0, dotted, message),
+            },
+        }
     })?;
     config.validate()?;
     Ok(config)
+}
+
+/// The valid key closest to a misspelled one, from serde's "expected one of `a`, `b`" list.
+fn closest(unknown: &str, message: &str) -> Option<String> {
+    let (_, expected) = message.split_once("expected one of ")?;
+    expected
+        .split(", ")
+        .map(|k| k.trim_matches('`'))
+        .map(|k| (strsim::damerau_levenshtein(unknown, k), k))
+        .filter(|&(d, k)| d <= 2.max(k.len() / 3))
+        .min()
+        .map(|(_, k)| k.to_string())
 }
 
 impl TrainConfig {
     /// Reads `path` (merged over its `base` file, if it names one) and applies `overrides`
     /// (`key=value`, in order).
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
-        let mut table = read_with_bases(path)?;
+        let (mut table, sources) = read_with_bases(path)?;
         for o in overrides {
             apply_override(&mut table, o)?;
         }
-        let mut config = from_table(&table, path)?;
+        let mut config = from_table(&table, &sources, overrides)?;
         if config
             .backbone_weights
             .as_ref()

@@ -1,7 +1,7 @@
 //! Editing a config as a TOML table: `--set key=value` overrides, `base` inheritance (a config
 //! that names another and changes some keys), and the keys in which two configs differ.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 use crate::train::config::TrainConfig;
@@ -9,11 +9,15 @@ use crate::train::config::TrainConfig;
 /// How many `base` files a config may chain through (a guard against cycles).
 const MAX_BASES: usize = 8;
 
+/// The files a config was read from with their text, the config's own first, then its bases.
+pub type Sources = Vec<(PathBuf, String)>;
+
 /// Reads `path` as a TOML table, merged over the table of its `base` file (a path relative to
 /// `path`'s folder) when it names one: tables merge key by key, other values replace.
-pub fn read_with_bases(path: &Path) -> Result<toml::Table> {
+pub fn read_with_bases(path: &Path) -> Result<(toml::Table, Sources)> {
     let mut chain = vec![path.to_path_buf()];
     let mut tables = Vec::new();
+    let mut sources = Vec::new();
     while let Some(file) = chain.last().cloned() {
         let text = std::fs::read_to_string(&file).map_err(|e| Error::io(&file, e))?;
         let mut table: toml::Table = toml::from_str(&text).map_err(|e| {
@@ -29,6 +33,7 @@ pub fn read_with_bases(path: &Path) -> Result<toml::Table> {
             Some(_) => return Err(Error::invalid(&file, "base", "must be a file name")),
         };
         tables.push(table);
+        sources.push((file.clone(), text));
         let Some(base) = base else { break };
         if chain.len() > MAX_BASES {
             return Err(Error::invalid(
@@ -44,7 +49,22 @@ pub fn read_with_bases(path: &Path) -> Result<toml::Table> {
     for table in tables.into_iter().rev() {
         merge(&mut merged, table);
     }
-    Ok(merged)
+    Ok((merged, sources))
+}
+
+/// The 1-based line of `text` where the dotted `key` is defined, if it is.
+pub fn key_line(text: &str, key: &[&str]) -> Option<usize> {
+    let document = toml::de::DeTable::parse(text).ok()?;
+    let mut table = document.get_ref();
+    let (last, parents) = key.split_last()?;
+    for part in parents {
+        match table.get(*part).map(|v| v.get_ref()) {
+            Some(toml::de::DeValue::Table(t)) => table = t,
+            _ => return None,
+        }
+    }
+    let (name, _) = table.get_key_value(*last)?;
+    Some(text[..name.span().start].matches('\n').count() + 1)
 }
 
 /// Merges `over` into `into`: tables key by key, everything else replaced.
@@ -59,12 +79,35 @@ fn merge(into: &mut toml::Table, over: toml::Table) {
     }
 }
 
-/// Parses a `--set` value as TOML (number, bool, array, quoted string) or else as a bare string.
-fn parse_value(text: &str) -> toml::Value {
-    toml::from_str::<toml::Table>(&format!("v = {text}"))
+/// Parses a `--set` value as TOML (number, bool, array, quoted string); a bare word such as
+/// `cosine` or a path is taken as a string, but text that starts like a number, array or
+/// quoted string and does not parse (`1e-3x`, `[1,`) is an error naming the key.
+fn parse_value(key: &str, text: &str) -> Result<toml::Value> {
+    // `backbone_weights=` means "no pretrained weights"; elsewhere an empty value is a mistake
+    // (a path or name left out) that would surface later without its key.
+    if text.is_empty() && key != "backbone_weights" {
+        return Err(Error::config(
+            format!("--set {key}"),
+            "has no value after `=` (write a number, true/false, \"text\" or a path)",
+        ));
+    }
+    if let Some(v) = toml::from_str::<toml::Table>(&format!("v = {text}"))
         .ok()
         .and_then(|mut t| t.remove("v"))
-        .unwrap_or_else(|| toml::Value::String(text.to_string()))
+    {
+        return Ok(v);
+    }
+    let starts_like_toml = text
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_digit() || "+-.[{\"'".contains(c));
+    if starts_like_toml {
+        return Err(Error::config(
+            format!("--set {key}"),
+            format!("`{text}` is not a TOML value (a number, true/false, \"text\" or [a, list])"),
+        ));
+    }
+    Ok(toml::Value::String(text.to_string()))
 }
 
 /// Sets `dotted.key = value` in `table`, creating intermediate tables.
@@ -94,7 +137,7 @@ pub fn apply_override(table: &mut toml::Table, assignment: &str) -> Result<()> {
     }
     node.insert(
         parts[parts.len() - 1].to_string(),
-        parse_value(value.trim()),
+        parse_value(key, value.trim())?,
     );
     Ok(())
 }
