@@ -50,13 +50,19 @@ fn resumes_are_checked_and_a_finished_run_keeps_its_log() {
     let tmp = tempfile::tempdir().expect("tmp");
     let dir = tmp.path().join("run");
     let (ok, _, stderr) = train("detr_smoke.toml", &tmp.path().join("none"), &["--resume"]);
-    assert!(!ok && stderr.contains("holds no checkpoint to resume"), "{stderr}");
+    assert!(
+        !ok && stderr.contains("holds no checkpoint to resume"),
+        "{stderr}"
+    );
 
     let (ok, _, stderr) = train("detr_smoke.toml", &dir, &[]);
     assert!(ok, "{stderr}");
     let log = std::fs::read(dir.join("metrics.jsonl")).expect("log");
     let (ok, _, stderr) = train("detr_smoke.toml", &dir, &["--resume"]);
-    assert!(ok && stderr.contains("finished its 8 steps already"), "{stderr}");
+    assert!(
+        ok && stderr.contains("finished its 8 steps already"),
+        "{stderr}"
+    );
     assert_eq!(
         std::fs::read(dir.join("metrics.jsonl")).expect("log"),
         log,
@@ -135,7 +141,11 @@ fn a_diverging_run_stops_before_the_step_and_keeps_the_last_good_checkpoint() {
         .count();
     assert_eq!(skipped, 1);
     // The kept checkpoint resumes (and diverges again at the same step, as the config says).
-    let (ok, _, stderr) = train("fcos_smoke.toml", &dir, &[&sets[..], &["--resume"]].concat());
+    let (ok, _, stderr) = train(
+        "fcos_smoke.toml",
+        &dir,
+        &[&sets[..], &["--resume"]].concat(),
+    );
     assert!(!ok && stderr.contains("resuming"), "{stderr}");
 }
 
@@ -146,9 +156,17 @@ fn bad_arguments_and_config_values_are_named() {
     let cases: [(&[&str], &str); 4] = [
         (&["--set", "optim.lrr=1"], "did you mean `lr`"),
         (&["--set", "optim.lr=1e-3x"], "is not a TOML value"),
-        (&["--set", "data.coco.val_json="], "--set data.coco.val_json"),
         (
-            &["--set", "detr.model.backbone.arch=\"mobilenet-v2\"", "--set", "x=1"],
+            &["--set", "data.coco.val_json="],
+            "--set data.coco.val_json",
+        ),
+        (
+            &[
+                "--set",
+                "detr.model.backbone.arch=\"mobilenet-v2\"",
+                "--set",
+                "x=1",
+            ],
             "unknown key",
         ),
     ];
@@ -174,12 +192,44 @@ fn bad_arguments_and_config_values_are_named() {
     );
 
     for args in [
-        &["eval", "seg", "--gt", "a", "--pred", "b", "--num-classes", "4294967295"][..],
-        &["predict", "--weights", "w", "--images", "i", "--out", "o", "--score-thr", "NaN"],
-        &["predict", "--weights", "w", "--images", "i", "--out", "o", "--score-thr", "-1"],
+        &[
+            "eval",
+            "seg",
+            "--gt",
+            "a",
+            "--pred",
+            "b",
+            "--num-classes",
+            "4294967295",
+        ][..],
+        &[
+            "predict",
+            "--weights",
+            "w",
+            "--images",
+            "i",
+            "--out",
+            "o",
+            "--score-thr",
+            "NaN",
+        ],
+        &[
+            "predict",
+            "--weights",
+            "w",
+            "--images",
+            "i",
+            "--out",
+            "o",
+            "--score-thr",
+            "-1",
+        ],
     ] {
         let (ok, _, stderr) = densekd(args);
-        assert!(!ok && stderr.contains("invalid value"), "{args:?}: {stderr}");
+        assert!(
+            !ok && stderr.contains("invalid value"),
+            "{args:?}: {stderr}"
+        );
     }
     // One vocabulary: both spellings of an architecture reach the weights file.
     for arch in ["mobilenet_v2", "mobilenet-v2"] {
@@ -202,7 +252,10 @@ fn synth_refuses_a_used_folder_and_predict_keeps_the_readable_images() {
     let stale = data.join("images/train/stale.png");
     std::fs::write(&stale, b"old").expect("stale");
     let (ok, _, stderr) = synth(&[]);
-    assert!(!ok && stderr.contains("not empty") && stderr.contains("--force"), "{stderr}");
+    assert!(
+        !ok && stderr.contains("not empty") && stderr.contains("--force"),
+        "{stderr}"
+    );
     assert!(synth(&["--force"]).0);
     assert!(!stale.exists(), "--force must replace the folder whole");
 

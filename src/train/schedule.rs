@@ -74,6 +74,7 @@ mod tests {
             eps: 1e-8,
             clip_norm: 0.0,
             clip_value: 0.0,
+            skip_nonfinite: 0,
             warmup_steps: 4,
             schedule: kind,
             milestones: vec![5, 8],

@@ -459,4 +459,21 @@ lr = 1e-3
         let e = TrainConfig::load(&only_optim, &[]).expect_err("no model");
         assert!(e.to_string().contains("[detr]"), "{e}");
     }
+
+    proptest::proptest! {
+        /// Arbitrary config text and `--set` assignments load or fail with an error, never a
+        /// panic; mutations of a valid config exercise the typed paths past the TOML parser.
+        #[test]
+        fn arbitrary_configs_and_overrides_never_panic(
+            text in "(?s).{0,200}",
+            cut in 0usize..400,
+            key in "[a-z_.]{0,24}",
+            value in ".{0,16}",
+        ) {
+            let _ = load(&text, &[]);
+            let mutated: String = MINIMAL.chars().take(cut).chain(text.chars()).collect();
+            let _ = load(&mutated, &[]);
+            let _ = load(MINIMAL, &[&format!("{key}={value}")]);
+        }
+    }
 }
