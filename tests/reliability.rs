@@ -298,3 +298,58 @@ fn synth_refuses_a_used_folder_and_predict_keeps_the_readable_images() {
     assert_eq!(ids.len(), 3, "detections for the three readable images");
     assert_eq!(std::fs::read_dir(pred.join("vis")).expect("vis").count(), 3);
 }
+
+#[test]
+fn dataset_images_are_checked_before_step_0_and_huge_headers_refused() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = tmp.path().join("data");
+    let out = data.display().to_string();
+    let (ok, _, stderr) = densekd(&["data", "synth", "--out", &out, "--train", "4", "--val", "2"]);
+    assert!(ok, "{stderr}");
+    let path = |rel: &str| data.join(rel).display().to_string();
+    let coco = [
+        format!(
+            "data.coco.train_json={:?}",
+            path("annotations/instances_train.json")
+        ),
+        format!("data.coco.train_images={:?}", path("images/train")),
+        format!(
+            "data.coco.val_json={:?}",
+            path("annotations/instances_val.json")
+        ),
+        format!("data.coco.val_images={:?}", path("images/val")),
+    ];
+    let mut args = Vec::new();
+    for c in &coco {
+        args.extend(["--set", c.as_str()]);
+    }
+    let missing = data.join("images/val/000001.png");
+    std::fs::remove_file(&missing).expect("rm");
+    let run = tmp.path().join("run");
+    let (ok, _, stderr) = train("detr_smoke.toml", &run, &args);
+    assert!(
+        !ok && stderr.contains(&missing.display().to_string()),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("step 1/"), "training started: {stderr}");
+
+    // A JPEG whose frame header declares 65535 × 65535 pixels: refused before any allocation.
+    let img = image::RgbImage::from_pixel(8, 8, image::Rgb([9, 9, 9]));
+    let mut bytes = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut bytes, image::ImageFormat::Jpeg)
+        .expect("jpeg");
+    let mut jpeg = bytes.into_inner();
+    let sof = jpeg
+        .windows(2)
+        .position(|w| w == [0xFF, 0xC0])
+        .expect("baseline frame header");
+    // Marker, length (2), precision (1), then height and width (2 bytes each).
+    jpeg[sof + 5..sof + 9].copy_from_slice(&[0xFF; 4]);
+    let huge = tmp.path().join("huge.jpg");
+    std::fs::write(&huge, &jpeg).expect("write");
+    let err = densekd::data::images::load_rgb(&huge).expect_err("huge header");
+    assert!(
+        err.to_string().contains("65535x65535") && err.to_string().contains("huge.jpg"),
+        "{err}"
+    );
+}
