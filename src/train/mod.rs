@@ -334,19 +334,17 @@ fn step_error(e: StepError, step: usize, checkpoints: &Checkpoints) -> Error {
         StepError::NotFinite(terms) => {
             let saved = match checkpoints.latest_step() {
                 Some(s) => format!(
-                    "the checkpoint of step {s} in {} is intact: lower optim.lr or raise \
-                     optim.warmup_steps and resume with --resume",
+                    "the checkpoint of step {s} in {} is intact",
                     checkpoints.root().display()
                 ),
-                None => "no checkpoint had been written yet: lower optim.lr or raise \
-                         optim.warmup_steps and start again"
-                    .to_string(),
+                None => "no checkpoint had been written yet".to_string(),
             };
             Error::config(
                 "training",
                 format!(
-                    "step {step}: not finite ({terms}); stopped before the optimiser step, \
-                     {saved} (or set optim.skip_nonfinite to skip a few such batches)"
+                    "step {step}: not finite ({terms}); stopped before the optimiser step and \
+                     {saved}. Train again with a lower optim.lr or a longer \
+                     optim.warmup_steps, or let optim.skip_nonfinite skip a few such batches"
                 ),
             )
         }
