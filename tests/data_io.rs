@@ -228,6 +228,41 @@ fn label_maps_round_trip_as_gray_and_palette() {
 }
 
 #[test]
+fn label_maps_with_huge_headers_or_truncated_data_are_refused() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    // A header alone, declaring 100000 x 50000 pixels (5 GB at one byte each).
+    let mut bytes = Vec::new();
+    {
+        let mut enc = png::Encoder::new(&mut bytes, 100_000, 50_000);
+        enc.set_color(png::ColorType::Grayscale);
+        enc.set_depth(png::BitDepth::Eight);
+        enc.write_header().expect("header");
+    }
+    let p = tmp.path().join("huge.png");
+    std::fs::write(&p, bytes).expect("write");
+    let err = read_label_map(&p).expect_err("huge").to_string();
+    assert!(
+        err.contains("huge.png") && err.contains("declares 100000x50000 pixels"),
+        "{err}"
+    );
+
+    let map = LabelMap {
+        width: 64,
+        height: 64,
+        data: (0..64 * 64).map(|i| (i * 7 % 251) as u8).collect(),
+    };
+    let p = tmp.path().join("whole.png");
+    write_label_map(&p, &map, true).expect("write");
+    let whole = std::fs::read(&p).expect("read");
+    for cut in [whole.len() / 2, whole.len() - 12, 40] {
+        let p = tmp.path().join(format!("cut{cut}.png"));
+        std::fs::write(&p, &whole[..cut]).expect("write");
+        let err = read_label_map(&p).expect_err("truncated").to_string();
+        assert!(err.contains(&format!("cut{cut}.png")), "{err}");
+    }
+}
+
+#[test]
 fn transforms_keep_boxes_consistent() {
     assert_eq!(resize_scale(200, 100, 50, 1000), 0.5);
     assert_eq!(resize_scale(400, 100, 50, 100), 0.25, "capped by max_size");
