@@ -173,6 +173,15 @@ enum PolicyArg {
     Reject,
 }
 
+impl From<PolicyArg> for InvalidPolicy {
+    fn from(p: PolicyArg) -> Self {
+        match p {
+            PolicyArg::Skip => InvalidPolicy::Skip,
+            PolicyArg::Reject => InvalidPolicy::Reject,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum EvalCommand {
     /// COCO bbox evaluation, exactly as pycocotools.
@@ -186,6 +195,10 @@ enum EvalCommand {
         /// Print one JSON object instead of the 12-line summary.
         #[arg(long)]
         json: bool,
+        /// What to do with ground-truth annotations training would skip: warn and evaluate them
+        /// as pycocotools does, or fail.
+        #[arg(long, value_enum, default_value_t = PolicyArg::Skip)]
+        policy: PolicyArg,
     },
     /// Semantic segmentation mIoU, as mmsegmentation (files matched by stem).
     Seg {
@@ -281,22 +294,18 @@ fn synth(args: SynthArgs) -> Result<()> {
 }
 
 fn check(args: CheckArgs) -> Result<()> {
-    let policy = match args.policy {
-        PolicyArg::Skip => InvalidPolicy::Skip,
-        PolicyArg::Reject => InvalidPolicy::Reject,
-    };
-    let dataset = CocoDataset::load(&args.coco, policy)?;
+    let dataset = CocoDataset::load(&args.coco, args.policy.into())?;
     for w in &dataset.warnings {
         eprintln!("warning: {}: {w}", args.coco.display());
     }
     let objects: usize = dataset.images.iter().map(|i| i.objects.len()).sum();
     println!(
-        "{}: {} images, {} usable annotations, {} categories, {} warnings",
+        "{}: {} images, {} usable annotations ({} skipped), {} categories",
         args.coco.display(),
         dataset.images.len(),
         objects,
+        dataset.skipped.len(),
         dataset.num_classes(),
-        dataset.warnings.len()
     );
     if let Some(root) = args.images {
         for entry in &dataset.images {
@@ -327,8 +336,13 @@ fn check(args: CheckArgs) -> Result<()> {
 
 fn eval(cmd: EvalCommand) -> Result<()> {
     match cmd {
-        EvalCommand::Coco { gt, dt, json } => {
-            let (stats, warnings) = coco::evaluate_files(&gt, &dt)?;
+        EvalCommand::Coco {
+            gt,
+            dt,
+            json,
+            policy,
+        } => {
+            let (stats, warnings) = coco::evaluate_files(&gt, &dt, policy.into())?;
             for w in warnings {
                 eprintln!("warning: {w}");
             }

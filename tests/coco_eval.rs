@@ -50,8 +50,12 @@ fn assert_close(case: &Path, got: &CocoStats, want: &CocoStats, what: &str) {
 #[test]
 fn file_evaluation_matches_pycocotools() {
     for case in cases() {
-        let (stats, warnings) = evaluate_files(&case.join("gt.json"), &case.join("dt.json"))
-            .unwrap_or_else(|e| panic!("{}: {e}", case.display()));
+        let (stats, warnings) = evaluate_files(
+            &case.join("gt.json"),
+            &case.join("dt.json"),
+            InvalidPolicy::Skip,
+        )
+        .unwrap_or_else(|e| panic!("{}: {e}", case.display()));
         if case.ends_with("gt_id_zero") {
             assert!(warnings.iter().any(|w| w.contains("id 0")), "{warnings:?}");
         }
@@ -159,7 +163,7 @@ fn detections_for_another_split_are_an_error_naming_the_entry() {
         r#"[{"image_id":1,"category_id":7,"bbox":[10,10,20,20],"score":0.9},
             {"image_id":42,"category_id":7,"bbox":[10,10,20,20],"score":0.9}]"#,
     );
-    let err = evaluate_files(&gt, &dt)
+    let err = evaluate_files(&gt, &dt, InvalidPolicy::Skip)
         .expect_err("image 42 is not in the ground truth")
         .to_string();
     assert!(
@@ -177,7 +181,7 @@ fn malformed_results_name_file_and_field() {
         "dt.json",
         r#"[{"image_id":1,"bbox":[1,2,3,4],"score":0.5}]"#,
     );
-    let err = evaluate_files(&gt, &dt)
+    let err = evaluate_files(&gt, &dt, InvalidPolicy::Skip)
         .expect_err("no category_id")
         .to_string();
     assert!(
@@ -190,14 +194,16 @@ fn malformed_results_name_file_and_field() {
         "dt2.json",
         r#"[{"image_id":1,"category_id":7,"bbox":[1,2,3,4]}]"#,
     );
-    let err = evaluate_files(&gt, &dt).expect_err("no score").to_string();
+    let err = evaluate_files(&gt, &dt, InvalidPolicy::Skip)
+        .expect_err("no score")
+        .to_string();
     assert!(
         err.contains("dt2.json") && err.contains("[0].score"),
         "{err}"
     );
 
     let broken = write(tmp.path(), "broken.json", r#"{"images": [ {"id": 1, "#);
-    let err = evaluate_files(&broken, &dt)
+    let err = evaluate_files(&broken, &dt, InvalidPolicy::Skip)
         .expect_err("truncated gt")
         .to_string();
     assert!(err.contains("broken.json") && err.contains("line"), "{err}");
@@ -212,7 +218,7 @@ fn perfect_detections_on_a_small_file_give_ap_one() {
         "dt.json",
         r#"[{"image_id":1,"category_id":7,"bbox":[10,10,20,20],"score":1}]"#,
     );
-    let (stats, warnings) = evaluate_files(&gt, &dt).expect("evaluates");
+    let (stats, warnings) = evaluate_files(&gt, &dt, InvalidPolicy::Skip).expect("evaluates");
     assert!(warnings.is_empty());
     // pycocotools divides by tp + fp + eps, so one true positive gives 1 - 2^-52, not 1.
     assert!((stats.AP - 1.0).abs() < 1e-12, "{}", stats.AP);

@@ -64,24 +64,30 @@ fn coco_reader_maps_ids_and_applies_policy() {
         "clipped to the 64x48 image"
     );
     assert!(ds.images[1].objects.is_empty());
-    // zero width, unknown category, outside the image, unknown image, plus the clip note.
-    assert_eq!(ds.warnings.len(), 5, "{:#?}", ds.warnings);
-    assert!(ds
-        .warnings
-        .iter()
-        .any(|w| w.contains("annotations[2].bbox") && w.contains("id 3")));
-    assert!(ds
-        .warnings
-        .iter()
-        .any(|w| w.contains("annotations[3].category_id") && w.contains("unknown category id 5")));
-    assert!(ds
-        .warnings
-        .iter()
-        .any(|w| w.contains("annotations[4].bbox") && w.contains("outside")));
-    assert!(ds
-        .warnings
-        .iter()
-        .any(|w| w.contains("annotations[5].image_id") && w.contains("99")));
+    // zero width, unknown category, outside the image, unknown image: one count, plus the clip note.
+    assert_eq!(ds.skipped.len(), 4, "{:#?}", ds.skipped);
+    assert_eq!(ds.warnings.len(), 2, "{:#?}", ds.warnings);
+    assert!(
+        ds.warnings[0].starts_with("skipped 4 of 6 annotations: annotations[2].bbox"),
+        "{}",
+        ds.warnings[0]
+    );
+    assert!(ds.warnings[1].contains("1 box(es)"), "{}", ds.warnings[1]);
+    for (i, needle) in [
+        ("annotations[2].bbox", "id 3"),
+        ("annotations[3].category_id", "unknown category id 5"),
+        ("annotations[4].bbox", "outside"),
+        ("annotations[5].image_id", "99"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        assert!(
+            ds.skipped[i].starts_with(needle.0) && ds.skipped[i].contains(needle.1),
+            "{}",
+            ds.skipped[i]
+        );
+    }
 
     let err = CocoDataset::load(&path, InvalidPolicy::Reject)
         .expect_err("rejects")
@@ -97,22 +103,34 @@ fn coco_reader_errors_name_file_and_field() {
     let tmp = tempfile::tempdir().expect("tmp");
     let cases = [
         (
-            r#"{"images": [{"id": 1, "file_name": "a", "width": 0, "height": 4}], "annotations": [], "categories": []}"#,
+            r#"{"images": [{"id": 1, "file_name": "a", "width": 0, "height": 4}], "annotations": [], "categories": [{"id": 1, "name": "a"}]}"#,
             "images[0]",
         ),
         (
-            r#"{"images": [{"id": 1, "width": 4, "height": 4}, {"id": 1, "width": 4, "height": 4}]}"#,
+            r#"{"images": [{"id": 1, "width": 4, "height": 4}, {"id": 1, "width": 4, "height": 4}], "annotations": [], "categories": [{"id": 1, "name": "a"}]}"#,
             "images[1].id",
         ),
         (
-            r#"{"categories": [{"id": 1, "name": "a"}, {"id": 1, "name": "b"}]}"#,
+            r#"{"images": [{"id": 1, "width": 4, "height": 4}], "annotations": [], "categories": [{"id": 1, "name": "a"}, {"id": 1, "name": "b"}]}"#,
             "categories[1].id",
         ),
         (
-            r#"{"images": [], "annotations": [{"id": 1, "category_id": 1}]}"#,
-            "image_id",
+            r#"{"images": [], "annotations": [{"id": 1, "category_id": 1}], "categories": []}"#,
+            "annotations[0]: missing field `image_id`",
         ),
-        (r#"{"images": [{"id": "x"}]}"#, "line 1"),
+        (r#"{"images": [{"id": "x"}]}"#, "images[0].id: invalid type"),
+        (
+            r#"{"images": [], "annotations": []}"#,
+            "categories: missing",
+        ),
+        (
+            r#"{"images": [], "annotations": [], "categories": [{"id": 1, "name": "a"}]}"#,
+            "images: empty",
+        ),
+        (
+            r#"{"images": [{"id": 1, "width": 4, "height": 4}], "annotations": [], "categories": []}"#,
+            "categories: empty",
+        ),
     ];
     for (i, (text, needle)) in cases.iter().enumerate() {
         let path = write(tmp.path(), &format!("bad{i}.json"), text);
@@ -207,6 +225,41 @@ fn label_maps_round_trip_as_gray_and_palette() {
         err.contains("rgb.png") && err.contains("grayscale or palette"),
         "{err}"
     );
+}
+
+#[test]
+fn label_maps_with_huge_headers_or_truncated_data_are_refused() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    // A header alone, declaring 100000 x 50000 pixels (5 GB at one byte each).
+    let mut bytes = Vec::new();
+    {
+        let mut enc = png::Encoder::new(&mut bytes, 100_000, 50_000);
+        enc.set_color(png::ColorType::Grayscale);
+        enc.set_depth(png::BitDepth::Eight);
+        enc.write_header().expect("header");
+    }
+    let p = tmp.path().join("huge.png");
+    std::fs::write(&p, bytes).expect("write");
+    let err = read_label_map(&p).expect_err("huge").to_string();
+    assert!(
+        err.contains("huge.png") && err.contains("declares 100000x50000 pixels"),
+        "{err}"
+    );
+
+    let map = LabelMap {
+        width: 64,
+        height: 64,
+        data: (0..64 * 64).map(|i| (i * 7 % 251) as u8).collect(),
+    };
+    let p = tmp.path().join("whole.png");
+    write_label_map(&p, &map, true).expect("write");
+    let whole = std::fs::read(&p).expect("read");
+    for cut in [whole.len() / 2, whole.len() - 12, 40] {
+        let p = tmp.path().join(format!("cut{cut}.png"));
+        std::fs::write(&p, &whole[..cut]).expect("write");
+        let err = read_label_map(&p).expect_err("truncated").to_string();
+        assert!(err.contains(&format!("cut{cut}.png")), "{err}");
+    }
 }
 
 #[test]

@@ -11,6 +11,10 @@ use hotcoco::{Annotation, Dataset, Segmentation};
 
 use crate::error::{write_atomic, Error, Result};
 
+mod json;
+
+use json::{HasRecords, Records};
+
 /// What to do with an annotation that cannot be used (degenerate or out-of-image box, unknown
 /// image or category id).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -73,8 +77,22 @@ pub struct CocoDataset {
     pub categories: Vec<Category>,
     /// Images in file order.
     pub images: Vec<ImageEntry>,
-    /// What was skipped or repaired while loading, one line each.
+    /// What was skipped or repaired while loading, summarised: a count of skipped annotations
+    /// with the first few named, and a count of clipped boxes.
     pub warnings: Vec<String>,
+    /// Every unusable annotation (skipped, or kept by evaluation), one line each.
+    pub skipped: Vec<String>,
+}
+
+/// How many of a skipped list are named in a warning.
+const NAMED: usize = 5;
+
+/// `items` for a one-line warning: all of them, or the first few.
+pub(crate) fn first_few(items: &[String]) -> String {
+    if items.len() <= NAMED {
+        return items.join("; ");
+    }
+    format!("first {NAMED}: {}", items[..NAMED].join("; "))
 }
 
 impl CocoDataset {
@@ -85,6 +103,19 @@ impl CocoDataset {
 
     /// Validates an already-parsed dataset; `path` is used in messages.
     pub fn from_dataset(path: &Path, dataset: Dataset, policy: InvalidPolicy) -> Result<Self> {
+        // Nothing to train or evaluate on; pycocotools would report AP -1 without complaint.
+        for (key, len) in [
+            ("images", dataset.images.len()),
+            ("categories", dataset.categories.len()),
+        ] {
+            if len == 0 {
+                return Err(Error::invalid(
+                    path,
+                    key,
+                    "empty; a COCO instances file needs at least one",
+                ));
+            }
+        }
         let mut categories: Vec<Category> = Vec::with_capacity(dataset.categories.len());
         let mut seen = HashSet::new();
         for (i, c) in dataset.categories.iter().enumerate() {
@@ -136,7 +167,7 @@ impl CocoDataset {
             });
         }
 
-        let mut warnings = Vec::new();
+        let mut skipped = Vec::new();
         let mut clipped = 0usize;
         for (i, ann) in dataset.annotations.iter().enumerate() {
             let field = |name: &str| format!("annotations[{i}].{name}");
@@ -183,10 +214,19 @@ impl CocoDataset {
                     let message = format!("{message} (annotation id {})", ann.id);
                     match policy {
                         InvalidPolicy::Reject => return Err(Error::invalid(path, field, message)),
-                        InvalidPolicy::Skip => warnings.push(format!("skipped {field}: {message}")),
+                        InvalidPolicy::Skip => skipped.push(format!("{field}: {message}")),
                     }
                 }
             }
+        }
+        let mut warnings = Vec::new();
+        if !skipped.is_empty() {
+            warnings.push(format!(
+                "skipped {} of {} annotations: {}",
+                skipped.len(),
+                dataset.annotations.len(),
+                first_few(&skipped)
+            ));
         }
         if clipped > 0 {
             warnings.push(format!(
@@ -198,6 +238,7 @@ impl CocoDataset {
             categories,
             images,
             warnings,
+            skipped,
         })
     }
 
@@ -246,12 +287,45 @@ fn clip_box(b: [f64; 4], width: u32, height: u32) -> std::result::Result<[f64; 4
     Ok([x0, y0, x1 - x0, y1 - y0])
 }
 
-/// Parses a COCO JSON file into hotcoco's types; parse errors name the file, field and line.
+/// A COCO instances file's top level. hotcoco's `Dataset` reads a missing list as an empty one,
+/// which would make `{}` a valid file with no images; here a missing list is an error.
+#[derive(serde::Deserialize)]
+struct InstancesFile {
+    info: Option<hotcoco::types::Info>,
+    images: Option<Vec<hotcoco::Image>>,
+    annotations: Option<Vec<Annotation>>,
+    categories: Option<Vec<hotcoco::Category>>,
+    #[serde(default)]
+    licenses: Vec<hotcoco::types::License>,
+}
+
+impl HasRecords for InstancesFile {
+    const RECORDS: Records = Records::Annotations;
+    fn records(&mut self) -> &mut [Annotation] {
+        self.annotations.as_deref_mut().unwrap_or_default()
+    }
+}
+
+/// Parses a COCO instances file into hotcoco's types. Errors name the file and the field, e.g.
+/// `annotations[17].bbox` and the annotation's id; a missing `images`, `annotations` or
+/// `categories` list is an error; non-finite numbers in a record's bbox or area are read as such
+/// (and skipped or rejected by [`CocoDataset::from_dataset`]), as Python's `json` reads them.
 pub fn read_dataset(path: &Path) -> Result<Dataset> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    serde_json::from_slice(&bytes).map_err(|source| Error::Json {
-        path: path.to_path_buf(),
-        source,
+    let file: InstancesFile = json::parse(path, &bytes)?;
+    let missing = |key: &str| {
+        Error::invalid(
+            path,
+            key,
+            "missing; a COCO instances file has images, annotations and categories lists",
+        )
+    };
+    Ok(Dataset {
+        info: file.info,
+        images: file.images.ok_or_else(|| missing("images"))?,
+        annotations: file.annotations.ok_or_else(|| missing("annotations"))?,
+        categories: file.categories.ok_or_else(|| missing("categories"))?,
+        licenses: file.licenses,
     })
 }
 
@@ -264,48 +338,54 @@ pub fn write_json<T: serde::Serialize + ?Sized>(path: &Path, value: &T) -> Resul
     write_atomic(path, &bytes)
 }
 
-/// Reads a COCO results file: a JSON list of detections, or an object with `annotations`.
-pub fn read_results(path: &Path) -> Result<Vec<Annotation>> {
-    #[derive(serde::Deserialize)]
-    struct Wrapped {
-        annotations: Vec<Annotation>,
+/// A results file written as an object: `{"annotations": [...]}`.
+#[derive(serde::Deserialize)]
+struct WrappedResults {
+    annotations: Vec<Annotation>,
+}
+
+impl HasRecords for WrappedResults {
+    const RECORDS: Records = Records::Annotations;
+    fn records(&mut self) -> &mut [Annotation] {
+        &mut self.annotations
     }
+}
+
+/// Reads a COCO results file: a JSON list of detections, or an object with `annotations`.
+/// Errors name the record (`[17].score`); a missing or non-finite score or bbox is an error.
+pub fn read_results(path: &Path) -> Result<Vec<Annotation>> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let json_err = |source| Error::Json {
-        path: path.to_path_buf(),
-        source,
-    };
-    // Parse the shape the file starts with, so serde's message names the real field and line.
-    let anns: Vec<Annotation> = match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
-        Some(b'{') => {
-            serde_json::from_slice::<Wrapped>(&bytes)
-                .map_err(json_err)?
-                .annotations
-        }
-        _ => serde_json::from_slice(&bytes).map_err(json_err)?,
+    // Parse the shape the file starts with, so the error names the real field.
+    let (anns, prefix) = match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
+        Some(b'{') => (
+            json::parse::<WrappedResults>(path, &bytes)?.annotations,
+            "annotations",
+        ),
+        _ => (json::parse::<Vec<Annotation>>(path, &bytes)?, ""),
     };
     for (i, a) in anns.iter().enumerate() {
+        let field = |name: &str| format!("{prefix}[{i}].{name}");
         match a.score {
             Some(s) if s.is_finite() => {}
             Some(s) => {
                 return Err(Error::invalid(
                     path,
-                    format!("[{i}].score"),
+                    field("score"),
                     format!("{s} is not finite"),
                 ))
             }
-            None => return Err(Error::invalid(path, format!("[{i}].score"), "missing")),
+            None => return Err(Error::invalid(path, field("score"), "missing")),
         }
         match a.bbox {
             Some(b) if b.iter().all(|v| v.is_finite()) => {}
             Some(b) => {
                 return Err(Error::invalid(
                     path,
-                    format!("[{i}].bbox"),
+                    field("bbox"),
                     format!("{b:?} has a non-finite value"),
                 ))
             }
-            None => return Err(Error::invalid(path, format!("[{i}].bbox"), "missing")),
+            None => return Err(Error::invalid(path, field("bbox"), "missing")),
         }
     }
     Ok(anns)

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use crate::data::coco::InvalidPolicy;
 use crate::data::detection::DetAugment;
 use crate::data::segmentation::SegAugment;
 use crate::data::synth::SynthConfig;
@@ -102,6 +103,10 @@ pub struct CocoData {
     pub val_json: PathBuf,
     /// Folder of the validation images.
     pub val_images: PathBuf,
+    /// Unusable annotations (degenerate boxes, unknown image or category ids): `"skip"` them
+    /// with a warning, or `"reject"` the data.
+    #[serde(default)]
+    pub policy: InvalidPolicy,
 }
 
 /// Segmentation images and label maps (palette or grayscale PNGs of class indices) in folders,

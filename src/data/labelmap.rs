@@ -3,6 +3,7 @@
 use std::io::BufReader;
 use std::path::Path;
 
+use crate::data::images::check_size;
 use crate::error::{write_atomic, Error, Result};
 
 /// A row-major map of class indices, one byte per pixel.
@@ -33,13 +34,36 @@ impl LabelMap {
 }
 
 /// Reads a label map. Palette PNGs are not expanded: the palette index is the class. RGB files
-/// are refused because their colours carry no class ids.
+/// are refused because their colours carry no class ids. The header's size and format are checked
+/// before anything is allocated for the pixels; a truncated file is an error naming it.
 pub fn read_label_map(path: &Path) -> Result<LabelMap> {
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let mut decoder = png::Decoder::new(BufReader::new(file));
     // Identity: keep palette indices and sub-byte samples as stored.
     decoder.set_transformations(png::Transformations::IDENTITY);
     let bad = |e: png::DecodingError| Error::invalid(path, "png", e.to_string());
+    let header = decoder.read_header_info().map_err(bad)?;
+    check_size(path, header.width, header.height)?;
+    match (header.color_type, header.bit_depth) {
+        (png::ColorType::Grayscale | png::ColorType::Indexed, png::BitDepth::Sixteen) => {
+            return Err(Error::invalid(
+                path,
+                "bit depth",
+                "16-bit label maps are not supported; classes must fit in 8 bits",
+            ))
+        }
+        (png::ColorType::Grayscale | png::ColorType::Indexed, _) => {}
+        (other, _) => {
+            return Err(Error::invalid(
+                path,
+                "color type",
+                format!(
+                    "{other:?} label map; class ids must be stored as 8-bit grayscale or palette \
+                     PNG"
+                ),
+            ))
+        }
+    }
     let mut reader = decoder.read_info().map_err(bad)?;
     let size = reader
         .output_buffer_size()
@@ -48,39 +72,20 @@ pub fn read_label_map(path: &Path) -> Result<LabelMap> {
     let info = reader.next_frame(&mut buf).map_err(bad)?;
     let (w, h) = (info.width, info.height);
     let rows = buf.chunks_exact(info.line_size).take(h as usize);
-    let data = match (info.color_type, info.bit_depth) {
-        (png::ColorType::Grayscale | png::ColorType::Indexed, png::BitDepth::Eight) => {
-            rows.flat_map(|r| r[..w as usize].iter().copied()).collect()
-        }
-        (png::ColorType::Grayscale | png::ColorType::Indexed, png::BitDepth::Sixteen) => {
-            return Err(Error::invalid(
-                path,
-                "bit depth",
-                "16-bit label maps are not supported; classes must fit in 8 bits",
-            ))
-        }
-        (png::ColorType::Grayscale | png::ColorType::Indexed, depth) => {
-            // 1, 2 or 4 bits per sample, packed high bit first.
-            let bits = depth as u32;
-            let per_byte = 8 / bits;
-            let mask = (1u8 << bits) - 1;
-            rows.flat_map(|row| {
-                (0..w).map(move |x| {
-                    let byte = row[(x / per_byte) as usize];
-                    (byte >> (8 - bits * (x % per_byte + 1))) & mask
-                })
+    let data = if info.bit_depth == png::BitDepth::Eight {
+        rows.flat_map(|r| r[..w as usize].iter().copied()).collect()
+    } else {
+        // 1, 2 or 4 bits per sample, packed high bit first.
+        let bits = info.bit_depth as u32;
+        let per_byte = 8 / bits;
+        let mask = (1u8 << bits) - 1;
+        rows.flat_map(|row| {
+            (0..w).map(move |x| {
+                let byte = row[(x / per_byte) as usize];
+                (byte >> (8 - bits * (x % per_byte + 1))) & mask
             })
-            .collect()
-        }
-        (other, _) => {
-            return Err(Error::invalid(
-                path,
-                "color type",
-                format!(
-                "{other:?} label map; class ids must be stored as 8-bit grayscale or palette PNG"
-            ),
-            ))
-        }
+        })
+        .collect()
     };
     Ok(LabelMap {
         width: w,

@@ -7,7 +7,9 @@ use std::path::Path;
 use hotcoco::{Annotation, Dataset, EvalMode, Image, IouType, StreamingEval, COCO};
 use serde::{Deserialize, Serialize};
 
-use crate::data::coco::{read_dataset, read_results, CocoDataset, ImageEntry};
+use crate::data::coco::{
+    first_few, read_dataset, read_results, CocoDataset, ImageEntry, InvalidPolicy,
+};
 use crate::error::{Error, Result};
 
 /// The 12 COCO summary statistics under the keys `eval coco --json` prints; -1 where pycocotools
@@ -124,11 +126,30 @@ fn stats_of(mut ev: hotcoco::COCOeval) -> Result<CocoStats> {
 
 /// Evaluates a results file against a ground-truth file, as `pycocotools` would.
 ///
-/// Detections on images absent from the ground truth are an error (pycocotools asserts);
-/// detections of categories absent from the ground truth are reported in the returned warnings and
-/// never match, as in pycocotools.
-pub fn evaluate_files(gt_path: &Path, dt_path: &Path) -> Result<(CocoStats, Vec<String>)> {
+/// The ground truth is validated as training reads it first (duplicate ids and empty lists are
+/// errors naming the GT file); annotations training would skip are rejected under
+/// [`InvalidPolicy::Reject`], and otherwise reported in the returned warnings and evaluated as
+/// they are, as pycocotools does. Detections on images absent from the ground truth are an error
+/// (pycocotools asserts); detections of categories absent from the ground truth are reported in
+/// the returned warnings and never match, as in pycocotools.
+pub fn evaluate_files(
+    gt_path: &Path,
+    dt_path: &Path,
+    policy: InvalidPolicy,
+) -> Result<(CocoStats, Vec<String>)> {
     let gt_dataset = read_dataset(gt_path)?;
+    let validated = CocoDataset::from_dataset(gt_path, gt_dataset.clone(), policy)?;
+    let mut warnings = Vec::new();
+    if !validated.skipped.is_empty() {
+        warnings.push(format!(
+            "{}: {} of {} annotations are unusable (training skips them; evaluation keeps them, \
+             as pycocotools does): {}",
+            gt_path.display(),
+            validated.skipped.len(),
+            gt_dataset.annotations.len(),
+            first_few(&validated.skipped)
+        ));
+    }
     let detections = read_results(dt_path)?;
     let image_ids: HashSet<u64> = gt_dataset.images.iter().map(|i| i.id).collect();
     let cat_ids: HashSet<u64> = gt_dataset.categories.iter().map(|c| c.id).collect();
@@ -147,7 +168,6 @@ pub fn evaluate_files(gt_path: &Path, dt_path: &Path) -> Result<(CocoStats, Vec<
             ),
         ));
     }
-    let mut warnings = Vec::new();
     let unknown: HashSet<u64> = detections
         .iter()
         .map(|d| d.category_id)

@@ -51,8 +51,13 @@ impl DetSplits {
         let eval_aug = augment.eval();
         let (train_source, train_eval, val_source, val_gt) = match &d.coco {
             Some(c) => {
-                let train = CocoDataset::load(&c.train_json, InvalidPolicy::Skip)?;
-                let val = CocoDataset::load(&c.val_json, InvalidPolicy::Skip)?;
+                let train = CocoDataset::load(&c.train_json, c.policy)?;
+                let val = CocoDataset::load(&c.val_json, c.policy)?;
+                for dataset in [&train, &val] {
+                    for w in &dataset.warnings {
+                        eprintln!("warning: {}: {w}", dataset.path.display());
+                    }
+                }
                 if train.categories != val.categories {
                     return Err(Error::invalid(
                         &c.val_json,
