@@ -369,3 +369,37 @@ fn duplicate_gt_image_ids_blame_the_ground_truth() {
         "{stderr}"
     );
 }
+
+#[test]
+fn eval_coco_accepts_ground_truth_without_image_sizes() {
+    // pycocotools needs no `width` / `height`; the shared GT check must not demand them.
+    let tmp = tempfile::tempdir().expect("tmp");
+    let gt = tmp.path().join("gt.json");
+    let dt = tmp.path().join("dt.json");
+    std::fs::write(
+        &gt,
+        r#"{"images":[{"id":1,"file_name":"a.png"}],"categories":[{"id":1,"name":"a"}],
+           "annotations":[{"id":1,"image_id":1,"category_id":1,"bbox":[10,10,20,20],"area":400,"iscrowd":0}]}"#,
+    )
+    .expect("gt");
+    std::fs::write(
+        &dt,
+        r#"[{"image_id":1,"category_id":1,"bbox":[10,10,20,20],"score":0.9}]"#,
+    )
+    .expect("dt");
+    let (ok, stdout, stderr) = densekd(&[
+        "eval",
+        "coco",
+        "--gt",
+        &gt.display().to_string(),
+        "--dt",
+        &dt.display().to_string(),
+        "--json",
+    ]);
+    assert!(ok, "{stderr}");
+    let stats: serde_json::Value = serde_json::from_str(&stdout).expect("json");
+    assert!(
+        (stats["AP"].as_f64().expect("AP") - 1.0).abs() < 1e-9,
+        "{stdout}"
+    );
+}

@@ -138,7 +138,14 @@ pub fn evaluate_files(
     policy: InvalidPolicy,
 ) -> Result<(CocoStats, Vec<String>)> {
     let gt_dataset = read_dataset(gt_path)?;
-    let validated = CocoDataset::from_dataset(gt_path, gt_dataset.clone(), policy)?;
+    // pycocotools needs no image sizes; where the GT has none, boxes go unchecked against them.
+    let mut sized = gt_dataset.clone();
+    for img in &mut sized.images {
+        if img.width == 0 || img.height == 0 {
+            (img.width, img.height) = (u32::MAX, u32::MAX);
+        }
+    }
+    let validated = CocoDataset::from_dataset(gt_path, sized, policy)?;
     let mut warnings = Vec::new();
     if !validated.skipped.is_empty() {
         warnings.push(format!(
