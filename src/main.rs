@@ -295,9 +295,7 @@ fn synth(args: SynthArgs) -> Result<()> {
 
 fn check(args: CheckArgs) -> Result<()> {
     let dataset = CocoDataset::load(&args.coco, args.policy.into())?;
-    for w in &dataset.warnings {
-        eprintln!("warning: {}: {w}", args.coco.display());
-    }
+    dataset.print_warnings();
     let objects: usize = dataset.images.iter().map(|i| i.objects.len()).sum();
     println!(
         "{}: {} images, {} usable annotations ({} skipped), {} categories",

@@ -208,6 +208,7 @@ fn detect(
     let ids: Vec<u64> = match &options.gt {
         Some(gt_path) => {
             let gt = CocoDataset::load(gt_path, InvalidPolicy::Skip)?;
+            gt.print_warnings();
             if gt.categories != info.categories {
                 return Err(Error::invalid(
                     gt_path,

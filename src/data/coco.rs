@@ -242,6 +242,13 @@ impl CocoDataset {
         })
     }
 
+    /// Prints the load's warnings on stderr, each prefixed with the file.
+    pub fn print_warnings(&self) {
+        for w in &self.warnings {
+            eprintln!("warning: {}: {w}", self.path.display());
+        }
+    }
+
     /// Number of classes `K`.
     pub fn num_classes(&self) -> usize {
         self.categories.len()

@@ -53,11 +53,8 @@ impl DetSplits {
             Some(c) => {
                 let train = CocoDataset::load(&c.train_json, c.policy)?;
                 let val = CocoDataset::load(&c.val_json, c.policy)?;
-                for dataset in [&train, &val] {
-                    for w in &dataset.warnings {
-                        eprintln!("warning: {}: {w}", dataset.path.display());
-                    }
-                }
+                train.print_warnings();
+                val.print_warnings();
                 if train.categories != val.categories {
                     return Err(Error::invalid(
                         &c.val_json,
