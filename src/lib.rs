@@ -11,6 +11,7 @@
 //! reports); [`predict`] and [`viz`] use the exported models and the logs.
 
 pub mod backend;
+pub mod bench;
 pub mod data;
 pub mod distill;
 pub mod error;

@@ -1,0 +1,335 @@
+//! `densekd bench`: densekd against PyTorch on identical models, interleaved step by step in one
+//! invocation so both see the same machine state. The PyTorch side is `bench/torch_ref.py`,
+//! driven over JSON lines; the report gives per workload both medians, min–max, the time ratio,
+//! peak RSS, FLOPs per step and GFLOP/s, and marks samples during which other processes used
+//! the CPU.
+
+pub mod reference;
+mod workload;
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+pub use reference::Reference;
+pub use workload::{Workload, WORKLOADS};
+
+/// How to benchmark.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// Workload names (see [`WORKLOADS`]).
+    pub workloads: Vec<String>,
+    /// Images per step.
+    pub batch: usize,
+    /// Image side in pixels.
+    pub size: usize,
+    /// Untimed steps per side before sampling.
+    pub warmup: usize,
+    /// Timed steps per side.
+    pub steps: usize,
+    /// PyTorch's intra-op threads.
+    pub threads: usize,
+}
+
+/// One side's timings of a workload.
+#[derive(Debug, Clone, Serialize)]
+pub struct Side {
+    /// Seconds per step, in sample order.
+    pub seconds: Vec<f64>,
+    /// Median seconds over the uncontended samples (all samples when every one was contended).
+    pub median_s: f64,
+    /// Fastest step.
+    pub min_s: f64,
+    /// Slowest step.
+    pub max_s: f64,
+    /// GFLOP/s at the median.
+    pub gflops: f64,
+    /// Peak resident memory during the workload, MiB.
+    pub peak_rss_mib: f64,
+}
+
+/// One workload's result.
+#[derive(Debug, Clone, Serialize)]
+pub struct WorkloadResult {
+    /// Its name.
+    pub workload: String,
+    /// Floating-point operations per step (PyTorch's count of the forward pass; ×3 to train).
+    pub flops_per_step: f64,
+    /// densekd's timings.
+    pub densekd: Side,
+    /// PyTorch's timings.
+    pub pytorch: Side,
+    /// densekd median / PyTorch median (above 1: densekd is slower).
+    pub time_ratio: f64,
+    /// Sample pairs during which other processes used more than a fifth of a core.
+    pub contended: Vec<bool>,
+}
+
+/// A whole bench run (`bench.json`).
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    /// densekd's backend.
+    pub backend: String,
+    /// PyTorch's version.
+    pub torch: String,
+    /// Images per step.
+    pub batch: usize,
+    /// Image side.
+    pub size: usize,
+    /// PyTorch's threads (densekd's flex backend computes each op on one core).
+    pub threads: usize,
+    /// Per workload.
+    pub results: Vec<WorkloadResult>,
+}
+
+/// Runs every workload on both sides, interleaving their steps.
+pub fn run(options: &BenchOptions, reference: &mut Reference) -> Result<BenchReport> {
+    let mut results = Vec::new();
+    let mut torch_version = String::new();
+    for name in &options.workloads {
+        let workload = Workload::parse(name)?;
+        let (flops, version) = reference.setup(name, options)?;
+        torch_version = version;
+        workload::reset_peak_rss();
+        let mut ours = workload.build(options)?;
+        for _ in 0..options.warmup {
+            ours.step()?;
+            reference.step()?;
+        }
+        let (mut a, mut b, mut contended) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..options.steps {
+            let before = CpuSample::now(reference.pid());
+            let start = Instant::now();
+            ours.step()?;
+            a.push(start.elapsed().as_secs_f64());
+            b.push(reference.step()?);
+            contended.push(before.others_busy(reference.pid()) > 0.2);
+        }
+        let ours_rss = workload::peak_rss_bytes();
+        let theirs_rss = reference.peak_rss()?;
+        let side = |s: Vec<f64>, rss: u64| summarise(s, &contended, flops, rss);
+        let (densekd, pytorch) = (side(a, ours_rss), side(b, theirs_rss));
+        eprintln!(
+            "{name}: densekd {:.1} ms, PyTorch {:.1} ms, ratio {:.2}{}",
+            1e3 * densekd.median_s,
+            1e3 * pytorch.median_s,
+            densekd.median_s / pytorch.median_s,
+            if contended.iter().any(|&c| c) {
+                " (some samples contended)"
+            } else {
+                ""
+            }
+        );
+        results.push(WorkloadResult {
+            workload: name.clone(),
+            flops_per_step: flops,
+            time_ratio: densekd.median_s / pytorch.median_s,
+            densekd,
+            pytorch,
+            contended,
+        });
+    }
+    Ok(BenchReport {
+        backend: crate::backend::name().to_string(),
+        torch: torch_version,
+        batch: options.batch,
+        size: options.size,
+        threads: options.threads,
+        results,
+    })
+}
+
+/// Median, range and throughput of `seconds`, the median over uncontended samples.
+fn summarise(seconds: Vec<f64>, contended: &[bool], flops: f64, rss: u64) -> Side {
+    let clean: Vec<f64> = seconds
+        .iter()
+        .zip(contended)
+        .filter(|(_, &c)| !c)
+        .map(|(s, _)| *s)
+        .collect();
+    let median_s = median(if clean.is_empty() { &seconds } else { &clean });
+    Side {
+        min_s: seconds.iter().copied().fold(f64::INFINITY, f64::min),
+        max_s: seconds.iter().copied().fold(0.0, f64::max),
+        gflops: flops / median_s / 1e9,
+        peak_rss_mib: rss as f64 / (1 << 20) as f64,
+        median_s,
+        seconds,
+    }
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => 0.5 * (v[n / 2 - 1] + v[n / 2]),
+    }
+}
+
+/// Busy CPU time of the whole machine and of this process and the reference, from `/proc`.
+struct CpuSample {
+    at: Instant,
+    machine: u64,
+    ours: u64,
+}
+
+/// Clock ticks per second of `/proc` times (`USER_HZ`, 100 on Linux).
+const TICKS: f64 = 100.0;
+
+impl CpuSample {
+    fn now(reference: u32) -> Self {
+        CpuSample {
+            at: Instant::now(),
+            machine: machine_busy_ticks(),
+            ours: process_ticks("self") + process_ticks(&reference.to_string()),
+        }
+    }
+
+    /// Cores' worth of CPU that other processes used since this sample.
+    fn others_busy(&self, reference: u32) -> f64 {
+        let now = CpuSample::now(reference);
+        let others = now.machine.saturating_sub(self.machine) as f64
+            - now.ours.saturating_sub(self.ours) as f64;
+        others.max(0.0) / TICKS / now.at.duration_since(self.at).as_secs_f64().max(1e-3)
+    }
+}
+
+/// Non-idle ticks of all cores (`/proc/stat`), 0 where unreadable.
+fn machine_busy_ticks() -> u64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/stat") else {
+        return 0;
+    };
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal: idle and iowait are not busy.
+    fields.iter().sum::<u64>()
+        - fields.get(3).copied().unwrap_or(0)
+        - fields.get(4).copied().unwrap_or(0)
+}
+
+/// User + system ticks of a process (`/proc/PID/stat`), 0 where unreadable.
+fn process_ticks(pid: &str) -> u64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0;
+    };
+    // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<u64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    fields.iter().sum()
+}
+
+impl BenchReport {
+    /// The report as a Markdown table.
+    pub fn to_markdown(&self) -> String {
+        let mut out = format!(
+            "densekd ({}) against PyTorch {} ({} threads), batch {}, {}², medians of \
+             uncontended interleaved steps\n\n\
+             | workload | densekd ms (min–max) | PyTorch ms (min–max) | densekd / PyTorch time | \
+             GFLOP/s densekd / PyTorch | peak RSS MiB densekd / PyTorch | contended samples |\n\
+             |---|---|---|---|---|---|---|\n",
+            self.backend, self.torch, self.threads, self.batch, self.size
+        );
+        for r in &self.results {
+            let ms = |s: &Side| {
+                format!(
+                    "{:.1} ({:.1}–{:.1})",
+                    1e3 * s.median_s,
+                    1e3 * s.min_s,
+                    1e3 * s.max_s
+                )
+            };
+            out.push_str(&format!(
+                "| {} | {} | {} | {:.2}× | {:.1} / {:.1} | {:.0} / {:.0} | {} of {} |\n",
+                r.workload,
+                ms(&r.densekd),
+                ms(&r.pytorch),
+                r.time_ratio,
+                r.densekd.gflops,
+                r.pytorch.gflops,
+                r.densekd.peak_rss_mib,
+                r.pytorch.peak_rss_mib,
+                r.contended.iter().filter(|&&c| c).count(),
+                r.contended.len()
+            ));
+        }
+        out
+    }
+
+    /// Writes `bench.json` and `bench.md` into `dir`.
+    pub fn write(&self, dir: &std::path::Path) -> Result<Vec<PathBuf>> {
+        let json = dir.join("bench.json");
+        let md = dir.join("bench.md");
+        let bytes =
+            serde_json::to_vec_pretty(self).map_err(|e| Error::config("bench", e.to_string()))?;
+        crate::error::write_atomic(&json, &bytes)?;
+        crate::error::write_atomic(&md, self.to_markdown().as_bytes())?;
+        Ok(vec![json, md])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn medians_skip_contended_samples() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+        let side = summarise(vec![1.0, 9.0, 2.0], &[false, true, false], 3e9, 1 << 20);
+        assert_eq!(side.median_s, 1.5);
+        assert_eq!((side.min_s, side.max_s), (1.0, 9.0));
+        assert_eq!(side.gflops, 2.0);
+        assert_eq!(side.peak_rss_mib, 1.0);
+    }
+
+    #[test]
+    fn workloads_parse_build_and_step() {
+        let options = BenchOptions {
+            workloads: Vec::new(),
+            batch: 2,
+            size: 32,
+            warmup: 0,
+            steps: 1,
+            threads: 1,
+        };
+        for name in ["resnet18-infer", "mobilenet_v2-train"] {
+            let mut step = Workload::parse(name)
+                .and_then(|w| w.build(&options))
+                .expect(name);
+            step.step().expect("first step");
+            step.step().expect("second step");
+        }
+        for bad in ["resnet18", "vgg-train", "resnet18-fit"] {
+            let err = Workload::parse(bad).expect_err(bad).to_string();
+            assert!(err.contains(bad) && err.contains("resnet50-infer"), "{err}");
+        }
+    }
+
+    #[test]
+    fn process_ticks_reads_this_process() {
+        // Burn some CPU so the count is non-zero on any machine with /proc.
+        let mut x = 0u64;
+        let start = Instant::now();
+        while start.elapsed().as_millis() < 50 {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+        }
+        assert!(x != 1);
+        assert!(process_ticks("self") > 0);
+        assert!(machine_busy_ticks() > 0);
+    }
+}
