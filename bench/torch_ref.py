@@ -3,9 +3,14 @@
 densekd starts this script once and interleaves its own steps with ours, so both sides see the
 same machine state. Protocol (one JSON object per line each way):
   {"cmd": "setup", "workload": "resnet18-train", "batch": 8, "size": 224, "threads": 2}
-      -> {"ok": true, "flops": <forward FLOPs per step, x3 for a train step>, "torch": "2.15.0"}
+      -> {"ok": true, "flops": <forward FLOPs per step, x3 for a train step>}
+  {"cmd": "version"}   -> {"ok": true, "torch": "2.15.0"}
   {"cmd": "step"}      -> {"ok": true, "seconds": <wall time of one step>}
   {"cmd": "peak_rss"}  -> {"ok": true, "bytes": <peak RSS since setup>}
+  {"cmd": "cocoeval", "gt": PATH, "dt": PATH}
+      -> {"ok": true, "seconds": <load + evaluate + accumulate + summarize>, "stats": [12]}
+  {"cmd": "lsap", "cost": [[...]], "repeats": N}
+      -> {"ok": true, "seconds": <per call>, "total": <optimal cost>}
 Errors answer {"ok": false, "error": "..."}; end of input ends the script.
 """
 
@@ -75,18 +80,57 @@ class Workload:
         return time.perf_counter() - start
 
 
+def cocoeval(gt_path, dt_path):
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    reset_peak_rss()
+    start = time.perf_counter()
+    # pycocotools prints progress; keep stdout for the protocol.
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(gt_path)
+        dt = gt.loadRes(dt_path)
+        e = COCOeval(gt, dt, "bbox")
+        e.evaluate()
+        e.accumulate()
+        e.summarize()
+    seconds = time.perf_counter() - start
+    return {"ok": True, "seconds": seconds, "stats": [float(x) for x in e.stats]}
+
+
+def lsap(cost, repeats):
+    import numpy as np
+    from scipy.optimize import linear_sum_assignment
+
+    c = np.asarray(cost, dtype=np.float64)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        rows, cols = linear_sum_assignment(c)
+    seconds = (time.perf_counter() - start) / repeats
+    return {"ok": True, "seconds": seconds, "total": float(c[rows, cols].sum())}
+
+
 def main():
     workload = None
     for line in sys.stdin:
         try:
             msg = json.loads(line)
-            if msg["cmd"] == "setup":
+            if msg["cmd"] == "version":
+                out = {"ok": True, "torch": torch.__version__}
+            elif msg["cmd"] == "setup":
                 workload = Workload(msg["workload"], msg["batch"], msg["size"], msg["threads"])
-                out = {"ok": True, "flops": workload.flops, "torch": torch.__version__}
+                out = {"ok": True, "flops": workload.flops}
             elif msg["cmd"] == "step":
                 out = {"ok": True, "seconds": workload.step()}
             elif msg["cmd"] == "peak_rss":
                 out = {"ok": True, "bytes": peak_rss()}
+            elif msg["cmd"] == "cocoeval":
+                out = cocoeval(msg["gt"], msg["dt"])
+            elif msg["cmd"] == "lsap":
+                out = lsap(msg["cost"], msg["repeats"])
             else:
                 out = {"ok": False, "error": f"unknown command {msg['cmd']}"}
         except Exception as e:  # report to densekd instead of dying mid-protocol

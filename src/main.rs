@@ -46,7 +46,7 @@ enum Command {
 #[derive(Args)]
 struct BenchArgs {
     /// Workloads, comma-separated (default: all of mobilenet_v2-infer, resnet18-infer,
-    /// resnet50-infer, mobilenet_v2-train, resnet18-train).
+    /// resnet50-infer, mobilenet_v2-train, resnet18-train, lsap-300x50, eval-coco).
     #[arg(long, value_delimiter = ',')]
     workloads: Vec<String>,
     /// Images per step.
@@ -68,7 +68,7 @@ struct BenchArgs {
     /// filled from PyPI on first use).
     #[arg(long)]
     python: Option<PathBuf>,
-    /// Folder for bench.json and bench.md.
+    /// Folder for bench.json, bench.md and eval-coco's generated files.
     #[arg(long, default_value = "runs/bench")]
     out: PathBuf,
 }
@@ -561,9 +561,13 @@ fn skipped_images(skipped: &[Error], total: usize) -> Result<()> {
 }
 
 fn bench(args: BenchArgs) -> Result<()> {
-    use densekd::bench::{reference, run, BenchOptions, Reference, WORKLOADS};
+    use densekd::bench::{reference, run, BenchOptions, Reference, TOOL_WORKLOADS, WORKLOADS};
     let workloads = if args.workloads.is_empty() {
-        WORKLOADS.iter().map(|w| w.to_string()).collect()
+        WORKLOADS
+            .iter()
+            .chain(&TOOL_WORKLOADS)
+            .map(|w| w.to_string())
+            .collect()
     } else {
         args.workloads
     };
@@ -577,7 +581,8 @@ fn bench(args: BenchArgs) -> Result<()> {
     };
     let python = reference::python(args.python.as_deref())?;
     let mut reference = Reference::start(&python)?;
-    let report = run(&options, &mut reference)?;
+    std::fs::create_dir_all(&args.out).map_err(|e| Error::io(&args.out, e))?;
+    let report = run(&options, &mut reference, &args.out)?;
     print!("{}", report.to_markdown());
     for path in report.write(&args.out)? {
         println!("wrote {}", path.display());

@@ -5,6 +5,7 @@
 //! the CPU.
 
 pub mod reference;
+mod tools;
 mod workload;
 
 use std::path::PathBuf;
@@ -15,6 +16,10 @@ use serde::Serialize;
 use crate::error::{Error, Result};
 pub use reference::Reference;
 pub use workload::{Workload, WORKLOADS};
+
+/// Workloads that are not networks: Hungarian matching against SciPy and COCO evaluation
+/// (5,000 images × 100 detections) against pycocotools.
+pub const TOOL_WORKLOADS: [&str; 2] = ["lsap-300x50", "eval-coco"];
 
 /// How to benchmark.
 #[derive(Debug, Clone)]
@@ -44,10 +49,10 @@ pub struct Side {
     pub min_s: f64,
     /// Slowest step.
     pub max_s: f64,
-    /// GFLOP/s at the median.
-    pub gflops: f64,
-    /// Peak resident memory during the workload, MiB.
-    pub peak_rss_mib: f64,
+    /// GFLOP/s at the median (networks only).
+    pub gflops: Option<f64>,
+    /// Peak resident memory during the workload, MiB (networks only).
+    pub peak_rss_mib: Option<f64>,
 }
 
 /// One workload's result.
@@ -56,7 +61,9 @@ pub struct WorkloadResult {
     /// Its name.
     pub workload: String,
     /// Floating-point operations per step (PyTorch's count of the forward pass; ×3 to train).
-    pub flops_per_step: f64,
+    pub flops_per_step: Option<f64>,
+    /// Whether both sides computed the same result (tools only: stats, optimal cost).
+    pub agrees: Option<bool>,
     /// densekd's timings.
     pub densekd: Side,
     /// PyTorch's timings.
@@ -84,38 +91,91 @@ pub struct BenchReport {
     pub results: Vec<WorkloadResult>,
 }
 
-/// Runs every workload on both sides, interleaving their steps.
-pub fn run(options: &BenchOptions, reference: &mut Reference) -> Result<BenchReport> {
+/// Interleaved samples of one workload: each side's seconds and whether other processes
+/// loaded the CPU during the pair.
+#[derive(Default)]
+pub struct Sampler {
+    ours: Vec<f64>,
+    theirs: Vec<f64>,
+    contended: Vec<bool>,
+    started: Option<CpuSample>,
+}
+
+impl Sampler {
+    /// Starts a sample pair.
+    pub fn begin(&mut self, reference: u32) {
+        self.started = Some(CpuSample::now(reference));
+    }
+
+    /// Ends a sample pair with both sides' seconds.
+    pub fn end(&mut self, reference: u32, ours: f64, theirs: f64) {
+        let busy = self
+            .started
+            .take()
+            .map_or(0.0, |s| s.others_busy(reference));
+        self.ours.push(ours);
+        self.theirs.push(theirs);
+        self.contended.push(busy > 0.2);
+    }
+}
+
+/// Runs every workload on both sides, interleaving their steps; tool workloads write their
+/// data into `dir`.
+pub fn run(
+    options: &BenchOptions,
+    reference: &mut Reference,
+    dir: &std::path::Path,
+) -> Result<BenchReport> {
     let mut results = Vec::new();
-    let mut torch_version = String::new();
+    let torch = reference.version()?;
     for name in &options.workloads {
-        let workload = Workload::parse(name)?;
-        let (flops, version) = reference.setup(name, options)?;
-        torch_version = version;
-        workload::reset_peak_rss();
-        let mut ours = workload.build(options)?;
-        for _ in 0..options.warmup {
-            ours.step()?;
-            reference.step()?;
+        let mut sampler = Sampler::default();
+        let (mut flops, mut rss, mut agrees) = (None, None, None);
+        match name.as_str() {
+            "lsap-300x50" => agrees = Some(tools::lsap(options.steps, reference, &mut sampler)?),
+            "eval-coco" => {
+                // pycocotools needs tens of seconds per pass: three pairs suffice.
+                let steps = options.steps.min(3);
+                agrees = Some(tools::eval_coco(dir, steps, reference, &mut sampler)?);
+            }
+            _ => {
+                let workload = Workload::parse(name)?;
+                flops = Some(reference.setup(name, options)?);
+                workload::reset_peak_rss();
+                let mut ours = workload.build(options)?;
+                for _ in 0..options.warmup {
+                    ours.step()?;
+                    reference.step()?;
+                }
+                for _ in 0..options.steps {
+                    sampler.begin(reference.pid());
+                    let start = Instant::now();
+                    ours.step()?;
+                    let ours_s = start.elapsed().as_secs_f64();
+                    let theirs_s = reference.step()?;
+                    sampler.end(reference.pid(), ours_s, theirs_s);
+                }
+                rss = Some((workload::peak_rss_bytes(), reference.peak_rss()?));
+            }
         }
-        let (mut a, mut b, mut contended) = (Vec::new(), Vec::new(), Vec::new());
-        for _ in 0..options.steps {
-            let before = CpuSample::now(reference.pid());
-            let start = Instant::now();
-            ours.step()?;
-            a.push(start.elapsed().as_secs_f64());
-            b.push(reference.step()?);
-            contended.push(before.others_busy(reference.pid()) > 0.2);
-        }
-        let ours_rss = workload::peak_rss_bytes();
-        let theirs_rss = reference.peak_rss()?;
-        let side = |s: Vec<f64>, rss: u64| summarise(s, &contended, flops, rss);
-        let (densekd, pytorch) = (side(a, ours_rss), side(b, theirs_rss));
+        let Sampler {
+            ours,
+            theirs,
+            contended,
+            ..
+        } = sampler;
+        let side = |s: Vec<f64>, rss: Option<u64>| summarise(s, &contended, flops, rss);
+        let (densekd, pytorch) = (side(ours, rss.map(|r| r.0)), side(theirs, rss.map(|r| r.1)));
+        let time_ratio = densekd.median_s / pytorch.median_s;
         eprintln!(
-            "{name}: densekd {:.1} ms, PyTorch {:.1} ms, ratio {:.2}{}",
+            "{name}: densekd {:.2} ms, reference {:.2} ms, ratio {time_ratio:.2}{}{}",
             1e3 * densekd.median_s,
             1e3 * pytorch.median_s,
-            densekd.median_s / pytorch.median_s,
+            match agrees {
+                Some(true) => ", same result",
+                Some(false) => ", DIFFERENT RESULT",
+                None => "",
+            },
             if contended.iter().any(|&c| c) {
                 " (some samples contended)"
             } else {
@@ -125,7 +185,8 @@ pub fn run(options: &BenchOptions, reference: &mut Reference) -> Result<BenchRep
         results.push(WorkloadResult {
             workload: name.clone(),
             flops_per_step: flops,
-            time_ratio: densekd.median_s / pytorch.median_s,
+            agrees,
+            time_ratio,
             densekd,
             pytorch,
             contended,
@@ -133,7 +194,7 @@ pub fn run(options: &BenchOptions, reference: &mut Reference) -> Result<BenchRep
     }
     Ok(BenchReport {
         backend: crate::backend::name().to_string(),
-        torch: torch_version,
+        torch,
         batch: options.batch,
         size: options.size,
         threads: options.threads,
@@ -142,7 +203,7 @@ pub fn run(options: &BenchOptions, reference: &mut Reference) -> Result<BenchRep
 }
 
 /// Median, range and throughput of `seconds`, the median over uncontended samples.
-fn summarise(seconds: Vec<f64>, contended: &[bool], flops: f64, rss: u64) -> Side {
+fn summarise(seconds: Vec<f64>, contended: &[bool], flops: Option<f64>, rss: Option<u64>) -> Side {
     let clean: Vec<f64> = seconds
         .iter()
         .zip(contended)
@@ -153,8 +214,8 @@ fn summarise(seconds: Vec<f64>, contended: &[bool], flops: f64, rss: u64) -> Sid
     Side {
         min_s: seconds.iter().copied().fold(f64::INFINITY, f64::min),
         max_s: seconds.iter().copied().fold(0.0, f64::max),
-        gflops: flops / median_s / 1e9,
-        peak_rss_mib: rss as f64 / (1 << 20) as f64,
+        gflops: flops.map(|f| f / median_s / 1e9),
+        peak_rss_mib: rss.map(|r| r as f64 / (1 << 20) as f64),
         median_s,
         seconds,
     }
@@ -238,31 +299,40 @@ impl BenchReport {
     pub fn to_markdown(&self) -> String {
         let mut out = format!(
             "densekd ({}) against PyTorch {} ({} threads), batch {}, {}², medians of \
-             uncontended interleaved steps\n\n\
-             | workload | densekd ms (min–max) | PyTorch ms (min–max) | densekd / PyTorch time | \
-             GFLOP/s densekd / PyTorch | peak RSS MiB densekd / PyTorch | contended samples |\n\
-             |---|---|---|---|---|---|---|\n",
+             uncontended interleaved steps; tools against SciPy / pycocotools\n\n\
+             | workload | densekd ms (min–max) | reference ms (min–max) | densekd / reference \
+             time | GFLOP/s densekd / PyTorch | peak RSS MiB densekd / PyTorch | same result | \
+             contended samples |\n|---|---|---|---|---|---|---|---|\n",
             self.backend, self.torch, self.threads, self.batch, self.size
         );
+        let pair = |a: Option<f64>, b: Option<f64>, digits: usize| match (a, b) {
+            (Some(a), Some(b)) => format!("{a:.digits$} / {b:.digits$}"),
+            _ => "–".to_string(),
+        };
         for r in &self.results {
             let ms = |s: &Side| {
                 format!(
-                    "{:.1} ({:.1}–{:.1})",
+                    "{:.2} ({:.2}–{:.2})",
                     1e3 * s.median_s,
                     1e3 * s.min_s,
                     1e3 * s.max_s
                 )
             };
+            // Three significant digits for ratios far below 1 (eval-coco is ~0.01×).
+            let digits = if r.time_ratio < 0.1 { 4 } else { 2 };
             out.push_str(&format!(
-                "| {} | {} | {} | {:.2}× | {:.1} / {:.1} | {:.0} / {:.0} | {} of {} |\n",
+                "| {} | {} | {} | {:.digits$}× | {} | {} | {} | {} of {} |\n",
                 r.workload,
                 ms(&r.densekd),
                 ms(&r.pytorch),
                 r.time_ratio,
-                r.densekd.gflops,
-                r.pytorch.gflops,
-                r.densekd.peak_rss_mib,
-                r.pytorch.peak_rss_mib,
+                pair(r.densekd.gflops, r.pytorch.gflops, 1),
+                pair(r.densekd.peak_rss_mib, r.pytorch.peak_rss_mib, 0),
+                match r.agrees {
+                    Some(true) => "yes",
+                    Some(false) => "**no**",
+                    None => "–",
+                },
                 r.contended.iter().filter(|&&c| c).count(),
                 r.contended.len()
             ));
@@ -290,11 +360,16 @@ mod tests {
     fn medians_skip_contended_samples() {
         assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
-        let side = summarise(vec![1.0, 9.0, 2.0], &[false, true, false], 3e9, 1 << 20);
+        let side = summarise(
+            vec![1.0, 9.0, 2.0],
+            &[false, true, false],
+            Some(3e9),
+            Some(1 << 20),
+        );
         assert_eq!(side.median_s, 1.5);
         assert_eq!((side.min_s, side.max_s), (1.0, 9.0));
-        assert_eq!(side.gflops, 2.0);
-        assert_eq!(side.peak_rss_mib, 1.0);
+        assert_eq!(side.gflops, Some(2.0));
+        assert_eq!(side.peak_rss_mib, Some(1.0));
     }
 
     #[test]

@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 const SCRIPT: &str = include_str!("../../bench/torch_ref.py");
 
 /// The packages the reference needs, from PyPI.
-const PACKAGES: [&str; 2] = ["torch", "torchvision"];
+const PACKAGES: [&str; 4] = ["torch", "torchvision", "scipy", "pycocotools"];
 
 /// A running reference process.
 pub struct Reference {
@@ -28,7 +28,7 @@ pub fn default_venv() -> PathBuf {
     crate::model::pretrained::cache_dir().join("bench-venv")
 }
 
-/// A Python with the reference's packages: `python` if given, else the bench venv's, created
+/// A Python with the reference's packages (torch, torchvision, SciPy, pycocotools): `python` if given, else the bench venv's, created
 /// and filled from PyPI on first use (about 1 GB of wheels).
 pub fn python(python: Option<&Path>) -> Result<PathBuf> {
     if let Some(p) = python {
@@ -37,7 +37,7 @@ pub fn python(python: Option<&Path>) -> Result<PathBuf> {
     let venv = default_venv();
     let bin = venv.join("bin").join("python");
     let has_torch = Command::new(&bin)
-        .args(["-c", "import torch, torchvision"])
+        .args(["-c", "import torch, torchvision, scipy, pycocotools"])
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success());
@@ -120,8 +120,36 @@ impl Reference {
         Ok(reply)
     }
 
-    /// Builds `workload` on the reference side: its FLOPs per step and PyTorch's version.
-    pub fn setup(&mut self, workload: &str, options: &BenchOptions) -> Result<(f64, String)> {
+    /// PyTorch's version.
+    pub fn version(&mut self) -> Result<String> {
+        Ok(self.call(json!({"cmd": "version"}))?["torch"]
+            .as_str()
+            .unwrap_or("?")
+            .to_string())
+    }
+
+    /// pycocotools on two files: its seconds and 12 stats.
+    pub fn cocoeval(&mut self, gt: &Path, dt: &Path) -> Result<(f64, Vec<f64>)> {
+        let reply = self.call(json!({"cmd": "cocoeval", "gt": gt, "dt": dt}))?;
+        let stats = reply["stats"]
+            .as_array()
+            .map(|a| a.iter().filter_map(Value::as_f64).collect())
+            .unwrap_or_default();
+        Ok((reply["seconds"].as_f64().unwrap_or(f64::NAN), stats))
+    }
+
+    /// SciPy's `linear_sum_assignment` on `cost`, `repeats` times: seconds per solve and the
+    /// optimal cost.
+    pub fn lsap(&mut self, cost: &[&[f64]], repeats: usize) -> Result<(f64, f64)> {
+        let reply = self.call(json!({"cmd": "lsap", "cost": cost, "repeats": repeats}))?;
+        Ok((
+            reply["seconds"].as_f64().unwrap_or(f64::NAN),
+            reply["total"].as_f64().unwrap_or(f64::NAN),
+        ))
+    }
+
+    /// Builds `workload` on the reference side: its FLOPs per step.
+    pub fn setup(&mut self, workload: &str, options: &BenchOptions) -> Result<f64> {
         let reply = self.call(json!({
             "cmd": "setup",
             "workload": workload,
@@ -129,10 +157,7 @@ impl Reference {
             "size": options.size,
             "threads": options.threads,
         }))?;
-        Ok((
-            reply["flops"].as_f64().unwrap_or(f64::NAN),
-            reply["torch"].as_str().unwrap_or("?").to_string(),
-        ))
+        Ok(reply["flops"].as_f64().unwrap_or(f64::NAN))
     }
 
     /// One timed step: its seconds.
