@@ -62,8 +62,6 @@ impl DetSplits {
                         format!("differ from those of {}", c.train_json.display()),
                     ));
                 }
-                check_image_headers(&train, &c.train_images)?;
-                check_image_headers(&val, &c.val_images)?;
                 let source = |dataset, root: &Path, augment| {
                     DetSource::Coco(CocoSource {
                         dataset,
@@ -110,6 +108,12 @@ impl DetSplits {
                     val_gt.num_classes()
                 ),
             ));
+        }
+        // After the cheaper checks: every listed image must exist and match its record.
+        for source in [&train_source, &val_source] {
+            if let DetSource::Coco(s) = source {
+                check_image_headers(&s.dataset, &s.image_root)?;
+            }
         }
         let divisor = d.size_divisor;
         let loader = |source, shuffle| {
