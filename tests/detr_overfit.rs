@@ -116,7 +116,10 @@ fn tiny_detr_learns_eight_images() {
     let mut losses = Vec::new();
     let (steps, lr) = (600, 1e-2);
     let t0 = std::time::Instant::now();
-    for _ in 0..steps {
+    for step in 0..steps {
+        // The last fifth at a tenth of the rate: at a constant 1e-2 the end point depends on
+        // floating-point rounding (AVX2 and AVX-512 matrix kernels ended at AP 0.98 and 0.85).
+        let lr = if step < steps * 4 / 5 { lr } else { lr / 10.0 };
         let out = model.forward(images.clone(), &batch.padding, cfg.groups);
         let loss = detr_loss(&out, &batch.targets, &weights, &costs)
             .expect("loss")
