@@ -40,37 +40,7 @@ enum Command {
     /// Train a named grid of variants × seeds and report mean ± std; reuses finished runs.
     Experiment(ExperimentArgs),
     /// Time densekd against PyTorch on identical models, interleaved step by step.
-    Bench(BenchArgs),
-}
-
-#[derive(Args)]
-struct BenchArgs {
-    /// Workloads, comma-separated (default: all of mobilenet_v2-infer, resnet18-infer,
-    /// resnet50-infer, mobilenet_v2-train, resnet18-train, lsap-300x50, eval-coco).
-    #[arg(long, value_delimiter = ',')]
-    workloads: Vec<String>,
-    /// Images per step.
-    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=256))]
-    batch: u16,
-    /// Image side in pixels.
-    #[arg(long, default_value_t = 224, value_parser = clap::value_parser!(u16).range(32..=1024))]
-    size: u16,
-    /// Untimed steps per side first.
-    #[arg(long, default_value_t = 3)]
-    warmup: usize,
-    /// Timed steps per side.
-    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u16).range(1..))]
-    steps: u16,
-    /// PyTorch's threads.
-    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=256))]
-    threads: u16,
-    /// Python with torch and torchvision (default: a venv in the cache folder, created and
-    /// filled from PyPI on first use).
-    #[arg(long)]
-    python: Option<PathBuf>,
-    /// Folder for bench.json, bench.md and eval-coco's generated files.
-    #[arg(long, default_value = "runs/bench")]
-    out: PathBuf,
+    Bench(densekd::bench::cli::BenchArgs),
 }
 
 #[derive(Args)]
@@ -560,36 +530,6 @@ fn skipped_images(skipped: &[Error], total: usize) -> Result<()> {
     ))
 }
 
-fn bench(args: BenchArgs) -> Result<()> {
-    use densekd::bench::{reference, run, BenchOptions, Reference, TOOL_WORKLOADS, WORKLOADS};
-    let workloads = if args.workloads.is_empty() {
-        WORKLOADS
-            .iter()
-            .chain(&TOOL_WORKLOADS)
-            .map(|w| w.to_string())
-            .collect()
-    } else {
-        args.workloads
-    };
-    let options = BenchOptions {
-        workloads,
-        batch: args.batch.into(),
-        size: args.size.into(),
-        warmup: args.warmup,
-        steps: args.steps.into(),
-        threads: args.threads.into(),
-    };
-    let python = reference::python(args.python.as_deref())?;
-    let mut reference = Reference::start(&python)?;
-    std::fs::create_dir_all(&args.out).map_err(|e| Error::io(&args.out, e))?;
-    let report = run(&options, &mut reference, &args.out)?;
-    print!("{}", report.to_markdown());
-    for path in report.write(&args.out)? {
-        println!("wrote {}", path.display());
-    }
-    Ok(())
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -600,7 +540,7 @@ fn main() -> ExitCode {
         Command::Train(args) => train(args),
         Command::Predict(args) => predict(args),
         Command::Experiment(args) => experiment(args),
-        Command::Bench(args) => bench(args),
+        Command::Bench(args) => densekd::bench::cli::bench(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -191,18 +191,18 @@ fn bad_arguments_and_config_values_are_named() {
         "{stderr}"
     );
 
-    for args in [
-        &[
-            "eval",
-            "seg",
-            "--gt",
-            "a",
-            "--pred",
-            "b",
-            "--num-classes",
-            "4294967295",
-        ][..],
-        &[
+    let seg = [
+        "eval",
+        "seg",
+        "--gt",
+        "a",
+        "--pred",
+        "b",
+        "--num-classes",
+        "4294967295",
+    ];
+    let predict = |thr| {
+        [
             "predict",
             "--weights",
             "w",
@@ -211,20 +211,10 @@ fn bad_arguments_and_config_values_are_named() {
             "--out",
             "o",
             "--score-thr",
-            "NaN",
-        ],
-        &[
-            "predict",
-            "--weights",
-            "w",
-            "--images",
-            "i",
-            "--out",
-            "o",
-            "--score-thr",
-            "-1",
-        ],
-    ] {
+            thr,
+        ]
+    };
+    for args in [&seg[..], &predict("NaN"), &predict("-1")] {
         let (ok, _, stderr) = densekd(args);
         assert!(
             !ok && stderr.contains("invalid value"),

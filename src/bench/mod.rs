@@ -4,6 +4,7 @@
 //! peak RSS, FLOPs per step and GFLOP/s, and marks samples during which other processes used
 //! the CPU.
 
+pub mod cli;
 pub mod reference;
 mod tools;
 mod workload;

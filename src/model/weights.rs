@@ -172,6 +172,21 @@ fn verify_legacy(path: &Path, top_level_key: Option<&str>) -> Result<()> {
     Ok(())
 }
 
+/// Refuses a load in which some tensor failed (e.g. a shape mismatch), naming the first.
+fn check_errors(result: &ApplyResult, path: &Path) -> Result<()> {
+    match result.errors.first() {
+        None => Ok(()),
+        Some(err) => Err(Error::invalid(
+            path,
+            "tensors",
+            format!(
+                "{} tensor(s) could not be loaded, first: {err}",
+                result.errors.len()
+            ),
+        )),
+    }
+}
+
 /// Loads `path` into `module`, returning it with the report.
 pub fn load_pytorch<B: Backend, M: Module<B> + ModuleSnapshot<B>>(
     mut module: M,
@@ -211,16 +226,7 @@ pub fn load_pytorch<B: Backend, M: Module<B> + ModuleSnapshot<B>>(
             .load_from(&mut store)
             .map_err(|e| Error::invalid(path, "tensors", e.to_string()))?
     };
-    if let Some(err) = result.errors.first() {
-        return Err(Error::invalid(
-            path,
-            "tensors",
-            format!(
-                "{} tensor(s) could not be loaded, first: {err:?}",
-                result.errors.len()
-            ),
-        ));
-    }
+    check_errors(&result, path)?;
     let report = LoadReport {
         applied: result.applied.len(),
         missing: result.missing.iter().map(|(p, _)| p.clone()).collect(),
@@ -285,16 +291,7 @@ pub fn load_native<B: Backend, M: Module<B> + ModuleSnapshot<B>>(
     let result = module
         .load_from(&mut store)
         .map_err(|e| Error::invalid(path, "tensors", e.to_string()))?;
-    if let Some(err) = result.errors.first() {
-        return Err(Error::invalid(
-            path,
-            "tensors",
-            format!(
-                "{} tensor(s) could not be loaded, first: {err}",
-                result.errors.len()
-            ),
-        ));
-    }
+    check_errors(&result, path)?;
     if let Some((first, _)) = result.missing.first() {
         return Err(Error::invalid(
             path,
