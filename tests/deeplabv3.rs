@@ -11,7 +11,8 @@ use densekd::train::config::TrainConfig;
 use densekd::train::run::train_with_options;
 
 /// `configs/deeplabv3_shapes.toml` made tiny: a 1/4-width ResNet-18 with one block per stage
-/// at output stride 8, from scratch, a 32-wide head, label maps read from `data`.
+/// at output stride 8 on the images as they are, from scratch, a 32-wide head, label maps read
+/// from `data`.
 fn tiny_config(data: &Path, extra: &[&str]) -> TrainConfig {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/deeplabv3_shapes.toml");
     let (images, labels) = (data.join("images/train"), data.join("labels/train"));
@@ -36,6 +37,8 @@ fn tiny_config(data: &Path, extra: &[&str]) -> TrainConfig {
                 "deeplabv3.model.backbone.blocks=[1,1,1,1]",
                 "deeplabv3.model.backbone.norm=\"group\"",
                 "deeplabv3.model.backbone.frozen_stages=0",
+                "deeplabv3.model.backbone.output_stride=8",
+                "deeplabv3.model.input_scale=1.0",
                 "deeplabv3.model.channels=32",
                 "deeplabv3.model.aspp_rates=[1,2,3]",
                 "optim.replicas=1",

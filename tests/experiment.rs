@@ -116,8 +116,13 @@ fn the_rdd_grid_trains_its_teacher_first_and_names_it_in_the_variants() {
     let width = |c: &TrainConfig| c.deeplabv3.as_ref().expect("deeplabv3").model.channels;
     assert_eq!(width(&teacher.config), 128);
     assert_eq!(teacher.config.optim.epochs, 1);
+    let scale = |c: &TrainConfig| c.deeplabv3.as_ref().expect("deeplabv3").model.input_scale;
+    assert_eq!(scale(&teacher.config), 2.0);
     let runs = plan(&grid, &options).expect("plan");
     assert!(runs.iter().all(|r| width(&r.config) == 64));
+    // The students read the images at their own size, with scale jitter.
+    assert!(runs.iter().all(|r| scale(&r.config) == 1.0
+        && r.config.data.seg_augment.as_ref().map(|a| a.scale_range) == Some((0.75, 1.5))));
     for run in &runs {
         match (&run.config.distill, run.variant.as_str()) {
             (DistillConfig::None(_), "baseline") => {}
