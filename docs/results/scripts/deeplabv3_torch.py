@@ -108,7 +108,7 @@ class Net(nn.Module):
             dw.dilation = (dil, dil)
             dw.padding = (dil, dil)
         self.f = f
-        for i, mod in enumerate(f[: a.frozen]):
+        for mod in f[: a.frozen]:
             for q in mod.parameters():
                 q.requires_grad_(False)
         rates = [int(r) for r in a.rates.split(",")]
