@@ -8,7 +8,8 @@
 //! outputs, loss and `Task`, e.g. [`model::detr`]) → [`distill`] (the `Distiller` trait, EMA
 //! and frozen teachers, OD-DETR) → [`train`] (config, the loop, checkpoints; only `train::config` and
 //! `train::run` name the model kinds, to read and build a config's task) → [`experiment`] (variant × seed grids and
-//! reports); [`predict`] and [`viz`] use the exported models and the logs.
+//! reports); [`launch`] starts `train` as several processes; [`predict`] and [`viz`] use the
+//! exported models and the logs.
 
 pub mod backend;
 pub mod bench;
@@ -17,6 +18,7 @@ pub mod distill;
 pub mod error;
 pub mod eval;
 pub mod experiment;
+pub mod launch;
 pub mod model;
 pub mod ops;
 pub mod predict;

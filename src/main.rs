@@ -37,6 +37,9 @@ enum Command {
     Train(TrainArgs),
     /// Detect objects with an exported model: COCO results JSON and drawn PNGs.
     Predict(PredictArgs),
+    /// Train on several processes or machines (data parallel, like torchrun):
+    /// `launch --nproc 2 -- train CONFIG …`.
+    Launch(densekd::launch::LaunchArgs),
     /// Train a named grid of variants × seeds and report mean ± std; reuses finished runs.
     Experiment(ExperimentArgs),
     /// Time densekd against PyTorch on identical models, interleaved step by step.
@@ -444,8 +447,22 @@ fn train(args: TrainArgs) -> Result<()> {
         let stem = args.config.file_stem().unwrap_or_default();
         PathBuf::from("runs").join(stem)
     });
-    eprintln!("backend: {}", densekd::backend::name());
-    let summary = densekd::train::run::train_run(&config, &run_dir, args.resume, true)?;
+    let world = densekd::train::collective::World::from_env()?;
+    let leader = world.as_ref().is_none_or(|w| w.is_leader());
+    if leader {
+        eprintln!("backend: {}", densekd::backend::name());
+    }
+    let options = densekd::train::RunOptions {
+        run_dir: run_dir.clone(),
+        resume: args.resume,
+        stop_after: None,
+        progress: true,
+        world,
+    };
+    let summary = densekd::train::run::train_with_options(&config, &options)?;
+    if !leader {
+        return Ok(());
+    }
     for (name, stats) in &summary.final_eval {
         println!("{name}:");
         for (k, v) in stats {
@@ -538,6 +555,7 @@ fn main() -> ExitCode {
         Command::Eval(cmd) => eval(cmd),
         Command::Classify(args) => classify(args),
         Command::Train(args) => train(args),
+        Command::Launch(args) => densekd::launch::launch(args),
         Command::Predict(args) => predict(args),
         Command::Experiment(args) => experiment(args),
         Command::Bench(args) => densekd::bench::cli::bench(args),

@@ -49,6 +49,7 @@ fn train_lines(extra: &[&str]) -> Vec<BTreeMap<String, f64>> {
         resume: false,
         stop_after: None,
         progress: false,
+        world: None,
     };
     train_with_options(&config, &options).expect("train");
     let text = std::fs::read_to_string(options.run_dir.join("metrics.jsonl")).expect("metrics");

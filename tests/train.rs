@@ -41,6 +41,7 @@ fn run(config: &TrainConfig, dir: &Path, resume: bool, stop_after: Option<usize>
         resume,
         stop_after,
         progress: false,
+        world: None,
     };
     train_with_options(config, &options).expect("train")
 }

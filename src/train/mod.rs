@@ -5,6 +5,7 @@
 //! checkpoints with exact resume, and the exported inference weights.
 
 pub mod checkpoint;
+pub mod collective;
 pub mod config;
 mod evaluation;
 pub mod metrics;
@@ -28,6 +29,7 @@ use crate::error::{Error, Result};
 use crate::task::number;
 use crate::task::{ModelStats, Task};
 use checkpoint::{load_record, record_bytes, Checkpoints, LoopState, Saved};
+use collective::{Collective, World};
 use config::{CheckpointConfig, EvalConfig, OptimConfig};
 use evaluation::{check_teachers, evaluate_all, log_diagnostics, plot, probe_all, Probes};
 use metrics::MetricsLog;
@@ -60,6 +62,8 @@ pub struct RunOptions {
     pub stop_after: Option<usize>,
     /// Draw a progress bar (when stderr is a terminal).
     pub progress: bool,
+    /// This worker's place in a multi-process run (`densekd launch`); `None` for one process.
+    pub world: Option<World>,
 }
 
 /// What a finished run reports.
@@ -114,6 +118,12 @@ where
         .with_epsilon(config.optim.eps as f32)
         .init::<B, Trained<B, T, D>>();
     let checkpoints = Checkpoints::new(run_dir);
+    let collective = match &options.world {
+        Some(world) => Some(Collective::<B::InnerBackend>::join(world, device)?),
+        None => None,
+    };
+    // Rank 0 alone writes the run folder; every rank computes the same updates.
+    let leader = options.world.as_ref().is_none_or(World::is_leader);
 
     let mut state = LoopState {
         step: 0,
@@ -147,15 +157,22 @@ where
             resumed = Some(state.step);
         }
     }
-    let mut log = MetricsLog::open(&run_dir.join("metrics.jsonl"), resumed)?;
-    match resumed {
-        Some(step) if step >= total => eprintln!(
+    if let Some(c) = &collective {
+        c.check_same_start(&model, state.step)?;
+    }
+    let mut log = match leader {
+        true => Some(MetricsLog::open(&run_dir.join("metrics.jsonl"), resumed)?),
+        false => None,
+    };
+    match (resumed, log.as_mut()) {
+        (_, None) => {}
+        (Some(step), Some(_)) if step >= total => eprintln!(
             "{} finished its {total} steps already; rewriting its exports",
             run_dir.display()
         ),
-        Some(step) => eprintln!("resuming {} at step {step}/{total}", run_dir.display()),
-        None => {
-            check_teachers(task, &*distiller, &mut log)?;
+        (Some(step), Some(_)) => eprintln!("resuming {} at step {step}/{total}", run_dir.display()),
+        (None, Some(log)) => {
+            check_teachers(task, &*distiller, log)?;
             probes = probe_all(task, &*distiller, &model.0)?;
             eprintln!("training {total} steps into {}", run_dir.display());
         }
@@ -188,44 +205,57 @@ where
             B::seed(device, derive_seed(&[config.seed, state.step as u64, 0xd0]));
             let lr = schedule.lr(state.step);
             let log_now = state.step.is_multiple_of(config.checkpoint.log_every_steps);
+            let (rank, ranks) = options.world.as_ref().map_or((0, 1), |w| (w.rank, w.size));
+            let replicas = config.optim.replicas;
             let shards = task.split(
                 batch,
-                config.optim.replicas,
+                replicas * ranks,
                 derive_seed(&[config.seed, state.step as u64, 0xd1]),
             );
-            let outcome =
-                data_parallel_step(task, &*distiller, &model, shards, log_now).and_then(|step| {
-                    let mut groups = step.groups;
-                    clip_values(&model, &mut groups[..], config.optim.clip_value);
-                    let norm = clip_global_norm(&model, &mut groups[..], config.optim.clip_norm);
-                    if norm.is_finite() {
-                        Ok((groups, norm, step.total, step.values))
-                    } else {
-                        Err(StepError::NotFinite(format!(
-                            "gradient norm {norm}; loss {}",
-                            step.total
-                        )))
-                    }
-                });
+            let shards = own_shards(task, shards, rank, replicas);
+            let mut outcome = data_parallel_step(task, &*distiller, &model, shards, log_now);
+            let mut exchange_s = None;
+            if let Some(c) = &collective {
+                let (m, reduced, seconds) = c.reduce_step(model, outcome, log_now);
+                (model, outcome, exchange_s) = (m, reduced, Some(seconds));
+            }
+            let outcome = outcome.and_then(|step| {
+                let mut groups = step.groups;
+                clip_values(&model, &mut groups[..], config.optim.clip_value);
+                let norm = clip_global_norm(&model, &mut groups[..], config.optim.clip_norm);
+                if norm.is_finite() {
+                    Ok((groups, norm, step.total, step.values))
+                } else {
+                    Err(StepError::NotFinite(format!(
+                        "gradient norm {norm}; loss {}",
+                        step.total
+                    )))
+                }
+            });
             let (groups, grad_norm, loss, values) = match outcome {
                 Ok(done) => done,
                 Err(StepError::NotFinite(what)) if state.skipped < config.optim.skip_nonfinite => {
                     state.skipped += 1;
-                    progress.println(&format!(
+                    progress.println_if(
+                        leader,
+                        &format!(
                         "warning: step {}: not finite ({what}); batch skipped without an update \
                          ({} of optim.skip_nonfinite = {})",
                         state.step + 1,
                         state.skipped,
                         config.optim.skip_nonfinite
-                    ));
-                    log.write(
-                        "skipped",
-                        &[
-                            ("epoch", Value::from(epoch)),
-                            ("step", Value::from(state.step + 1)),
-                            ("reason", Value::from(what)),
-                        ],
-                    )?;
+                    ),
+                    );
+                    if let Some(log) = log.as_mut() {
+                        log.write(
+                            "skipped",
+                            &[
+                                ("epoch", Value::from(epoch)),
+                                ("step", Value::from(state.step + 1)),
+                                ("reason", Value::from(what)),
+                            ],
+                        )?;
+                    }
                     (Vec::new(), f64::NAN, f64::NAN, None)
                 }
                 Err(e) => return Err(step_error(e, state.step + 1, &checkpoints)),
@@ -235,8 +265,10 @@ where
             state.step += 1;
             state.batch += 1;
             state.next_lr = schedule.lr(state.step);
-            progress.update(state.step, values.as_ref().map(|_| loss), lr);
-            if let Some(values) = values {
+            if leader {
+                progress.update(state.step, values.as_ref().map(|_| loss), lr);
+            }
+            if let (Some(values), Some(log)) = (values, log.as_mut()) {
                 let mut fields = vec![
                     ("epoch", Value::from(epoch)),
                     ("step", Value::from(state.step)),
@@ -244,11 +276,16 @@ where
                     ("grad_norm", number(grad_norm)),
                 ];
                 fields.extend(values.iter().map(|(k, v)| (k.as_str(), number(*v))));
+                if let Some(seconds) = exchange_s {
+                    fields.push(("exchange_s", number(seconds)));
+                }
                 log.write("train", &fields)?;
             }
             let every = config.checkpoint.every_steps;
             let stop = options.stop_after.is_some_and(|s| state.step >= s);
-            if state.batch < per_epoch && ((every > 0 && state.step.is_multiple_of(every)) || stop)
+            if leader
+                && state.batch < per_epoch
+                && ((every > 0 && state.step.is_multiple_of(every)) || stop)
             {
                 save(
                     &model,
@@ -266,31 +303,33 @@ where
         state.epoch += 1;
         state.batch = 0;
         let last = state.epoch == config.optim.epochs;
-        let current = probe_all(task, &*distiller, &model.0)?;
-        log_diagnostics(task, &probes, &current, &mut log, state)?;
-        if !current.is_empty() {
-            probes = current;
-        }
-        if last || state.epoch.is_multiple_of(config.eval.every_epochs) {
-            final_eval = evaluate_all(task, &*distiller, &model.0, &mut log, state)?;
-            for (name, stats) in &final_eval {
-                progress.println(&format!(
-                    "epoch {}/{} step {} {name}: {}",
-                    state.epoch,
-                    config.optim.epochs,
-                    state.step,
-                    evaluation::headline(task, stats)
-                ));
+        if let Some(log) = log.as_mut() {
+            let current = probe_all(task, &*distiller, &model.0)?;
+            log_diagnostics(task, &probes, &current, log, state)?;
+            if !current.is_empty() {
+                probes = current;
             }
-            plot(&log);
+            if last || state.epoch.is_multiple_of(config.eval.every_epochs) {
+                final_eval = evaluate_all(task, &*distiller, &model.0, log, state)?;
+                for (name, stats) in &final_eval {
+                    progress.println(&format!(
+                        "epoch {}/{} step {} {name}: {}",
+                        state.epoch,
+                        config.optim.epochs,
+                        state.step,
+                        evaluation::headline(task, stats)
+                    ));
+                }
+                plot(log);
+            }
+            save(
+                &model,
+                record_bytes::<B, _>(optim.to_record())?,
+                distiller,
+                &probes,
+                state,
+            )?;
         }
-        save(
-            &model,
-            record_bytes::<B, _>(optim.to_record())?,
-            distiller,
-            &probes,
-            state,
-        )?;
         if options.stop_after.is_some_and(|s| state.step >= s) && !last {
             finished = false;
             break;
@@ -298,26 +337,32 @@ where
     }
     progress.finish();
 
-    if finished {
+    if let (true, Some(log)) = (finished, log.as_mut()) {
         if final_eval.is_empty() {
             // Resumed after the last epoch's checkpoint: its evaluation is in the log already.
             final_eval = match log.evals_at(state.step)? {
                 logged if !logged.is_empty() => logged,
-                _ => evaluate_all(task, &*distiller, &model.0, &mut log, state)?,
+                _ => evaluate_all(task, &*distiller, &model.0, log, state)?,
             };
         }
-        evaluation::finish(task, &*distiller, &model.0, &final_eval, &log, state, start)?;
+        evaluation::finish(task, &*distiller, &model.0, &final_eval, log, state, start)?;
         eprintln!(
             "finished {}: {}",
             run_dir.display(),
             run_dir.join("summary.json").display()
         );
-    } else {
+    } else if leader && !finished {
         eprintln!(
             "stopped at step {}; resume {} with --resume",
             state.step,
             run_dir.display()
         );
+    }
+    if let Some(c) = collective {
+        // The others wait here for rank 0's evaluation and exports, so that a finished launch
+        // has written everything.
+        c.barrier("waiting for rank 0 to write the run's results")?;
+        c.finish()?;
     }
     Ok(RunSummary {
         steps: state.step,
@@ -325,6 +370,37 @@ where
         wall_s: start.elapsed().as_secs_f64(),
         finished,
     })
+}
+
+/// This rank's `replicas` shards of the `replicas × ranks` of a batch, each with its share of
+/// the whole batch's [`Task::shard_weight`] (1 for an unsplit batch). A rank left without a
+/// shard (a short last batch) runs the first one at weight 0: its gradients are zeros of the
+/// right parameter groups and its logged terms add nothing.
+fn own_shards<B: AutodiffBackend, T: Task<B>>(
+    task: &T,
+    shards: Vec<T::Batch>,
+    rank: usize,
+    replicas: usize,
+) -> Vec<(T::Batch, f64)> {
+    let weights: Vec<f64> = match shards.len() {
+        1 => vec![1.0],
+        _ => {
+            let raw: Vec<f64> = shards.iter().map(|s| task.shard_weight(s)).collect();
+            let sum: f64 = raw.iter().sum();
+            raw.iter().map(|w| w / sum).collect()
+        }
+    };
+    let mut shards: Vec<(T::Batch, f64)> = shards.into_iter().zip(weights).collect();
+    if shards.len() <= rank * replicas {
+        shards.truncate(1);
+        shards[0].1 = 0.0;
+        return shards;
+    }
+    shards
+        .into_iter()
+        .skip(rank * replicas)
+        .take(replicas)
+        .collect()
 }
 
 /// The error of a step whose loss or gradient norm is not finite, naming the step (1-based, as

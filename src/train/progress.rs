@@ -73,6 +73,13 @@ impl Progress {
         }
     }
 
+    /// [`Progress::println`] when `show` is set (one rank of a multi-process run prints).
+    pub fn println_if(&self, show: bool, line: &str) {
+        if show {
+            self.println(line);
+        }
+    }
+
     /// Prints `line` without garbling the bar.
     pub fn println(&self, line: &str) {
         match self {

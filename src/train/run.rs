@@ -33,6 +33,7 @@ pub fn train_run(
             resume,
             stop_after: None,
             progress,
+            world: None,
         },
     )
 }
@@ -83,7 +84,9 @@ pub fn train_with_options(config: &TrainConfig, options: &RunOptions) -> Result<
             ),
         ));
     }
-    write_atomic(&saved_path, config.to_toml()?.as_bytes())?;
+    if options.world.as_ref().is_none_or(|w| w.is_leader()) {
+        write_atomic(&saved_path, config.to_toml()?.as_bytes())?;
+    }
     let device = device();
     let loop_config = config.loop_config();
     match config.model()? {

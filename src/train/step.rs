@@ -93,12 +93,12 @@ where
 
 /// Runs every shard's forward and backward on its own thread (the first on this one) and sums
 /// their gradients in shard order, so the result does not depend on thread timing. Each shard's
-/// loss is weighted by its share of the task's [`Task::shard_weight`]s.
+/// loss is weighted by the weight it comes with.
 pub(super) fn data_parallel_step<B, T, D>(
     task: &T,
     distiller: &D,
     model: &Trained<B, T, D>,
-    shards: Vec<T::Batch>,
+    shards: Vec<(T::Batch, f64)>,
     log: bool,
 ) -> std::result::Result<StepGrads, StepError>
 where
@@ -106,16 +106,8 @@ where
     T: Task<B> + Sync,
     D: Distiller<B, T> + Sync,
 {
-    let weights: Vec<f64> = match shards.len() {
-        1 => vec![1.0],
-        _ => {
-            let raw: Vec<f64> = shards.iter().map(|s| task.shard_weight(s)).collect();
-            let sum: f64 = raw.iter().sum();
-            raw.iter().map(|w| w / sum).collect()
-        }
-    };
     let outcomes = std::thread::scope(|scope| {
-        let mut shards = shards.into_iter().zip(weights);
+        let mut shards = shards.into_iter();
         let first = shards.next();
         let handles: Vec<_> = shards
             .map(|(batch, weight)| {

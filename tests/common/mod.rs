@@ -76,6 +76,7 @@ pub fn options(
         resume,
         stop_after,
         progress: false,
+        world: None,
     }
 }
 

@@ -1,0 +1,286 @@
+//! `densekd launch`: multi-process data parallelism on loopback. A 2-process run equals the
+//! 1-process run with the same global batch, repeats exactly, and a killed worker stops the
+//! whole run, which then resumes with another process count.
+
+mod common;
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::lines;
+
+/// `configs/detr_smoke.toml` (GroupNorm, no pretrained weights): 4 steps per epoch.
+fn smoke_args(out: &Path, extra: &[&str]) -> Vec<String> {
+    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/detr_smoke.toml");
+    let mut args = vec![
+        "train".to_string(),
+        config.display().to_string(),
+        "--out".to_string(),
+        out.display().to_string(),
+    ];
+    for set in extra {
+        args.push("--set".to_string());
+        args.push(set.to_string());
+    }
+    args
+}
+
+/// A port with the next `n` ports free too, for one launch's orchestrator and workers.
+fn free_ports(n: u16) -> u16 {
+    let seed = std::process::id() as u64 * 7919
+        + std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos() as u64);
+    for attempt in 0..200u64 {
+        let base = 20_000 + ((seed + attempt * 104_729) % 30_000) as u16;
+        if (0..=n).all(|k| TcpListener::bind(("0.0.0.0", base + k)).is_ok()) {
+            return base;
+        }
+    }
+    panic!("no free ports");
+}
+
+fn launch_command(nproc: u16, train: &[String]) -> Command {
+    let base = free_ports(nproc);
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_densekd"));
+    cmd.args([
+        "launch",
+        "--nproc",
+        &nproc.to_string(),
+        "--coordinator",
+        &format!("127.0.0.1:{base}"),
+        "--timeout",
+        "60",
+        "--",
+    ])
+    .args(train)
+    .env_remove("DENSEKD_RANK");
+    cmd
+}
+
+/// Runs `densekd launch --nproc N -- train …` to the end: (success, stderr).
+fn launch(nproc: u16, train: &[String]) -> (bool, String) {
+    let out = launch_command(nproc, train).output().expect("launch runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The `train` lines' losses by step.
+fn losses(dir: &Path) -> Vec<(u64, f64)> {
+    lines(dir)
+        .iter()
+        .filter(|l| l["kind"] == "train")
+        .map(|l| {
+            (
+                l["step"].as_u64().expect("step"),
+                l["loss"].as_f64().expect("loss"),
+            )
+        })
+        .collect()
+}
+
+fn final_ap(dir: &Path) -> f64 {
+    lines(dir)
+        .iter()
+        .rfind(|l| l["kind"] == "eval" && l["model"] == "student")
+        .and_then(|l| l["AP"].as_f64())
+        .expect("a final evaluation")
+}
+
+#[test]
+fn two_processes_equal_one_process_with_the_same_global_batch_and_repeat_exactly() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let one = tmp.path().join("one");
+    let out = Command::new(env!("CARGO_BIN_EXE_densekd"))
+        .args(smoke_args(&one, &["optim.replicas=2"]))
+        .env_remove("DENSEKD_RANK")
+        .output()
+        .expect("train runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let runs: Vec<_> = ["two-a", "two-b"]
+        .iter()
+        .map(|name| {
+            let dir = tmp.path().join(name);
+            let (ok, stderr) = launch(2, &smoke_args(&dir, &[]));
+            assert!(ok, "{stderr}");
+            dir
+        })
+        .collect();
+
+    let reference = losses(&one);
+    let distributed = losses(&runs[0]);
+    assert_eq!(reference.len(), 8, "{reference:?}");
+    assert_eq!(
+        reference.iter().map(|l| l.0).collect::<Vec<_>>(),
+        distributed.iter().map(|l| l.0).collect::<Vec<_>>()
+    );
+    for ((step, a), (_, b)) in reference.iter().zip(&distributed) {
+        assert!(
+            (a - b).abs() <= 1e-5 * a.abs(),
+            "step {step}: 1 process {a}, 2 processes {b}"
+        );
+    }
+    assert!((final_ap(&one) - final_ap(&runs[0])).abs() < 1e-3);
+
+    // Two 2-process runs: the same losses, metrics and exported weights, bit for bit.
+    assert_eq!(losses(&runs[0]), losses(&runs[1]));
+    assert_eq!(final_ap(&runs[0]), final_ap(&runs[1]));
+    let weights = |dir: &Path| std::fs::read(dir.join("model.safetensors")).expect("weights");
+    assert!(weights(&runs[0]) == weights(&runs[1]));
+    // Only rank 0 wrote the run folder, once per step.
+    let steps: Vec<u64> = lines(&runs[0])
+        .iter()
+        .filter(|l| l["kind"] == "train")
+        .map(|l| l["step"].as_u64().unwrap_or(0))
+        .collect();
+    assert_eq!(steps, (1..=8).collect::<Vec<_>>());
+}
+
+/// The worker processes `densekd launch` (pid `launcher`) started, by rank.
+fn workers(launcher: u32) -> Vec<(usize, u32)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // The parent pid is the second field after the parenthesised command name.
+        let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+        let ppid = after.split_whitespace().nth(1).and_then(|p| p.parse().ok());
+        if ppid != Some(launcher) {
+            continue;
+        }
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        let rank = environ
+            .split(|&b| b == 0)
+            .filter_map(|kv| std::str::from_utf8(kv).ok())
+            .find_map(|kv| kv.strip_prefix("DENSEKD_RANK="))
+            .and_then(|r| r.parse().ok());
+        if let Some(rank) = rank {
+            out.push((rank, pid));
+        }
+    }
+    out.sort();
+    out
+}
+
+fn wait_for(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
+}
+
+#[test]
+fn a_killed_worker_stops_every_worker_and_the_run_resumes_with_another_process_count() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("run");
+    // 3 ranks on batches of 4 images split in 2-image shards: rank 2 has no shard of its own
+    // and takes part with zero-weight gradients.
+    let args = smoke_args(&dir, &["optim.epochs=40"]);
+    let stderr_path = tmp.path().join("stderr.txt");
+    let mut launcher = launch_command(3, &args)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&stderr_path).expect("stderr file"))
+        .spawn()
+        .expect("launch starts");
+    let start = Instant::now();
+    while !dir.join("checkpoints/latest.json").exists() {
+        assert!(start.elapsed() < Duration::from_secs(120), "no checkpoint");
+        assert!(
+            launcher.try_wait().expect("wait").is_none(),
+            "launch ended early"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let ranks = workers(launcher.id());
+    assert_eq!(ranks.iter().map(|r| r.0).collect::<Vec<_>>(), vec![0, 1, 2]);
+    let victim = ranks[1].1;
+    let killed = Command::new("kill")
+        .args(["-9", &victim.to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(killed.success());
+
+    let status = wait_for(&mut launcher, Duration::from_secs(30)).expect("launch stops");
+    assert!(!status.success());
+    let stderr = std::fs::read_to_string(&stderr_path).expect("stderr");
+    assert!(
+        stderr.contains(&format!("rank 1 (pid {victim}) was killed")),
+        "{stderr}"
+    );
+    for (rank, pid) in &ranks {
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists(),
+            "rank {rank} (pid {pid}) still runs"
+        );
+    }
+
+    // The last checkpoint is intact: two processes continue it to the end.
+    let stopped_at = losses(&dir).last().map_or(0, |l| l.0);
+    let mut resume = args.clone();
+    resume.push("--resume".to_string());
+    let (ok, stderr) = launch(2, &resume);
+    assert!(ok, "{stderr}");
+    assert!(stderr.contains("resuming"), "{stderr}");
+    let steps: Vec<u64> = losses(&dir).iter().map(|l| l.0).collect();
+    assert_eq!(
+        steps,
+        (1..=160).collect::<Vec<_>>(),
+        "stopped at {stopped_at}"
+    );
+    assert!(dir.join("summary.json").exists());
+}
+
+#[test]
+fn launch_refuses_a_bad_command_and_a_busy_port() {
+    let (ok, stderr) = {
+        let out = Command::new(env!("CARGO_BIN_EXE_densekd"))
+            .args(["launch", "--nproc", "2", "--", "eval", "coco"])
+            .output()
+            .expect("runs");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    assert!(!ok && stderr.contains("must be `train CONFIG"), "{stderr}");
+
+    let busy = TcpListener::bind(("0.0.0.0", 0)).expect("bind");
+    let port = busy.local_addr().expect("addr").port();
+    let out = Command::new(env!("CARGO_BIN_EXE_densekd"))
+        .args([
+            "launch",
+            "--coordinator",
+            &format!("127.0.0.1:{port}"),
+            "--",
+            "train",
+            "x.toml",
+        ])
+        .output()
+        .expect("runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("port {port} (the orchestrator)")),
+        "{stderr}"
+    );
+}
