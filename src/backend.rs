@@ -21,6 +21,18 @@ pub fn device() -> burn::tensor::Device<Inference> {
     Default::default()
 }
 
+/// The device of the `local_rank`-th worker process of a machine (`densekd launch`): GPU
+/// `local_rank` with CUDA, one process per device; the default device otherwise.
+pub fn device_for(local_rank: usize) -> burn::tensor::Device<Inference> {
+    #[cfg(feature = "cuda")]
+    return burn::backend::cuda::CudaDevice { index: local_rank };
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = local_rank;
+        device()
+    }
+}
+
 /// A human-readable name of the compiled-in backend, for logs and reports.
 pub fn name() -> &'static str {
     if cfg!(feature = "cuda") {

@@ -12,7 +12,7 @@ use clap::Args;
 
 use crate::error::{Error, Result};
 use crate::train::collective::{
-    port_of, ENV_COORDINATOR, ENV_NODE, ENV_RANK, ENV_TIMEOUT, ENV_WORLD,
+    port_of, ENV_COORDINATOR, ENV_LOCAL_RANK, ENV_NODE, ENV_RANK, ENV_TIMEOUT, ENV_WORLD,
 };
 
 /// `densekd launch` arguments.
@@ -136,6 +136,7 @@ pub fn launch(args: LaunchArgs) -> Result<()> {
         let child = Command::new(&exe)
             .args(&args.command)
             .env(ENV_RANK, rank.to_string())
+            .env(ENV_LOCAL_RANK, k.to_string())
             .env(ENV_WORLD, world.to_string())
             .env(ENV_COORDINATOR, &args.coordinator)
             .env(ENV_NODE, format!("{host}:{port}"))

@@ -91,6 +91,14 @@ fn final_ap(dir: &Path) -> f64 {
         .expect("a final evaluation")
 }
 
+/// An exported model's header (as JSON: its metadata's key order varies) and tensor bytes.
+fn safetensors(dir: &Path) -> (serde_json::Value, Vec<u8>) {
+    let bytes = std::fs::read(dir.join("model.safetensors")).expect("weights");
+    let len = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")) as usize;
+    let header = serde_json::from_slice(&bytes[8..8 + len]).expect("header");
+    (header, bytes[8 + len..].to_vec())
+}
+
 #[test]
 fn two_processes_equal_one_process_with_the_same_global_batch_and_repeat_exactly() {
     let tmp = tempfile::tempdir().expect("tmp");
@@ -133,8 +141,7 @@ fn two_processes_equal_one_process_with_the_same_global_batch_and_repeat_exactly
     // Two 2-process runs: the same losses, metrics and exported weights, bit for bit.
     assert_eq!(losses(&runs[0]), losses(&runs[1]));
     assert_eq!(final_ap(&runs[0]), final_ap(&runs[1]));
-    let weights = |dir: &Path| std::fs::read(dir.join("model.safetensors")).expect("weights");
-    assert!(weights(&runs[0]) == weights(&runs[1]));
+    assert_eq!(safetensors(&runs[0]), safetensors(&runs[1]));
     // Only rank 0 wrote the run folder, once per step.
     let steps: Vec<u64> = lines(&runs[0])
         .iter()
@@ -283,4 +290,30 @@ fn launch_refuses_a_bad_command_and_a_busy_port() {
         stderr.contains(&format!("port {port} (the orchestrator)")),
         "{stderr}"
     );
+}
+
+#[test]
+fn a_worker_stops_naming_the_coordinator_it_cannot_reach() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let base = free_ports(1);
+    let start = Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_densekd"))
+        .args(smoke_args(&tmp.path().join("run"), &[]))
+        .env("DENSEKD_RANK", "1")
+        .env("DENSEKD_WORLD_SIZE", "2")
+        .env("DENSEKD_COORDINATOR", format!("127.0.0.1:{base}"))
+        .env("DENSEKD_NODE_ADDRESS", format!("127.0.0.1:{}", base + 1))
+        .env("DENSEKD_TIMEOUT_S", "3")
+        .output()
+        .expect("train runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(start.elapsed() < Duration::from_secs(60));
+    assert!(
+        stderr.contains(&format!(
+            "rank 1 of 2, joining (coordinator 127.0.0.1:{base}"
+        )),
+        "{stderr}"
+    );
+    assert!(stderr.contains("within 3 s"), "{stderr}");
 }

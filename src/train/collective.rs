@@ -7,6 +7,7 @@
 
 use std::collections::BTreeSet;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -23,6 +24,8 @@ use crate::train::step::{StepError, StepGrads};
 
 /// The worker's rank (0-based, over all nodes).
 pub const ENV_RANK: &str = "DENSEKD_RANK";
+/// The worker's rank among the workers of its machine (its GPU with CUDA).
+pub const ENV_LOCAL_RANK: &str = "DENSEKD_LOCAL_RANK";
 /// The number of workers over all nodes.
 pub const ENV_WORLD: &str = "DENSEKD_WORLD_SIZE";
 /// The orchestrator's `host:port`.
@@ -43,6 +46,8 @@ const FAILED: char = '\u{1}';
 pub struct World {
     /// Rank of this worker.
     pub rank: usize,
+    /// Rank among the workers of its machine.
+    pub local_rank: usize,
     /// Number of workers.
     pub size: usize,
     /// The orchestrator's `host:port`.
@@ -69,6 +74,10 @@ impl World {
         };
         let world = World {
             rank: number(ENV_RANK, &rank)?,
+            local_rank: match std::env::var(ENV_LOCAL_RANK) {
+                Ok(text) => number(ENV_LOCAL_RANK, &text)?,
+                Err(_) => 0,
+            },
             size: number(ENV_WORLD, &var(ENV_WORLD)?)?,
             coordinator: var(ENV_COORDINATOR)?,
             node: var(ENV_NODE)?,
@@ -103,6 +112,8 @@ pub fn port_of(address: &str) -> Result<u16> {
 pub struct Collective<B: Backend> {
     world: World,
     device: B::Device,
+    /// Whether rank 0 has printed the size of a step's exchange.
+    announced: AtomicBool,
 }
 
 impl<B: Backend> Collective<B> {
@@ -122,6 +133,7 @@ impl<B: Backend> Collective<B> {
         let collective = Collective {
             world: world.clone(),
             device: device.clone(),
+            announced: AtomicBool::new(false),
         };
         let (peer, device) = (PeerId(world.rank as u32), device.clone());
         collective.watched("joining", move || {
@@ -273,6 +285,8 @@ struct Pack<'a, B: AutodiffBackend> {
     groups: &'a [ParamGroup],
     leader: bool,
     parts: Vec<Tensor<B::InnerBackend, 1>>,
+    /// Values of trainable parameters' gradients, and of everything else.
+    counts: (usize, usize),
 }
 
 impl<B: AutodiffBackend> ModuleVisitor<B> for Pack<'_, B> {
@@ -294,11 +308,13 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for Pack<'_, B> {
             self.parts
                 .push(Tensor::from_data(TensorData::new(presence, [n]), &device));
             self.parts.push(grad.unwrap_or_else(zeros));
+            self.counts.0 += numel;
         } else {
             self.parts.push(match self.leader {
                 true => value.inner().reshape([numel]),
                 false => zeros(),
             });
+            self.counts.1 += numel;
         }
     }
 }
@@ -462,8 +478,18 @@ impl<B: Backend> Collective<B> {
             groups: &step.groups,
             leader: rank == 0,
             parts: Vec::new(),
+            counts: (0, 0),
         };
         model.visit(&mut pack);
+        if rank == 0 && !self.announced.swap(true, Ordering::Relaxed) {
+            let (grads, buffers) = pack.counts;
+            eprintln!(
+                "{size} workers; each step sums {:.2} MB: {grads} gradient values, {buffers} \
+                 buffer and frozen values from rank 0, {} group flags",
+                (pack.parts.iter().map(|p| p.dims()[0]).sum::<usize>() + names.len()) as f64 * 4e-6,
+                pack.parts.iter().map(|p| p.dims()[0]).sum::<usize>() - grads - buffers
+            );
+        }
         let grads = match pack.parts.is_empty() {
             true => Vec::new(),
             false => Tensor::cat(pack.parts, 0)

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use crate::backend::{device, Training};
+use crate::backend::{device, device_for, Training};
 use crate::distill::fcos_kd::FcosKd;
 use crate::distill::lgd::Lgd;
 use crate::distill::od_detr::OdDetr;
@@ -87,7 +87,10 @@ pub fn train_with_options(config: &TrainConfig, options: &RunOptions) -> Result<
     if options.world.as_ref().is_none_or(|w| w.is_leader()) {
         write_atomic(&saved_path, config.to_toml()?.as_bytes())?;
     }
-    let device = device();
+    let device = options
+        .world
+        .as_ref()
+        .map_or_else(device, |w| device_for(w.local_rank));
     let loop_config = config.loop_config();
     match config.model()? {
         ModelSection::Detr(section) => {

@@ -197,6 +197,39 @@ impl GlobalCollectiveState {
             .push((session_id, request_id, node_id));
 
         if self.registered_nodes.len() == num_nodes as usize {
+            // densekd patch: number the nodes by their smallest peer id instead of by arrival,
+            // so the ring order, and with it the order in which floats are summed, is the same
+            // in every run.
+            let mut order: Vec<(PeerId, NodeId)> = self
+                .node_peers
+                .iter()
+                .map(|(node, peers)| (peers.iter().min_by_key(|p| p.0).copied().unwrap_or(PeerId(u32::MAX)), *node))
+                .collect();
+            order.sort_by_key(|(peer, _)| peer.0);
+            let renumber: HashMap<NodeId, NodeId> = order
+                .iter()
+                .enumerate()
+                .map(|(k, (_, old))| (*old, NodeId::from(k)))
+                .collect();
+            let new_id = |old: &NodeId| renumber.get(old).copied().unwrap_or(*old);
+            self.registered_nodes = self
+                .registered_nodes
+                .iter()
+                .map(|(session, node)| (*session, new_id(node)))
+                .collect();
+            self.node_addresses = self
+                .node_addresses
+                .drain()
+                .map(|(node, addr)| (new_id(&node), addr))
+                .collect();
+            self.node_peers = self
+                .node_peers
+                .drain()
+                .map(|(node, peers)| (new_id(&node), peers))
+                .collect();
+            for (_, _, node) in self.register_requests.iter_mut() {
+                *node = new_id(node);
+            }
             let mut callbacks = vec![];
             core::mem::swap(&mut callbacks, &mut self.register_requests);
 
