@@ -12,7 +12,8 @@ use clap::Args;
 
 use crate::error::{Error, Result};
 use crate::train::collective::{
-    port_of, ENV_COORDINATOR, ENV_LOCAL_RANK, ENV_NODE, ENV_RANK, ENV_TIMEOUT, ENV_WORLD,
+    port_of, start_orchestrator, ENV_COORDINATOR, ENV_LOCAL_RANK, ENV_NODE, ENV_RANK, ENV_TIMEOUT,
+    ENV_WORLD,
 };
 
 /// `densekd launch` arguments.
@@ -54,19 +55,6 @@ fn check_free(port: u16, what: &str) -> Result<()> {
             format!("port {port} ({what}) cannot be used: {e}; choose another with --coordinator or --port"),
         )
     })
-}
-
-/// Runs the orchestrator on `port` for the rest of this process.
-fn start_orchestrator(port: u16) -> Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .map_err(|e| Error::config("launch", format!("cannot start the orchestrator: {e}")))?;
-    std::thread::spawn(move || {
-        runtime.block_on(burn_collective::start_global_orchestrator(port));
-    });
-    Ok(())
 }
 
 /// Describes how a worker ended.

@@ -13,7 +13,14 @@ use common::lines;
 
 /// `configs/detr_smoke.toml` (GroupNorm, no pretrained weights): 4 steps per epoch.
 fn smoke_args(out: &Path, extra: &[&str]) -> Vec<String> {
-    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/detr_smoke.toml");
+    config_args("detr_smoke.toml", out, extra)
+}
+
+/// `train configs/NAME --out OUT --set …`.
+fn config_args(name: &str, out: &Path, extra: &[&str]) -> Vec<String> {
+    let config = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("configs")
+        .join(name);
     let mut args = vec![
         "train".to_string(),
         config.display().to_string(),
@@ -149,6 +156,113 @@ fn two_processes_equal_one_process_with_the_same_global_batch_and_repeat_exactly
         .map(|l| l["step"].as_u64().unwrap_or(0))
         .collect();
     assert_eq!(steps, (1..=8).collect::<Vec<_>>());
+}
+
+/// Trains `train` (a `train …` command line) in one process with 2 thread replicas and with
+/// `launch --nproc 2` on one replica each; every step's loss agrees to 1e-5 relative.
+fn assert_two_processes_match_two_replicas(train: impl Fn(&Path, &str) -> Vec<String>) {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (one, two) = (tmp.path().join("one"), tmp.path().join("two"));
+    let out = Command::new(env!("CARGO_BIN_EXE_densekd"))
+        .args(train(&one, "optim.replicas=2"))
+        .env_remove("DENSEKD_RANK")
+        .output()
+        .expect("train runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (ok, stderr) = launch(2, &train(&two, "optim.replicas=1"));
+    assert!(ok, "{stderr}");
+    let (a, b) = (losses(&one), losses(&two));
+    assert!(!a.is_empty() && a.len() == b.len(), "{a:?} vs {b:?}");
+    for ((step, x), (_, y)) in a.iter().zip(&b) {
+        assert!((x - y).abs() <= 1e-5 * x.abs(), "step {step}: {x} vs {y}");
+    }
+}
+
+#[test]
+fn every_distiller_kind_trains_on_two_processes_as_on_two_replicas() {
+    // An EMA teacher (OD-DETR, all three mechanisms).
+    assert_two_processes_match_two_replicas(|out, replicas| {
+        smoke_args(out, &[replicas, "distill.method=\"od-detr\""])
+    });
+    // Trainable distiller modules in their own parameter group (LGD's implicit teacher).
+    assert_two_processes_match_two_replicas(|out, replicas| {
+        config_args(
+            "fcos_smoke.toml",
+            out,
+            &[
+                replicas,
+                "distill.method=\"lgd\"",
+                "distill.distill_warmup_steps=2",
+            ],
+        )
+    });
+    // A frozen teacher from a finished run (DeepLabV3 KD with RDD), memorising 4 images that
+    // are also its validation split.
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = tmp.path().join("data");
+    let synth = Command::new(env!("CARGO_BIN_EXE_densekd"))
+        .args([
+            "data", "synth", "--train", "4", "--val", "1", "--size", "64", "--out",
+        ])
+        .arg(&data)
+        .output()
+        .expect("synth runs");
+    assert!(
+        synth.status.success(),
+        "{}",
+        String::from_utf8_lossy(&synth.stderr)
+    );
+    let folder = |key: &str, sub: &str| format!("data.segmentation.{key}={:?}", data.join(sub));
+    let mut sets = vec![
+        folder("train_images", "images/train"),
+        folder("train_labels", "labels/train"),
+        folder("val_images", "images/train"),
+        folder("val_labels", "labels/train"),
+        "data.seg_augment.hflip_prob=0.0".to_string(),
+        "data.segmentation.class_names=[\"background\",\"circle\",\"square\",\"triangle\",\
+         \"ellipse\",\"cross\",\"star\",\"ring\",\"frame\"]"
+            .to_string(),
+    ];
+    let teacher = tmp.path().join("teacher");
+    let teacher_sets: Vec<&str> = sets
+        .iter()
+        .map(String::as_str)
+        .chain(["optim.epochs=60", "optim.lr=5e-3", "eval.every_epochs=60"])
+        .collect();
+    let out = Command::new(env!("CARGO_BIN_EXE_densekd"))
+        .args(config_args("deeplabv3_smoke.toml", &teacher, &teacher_sets))
+        .output()
+        .expect("teacher trains");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    sets.push(format!(
+        "distill.teacher={:?}",
+        teacher.display().to_string()
+    ));
+    assert_two_processes_match_two_replicas(|out, replicas| {
+        let student: Vec<&str> = sets
+            .iter()
+            .map(String::as_str)
+            .chain([
+                replicas,
+                "optim.epochs=6",
+                "distill.method=\"seg-kd\"",
+                "distill.kd.weight=1.0",
+                "distill.rdd.tfe_fraction=0.5",
+                // Thread replicas refuse dropout (their masks are drawn concurrently).
+                "deeplabv3.model.aspp_dropout=0",
+                "deeplabv3.model.aux_dropout=0",
+            ])
+            .collect();
+        config_args("deeplabv3_smoke.toml", out, &student)
+    });
 }
 
 /// The worker processes `densekd launch` (pid `launcher`) started, by rank.

@@ -106,6 +106,19 @@ pub fn port_of(address: &str) -> Result<u16> {
         .ok_or_else(|| Error::config("address", format!("`{address}` is not HOST:PORT")))
 }
 
+/// Runs burn-collective's orchestrator on `port` for the rest of this process.
+pub fn start_orchestrator(port: u16) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .map_err(|e| Error::config("launch", format!("cannot start the orchestrator: {e}")))?;
+    std::thread::spawn(move || {
+        runtime.block_on(burn_collective::start_global_orchestrator(port));
+    });
+    Ok(())
+}
+
 /// A joined collective of [`World::size`] workers, one per process, on backend `B` (the inner,
 /// non-autodiff backend).
 #[derive(Debug)]

@@ -202,10 +202,17 @@ where
             let batch = batch?;
             // Dropout and any other backend randomness restart from (seed, step), so a resumed
             // run draws exactly what the uninterrupted run would have.
-            B::seed(device, derive_seed(&[config.seed, state.step as u64, 0xd0]));
+            // Other workers of a multi-process run draw their own streams.
+            let (rank, ranks) = options.world.as_ref().map_or((0, 1), |w| (w.rank, w.size));
+            B::seed(
+                device,
+                match rank {
+                    0 => derive_seed(&[config.seed, state.step as u64, 0xd0]),
+                    r => derive_seed(&[config.seed, state.step as u64, 0xd0, r as u64]),
+                },
+            );
             let lr = schedule.lr(state.step);
             let log_now = state.step.is_multiple_of(config.checkpoint.log_every_steps);
-            let (rank, ranks) = options.world.as_ref().map_or((0, 1), |w| (w.rank, w.size));
             let replicas = config.optim.replicas;
             let shards = task.split(
                 batch,
