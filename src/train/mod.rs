@@ -243,16 +243,14 @@ where
                 Ok(done) => done,
                 Err(StepError::NotFinite(what)) if state.skipped < config.optim.skip_nonfinite => {
                     state.skipped += 1;
-                    progress.println_if(
-                        leader,
-                        &format!(
+                    let warning = format!(
                         "warning: step {}: not finite ({what}); batch skipped without an update \
                          ({} of optim.skip_nonfinite = {})",
                         state.step + 1,
                         state.skipped,
                         config.optim.skip_nonfinite
-                    ),
                     );
+                    progress.println_if(leader, &warning);
                     if let Some(log) = log.as_mut() {
                         log.write(
                             "skipped",
