@@ -76,6 +76,20 @@ fn launch(nproc: u16, train: &[String]) -> (bool, String) {
     )
 }
 
+/// Runs `densekd train …` in one process (not a worker) and asserts that it succeeded.
+fn train_alone(train: &[String]) {
+    let out = Command::new(env!("CARGO_BIN_EXE_densekd"))
+        .args(train)
+        .env_remove("DENSEKD_RANK")
+        .output()
+        .expect("train runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// The `train` lines' losses by step.
 fn losses(dir: &Path) -> Vec<(u64, f64)> {
     lines(dir)
@@ -110,16 +124,7 @@ fn safetensors(dir: &Path) -> (serde_json::Value, Vec<u8>) {
 fn two_processes_equal_one_process_with_the_same_global_batch_and_repeat_exactly() {
     let tmp = tempfile::tempdir().expect("tmp");
     let one = tmp.path().join("one");
-    let out = Command::new(env!("CARGO_BIN_EXE_densekd"))
-        .args(smoke_args(&one, &["optim.replicas=2"]))
-        .env_remove("DENSEKD_RANK")
-        .output()
-        .expect("train runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    train_alone(&smoke_args(&one, &["optim.replicas=2"]));
     let runs: Vec<_> = ["two-a", "two-b"]
         .iter()
         .map(|name| {
@@ -163,16 +168,7 @@ fn two_processes_equal_one_process_with_the_same_global_batch_and_repeat_exactly
 fn assert_two_processes_match_two_replicas(train: impl Fn(&Path, &str) -> Vec<String>) {
     let tmp = tempfile::tempdir().expect("tmp");
     let (one, two) = (tmp.path().join("one"), tmp.path().join("two"));
-    let out = Command::new(env!("CARGO_BIN_EXE_densekd"))
-        .args(train(&one, "optim.replicas=2"))
-        .env_remove("DENSEKD_RANK")
-        .output()
-        .expect("train runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    train_alone(&train(&one, "optim.replicas=2"));
     let (ok, stderr) = launch(2, &train(&two, "optim.replicas=1"));
     assert!(ok, "{stderr}");
     let (a, b) = (losses(&one), losses(&two));
@@ -233,15 +229,11 @@ fn every_distiller_kind_trains_on_two_processes_as_on_two_replicas() {
         .map(String::as_str)
         .chain(["optim.epochs=60", "optim.lr=5e-3", "eval.every_epochs=60"])
         .collect();
-    let out = Command::new(env!("CARGO_BIN_EXE_densekd"))
-        .args(config_args("deeplabv3_smoke.toml", &teacher, &teacher_sets))
-        .output()
-        .expect("teacher trains");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    train_alone(&config_args(
+        "deeplabv3_smoke.toml",
+        &teacher,
+        &teacher_sets,
+    ));
     sets.push(format!(
         "distill.teacher={:?}",
         teacher.display().to_string()

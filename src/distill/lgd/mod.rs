@@ -58,6 +58,10 @@ pub struct LgdConfig {
     /// The step from which the distillation stops reaching the student again, if any.
     #[serde(default)]
     pub distill_stop_step: Option<usize>,
+    /// Learning rate of the implicit teacher and the adapter, as a multiple of the student's
+    /// (the official code: 1).
+    #[serde(default = "one")]
+    pub teacher_lr_mult: f64,
 }
 
 fn one() -> f64 {
@@ -74,6 +78,7 @@ impl LgdConfig {
         for (k, v) in [
             ("weight", self.weight),
             ("teacher_weight", self.teacher_weight),
+            ("teacher_lr_mult", self.teacher_lr_mult),
         ] {
             if !(v.is_finite() && v >= 0.0) {
                 return Err(Error::config(
@@ -307,6 +312,10 @@ impl Lgd {
 impl<B: AutodiffBackend> Distiller<B, FcosTask> for Lgd {
     type Trainable = LgdModules<B>;
     type State = usize;
+
+    fn lr_mult(&self) -> f64 {
+        self.config.teacher_lr_mult
+    }
 
     fn init_trainable(&self, device: &B::Device) -> Result<LgdModules<B>> {
         let c = &self.config;
