@@ -423,3 +423,27 @@ fn a_worker_stops_naming_the_coordinator_it_cannot_reach() {
     );
     assert!(stderr.contains("within 3 s"), "{stderr}");
 }
+
+#[test]
+fn a_step_that_is_not_finite_is_skipped_or_stops_on_every_worker_alike() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let sets = [
+        "optim.lr=1e30",
+        "optim.warmup_steps=1000000",
+        "optim.skip_nonfinite=1",
+    ];
+    let (ok, stderr) = launch(2, &smoke_args(&tmp.path().join("run"), &sets));
+    assert!(!ok, "{stderr}");
+    // Rank 0 alone warns about the skipped batch; both workers then stop at the next one.
+    let warned = stderr
+        .lines()
+        .filter(|l| l.starts_with("warning: step") && l.contains("batch skipped"))
+        .count();
+    assert_eq!(warned, 1, "{stderr}");
+    // Every worker's reason, on every worker.
+    assert!(
+        stderr.contains("not finite (rank 0: ") && stderr.contains("; rank 1: "),
+        "{stderr}"
+    );
+    assert!(stderr.contains("exited with status 1"), "{stderr}");
+}
