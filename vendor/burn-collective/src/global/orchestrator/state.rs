@@ -203,7 +203,10 @@ impl GlobalCollectiveState {
             let mut order: Vec<(PeerId, NodeId)> = self
                 .node_peers
                 .iter()
-                .map(|(node, peers)| (peers.iter().min_by_key(|p| p.0).copied().unwrap_or(PeerId(u32::MAX)), *node))
+                .map(|(node, peers)| {
+                    let first = peers.iter().min_by_key(|p| p.0).copied();
+                    (first.unwrap_or(PeerId(u32::MAX)), *node)
+                })
                 .collect();
             order.sort_by_key(|(peer, _)| peer.0);
             let renumber: HashMap<NodeId, NodeId> = order
