@@ -155,11 +155,6 @@ impl<B: Backend> Collective<B> {
         Ok(collective)
     }
 
-    /// This worker's world.
-    pub fn world(&self) -> &World {
-        &self.world
-    }
-
     /// Runs a collective call on a helper thread, giving up after the world's timeout.
     fn watched<T: Send + 'static>(
         &self,
@@ -194,10 +189,15 @@ impl<B: Backend> Collective<B> {
         }
     }
 
-    /// The element-wise sum of `values` over all workers.
+    /// The element-wise sum of `values` over all workers, read back to the host.
     pub fn sum(&self, values: Vec<f32>, what: &str) -> Result<Vec<f32>> {
         let n = values.len();
         let tensor = Tensor::<B, 1>::from_data(TensorData::new(values, [n]), &self.device);
+        self.sum_tensor(tensor, what)
+    }
+
+    /// The element-wise sum of `tensor` over all workers, read back to the host.
+    fn sum_tensor(&self, tensor: Tensor<B, 1>, what: &str) -> Result<Vec<f32>> {
         let primitive = tensor.into_primitive().tensor();
         let peer = PeerId(self.world.rank as u32);
         let summed = self.watched(what, move || {
@@ -479,7 +479,7 @@ impl<B: Backend> Collective<B> {
             }
         }
         let own: Stats = step.values.take().unwrap_or_default();
-        let mut values: Vec<f32> = names
+        let values: Vec<f32> = names
             .iter()
             .map(|k| {
                 own.iter()
@@ -494,25 +494,24 @@ impl<B: Backend> Collective<B> {
             counts: (0, 0),
         };
         model.visit(&mut pack);
+        let n_values = names.len();
+        let packed: usize = pack.parts.iter().map(|p| p.dims()[0]).sum();
         if rank == 0 && !self.announced.swap(true, Ordering::Relaxed) {
             let (grads, buffers) = pack.counts;
             eprintln!(
                 "{size} workers; each step sums {:.2} MB: {grads} gradient values, {buffers} \
                  buffer and frozen values from rank 0, {} group flags",
-                (pack.parts.iter().map(|p| p.dims()[0]).sum::<usize>() + names.len()) as f64 * 4e-6,
-                pack.parts.iter().map(|p| p.dims()[0]).sum::<usize>() - grads - buffers
+                (packed + n_values) as f64 * 4e-6,
+                packed - grads - buffers
             );
         }
-        let grads = match pack.parts.is_empty() {
-            true => Vec::new(),
-            false => Tensor::cat(pack.parts, 0)
-                .into_data()
-                .to_vec::<f32>()
-                .unwrap_or_default(),
-        };
-        values.extend(grads);
-        let n_values = names.len();
-        let summed = match self.sum(values, "summing the gradients") {
+        // One tensor on the device: the logged values, then the packed parameters.
+        let mut parts = vec![Tensor::<B, 1>::from_data(
+            TensorData::new(values, [n_values]),
+            &self.device,
+        )];
+        parts.extend(pack.parts);
+        let summed = match self.sum_tensor(Tensor::cat(parts, 0), "summing the gradients") {
             Ok(s) => s,
             Err(e) => return Err((model, StepError::Failed(e))),
         };

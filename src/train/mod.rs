@@ -124,6 +124,7 @@ where
     };
     // Rank 0 alone writes the run folder; every rank computes the same updates.
     let leader = options.world.as_ref().is_none_or(World::is_leader);
+    let (rank, ranks) = options.world.as_ref().map_or((0, 1), |w| (w.rank, w.size));
 
     let mut state = LoopState {
         step: 0,
@@ -179,12 +180,12 @@ where
     }
 
     let mut progress = Progress::new(options.progress, total, state.step)?;
-    let save = |model: &Trained<B, T, D>, optim: Vec<u8>, distiller: &D, probes: &Probes, state| {
+    let save = |model: &Trained<B, T, D>, optim: &_, distiller: &D, probes: &Probes, state| {
         let probes =
             serde_json::to_vec(probes).map_err(|e| Error::config("probes", e.to_string()))?;
         let parts = [
             record_bytes::<B, _>(model.clone().into_record())?,
-            optim,
+            record_bytes::<B, _>(Optimizer::<Trained<B, T, D>, B>::to_record(optim))?,
             record_bytes::<B::InnerBackend, _>(distiller.state())?,
             probes,
         ];
@@ -203,7 +204,6 @@ where
             // Dropout and any other backend randomness restart from (seed, step), so a resumed
             // run draws exactly what the uninterrupted run would have.
             // Other workers of a multi-process run draw their own streams.
-            let (rank, ranks) = options.world.as_ref().map_or((0, 1), |w| (w.rank, w.size));
             B::seed(
                 device,
                 match rank {
@@ -292,13 +292,7 @@ where
                 && state.batch < per_epoch
                 && ((every > 0 && state.step.is_multiple_of(every)) || stop)
             {
-                save(
-                    &model,
-                    record_bytes::<B, _>(optim.to_record())?,
-                    distiller,
-                    &probes,
-                    state,
-                )?;
+                save(&model, &optim, distiller, &probes, state)?;
             }
             if stop && state.batch < per_epoch {
                 finished = false;
@@ -327,13 +321,7 @@ where
                 }
                 plot(log);
             }
-            save(
-                &model,
-                record_bytes::<B, _>(optim.to_record())?,
-                distiller,
-                &probes,
-                state,
-            )?;
+            save(&model, &optim, distiller, &probes, state)?;
         }
         if options.stop_after.is_some_and(|s| state.step >= s) && !last {
             finished = false;

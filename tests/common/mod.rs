@@ -64,6 +64,15 @@ pub fn lines(dir: &std::path::Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// How many "batch skipped" warnings (`optim.skip_nonfinite`) a run printed.
+#[allow(dead_code)] // not every test binary uses it
+pub fn skip_warnings(stderr: &str) -> usize {
+    stderr
+        .lines()
+        .filter(|l| l.starts_with("warning: step") && l.contains("batch skipped"))
+        .count()
+}
+
 /// Options of a quiet run into `dir`.
 #[allow(dead_code)] // not every test binary uses it
 pub fn options(
