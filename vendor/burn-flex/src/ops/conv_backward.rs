@@ -104,8 +104,24 @@ pub fn conv2d_weight_backward(
     match x.dtype() {
         DType::F32 => weight_grad::<f32>(x, weight, output_grad, options),
         DType::F64 => weight_grad::<f64>(x, weight, output_grad, options),
-        DType::F16 => via_f32(x, weight, output_grad, options, half::f16::to_f32, half::f16::from_f32, conv2d_weight_backward),
-        DType::BF16 => via_f32(x, weight, output_grad, options, half::bf16::to_f32, half::bf16::from_f32, conv2d_weight_backward),
+        DType::F16 => via_f32(
+            x,
+            weight,
+            output_grad,
+            options,
+            half::f16::to_f32,
+            half::f16::from_f32,
+            conv2d_weight_backward,
+        ),
+        DType::BF16 => via_f32(
+            x,
+            weight,
+            output_grad,
+            options,
+            half::bf16::to_f32,
+            half::bf16::from_f32,
+            conv2d_weight_backward,
+        ),
         dtype => panic!("conv2d_weight_backward: unsupported dtype {dtype:?}"),
     }
 }
@@ -120,8 +136,24 @@ pub fn conv2d_x_backward(
     match x.dtype() {
         DType::F32 => input_grad::<f32>(x, weight, output_grad, options),
         DType::F64 => input_grad::<f64>(x, weight, output_grad, options),
-        DType::F16 => via_f32(x, weight, output_grad, options, half::f16::to_f32, half::f16::from_f32, conv2d_x_backward),
-        DType::BF16 => via_f32(x, weight, output_grad, options, half::bf16::to_f32, half::bf16::from_f32, conv2d_x_backward),
+        DType::F16 => via_f32(
+            x,
+            weight,
+            output_grad,
+            options,
+            half::f16::to_f32,
+            half::f16::from_f32,
+            conv2d_x_backward,
+        ),
+        DType::BF16 => via_f32(
+            x,
+            weight,
+            output_grad,
+            options,
+            half::bf16::to_f32,
+            half::bf16::from_f32,
+            conv2d_x_backward,
+        ),
         dtype => panic!("conv2d_x_backward: unsupported dtype {dtype:?}"),
     }
 }
@@ -177,7 +209,12 @@ fn input_grad<T: Element + bytemuck::Pod + Float + 'static>(
     let weight = weight.to_contiguous();
     let dy = output_grad.to_contiguous();
     let x_shape = x.layout().shape().clone();
-    let g = Geometry::new(&x_shape, weight.layout().shape(), dy.layout().shape(), options);
+    let g = Geometry::new(
+        &x_shape,
+        weight.layout().shape(),
+        dy.layout().shape(),
+        options,
+    );
     let (ws, dys) = (weight.storage::<T>(), dy.storage::<T>());
     let dx = if g.depthwise() {
         depthwise_input_grad(&g, ws, dys)
@@ -240,7 +277,15 @@ fn col2im<T: Float>(g: &Geometry, col: &[T], c0: usize, channels: usize, img: &m
                     let Some(ih) = g.in_row(oh, kh) else {
                         continue;
                     };
-                    scatter_add(g, kw, T::one(), &src[oh * g.out_w..], &mut dst[ih * g.in_w..(ih + 1) * g.in_w], lo, hi);
+                    scatter_add(
+                        g,
+                        kw,
+                        T::one(),
+                        &src[oh * g.out_w..],
+                        &mut dst[ih * g.in_w..(ih + 1) * g.in_w],
+                        lo,
+                        hi,
+                    );
                 }
             }
         }
@@ -249,7 +294,15 @@ fn col2im<T: Float>(g: &Geometry, col: &[T], c0: usize, channels: usize, img: &m
 
 /// `dst[in_col(o)] += a · src[o]` for output columns `o` in `[lo, hi)`.
 #[inline]
-fn scatter_add<T: Float>(g: &Geometry, kw: usize, a: T, src: &[T], dst: &mut [T], lo: usize, hi: usize) {
+fn scatter_add<T: Float>(
+    g: &Geometry,
+    kw: usize,
+    a: T,
+    src: &[T],
+    dst: &mut [T],
+    lo: usize,
+    hi: usize,
+) {
     if lo >= hi {
         return;
     }
@@ -267,7 +320,11 @@ fn scatter_add<T: Float>(g: &Geometry, kw: usize, a: T, src: &[T], dst: &mut [T]
 }
 
 /// `dW_g = Σ_b dY_{b,g} · im2col(X_{b,g})ᵀ`, images in order.
-fn gemm_weight_grad<T: Element + bytemuck::Pod + Float + 'static>(g: &Geometry, x: &[T], dy: &[T]) -> Vec<T> {
+fn gemm_weight_grad<T: Element + bytemuck::Pod + Float + 'static>(
+    g: &Geometry,
+    x: &[T],
+    dy: &[T],
+) -> Vec<T> {
     let (cin_g, cout_g) = (g.in_per_group(), g.out_per_group());
     let rows = cin_g * g.k_h * g.k_w;
     let out_hw = g.out_h * g.out_w;
@@ -310,7 +367,11 @@ fn gemm_weight_grad<T: Element + bytemuck::Pod + Float + 'static>(g: &Geometry, 
 }
 
 /// `dX_{b,g} = col2im(W_gᵀ · dY_{b,g})`.
-fn gemm_input_grad<T: Element + bytemuck::Pod + Float + 'static>(g: &Geometry, w: &[T], dy: &[T]) -> Vec<T> {
+fn gemm_input_grad<T: Element + bytemuck::Pod + Float + 'static>(
+    g: &Geometry,
+    w: &[T],
+    dy: &[T],
+) -> Vec<T> {
     let (cin_g, cout_g) = (g.in_per_group(), g.out_per_group());
     let rows = cin_g * g.k_h * g.k_w;
     let out_hw = g.out_h * g.out_w;
@@ -346,7 +407,13 @@ fn gemm_input_grad<T: Element + bytemuck::Pod + Float + 'static>(g: &Geometry, w
                     gemm::Parallelism::None,
                 );
             }
-            col2im(g, &col, grp * cin_g, cin_g, &mut dx[b * image..(b + 1) * image]);
+            col2im(
+                g,
+                &col,
+                grp * cin_g,
+                cin_g,
+                &mut dx[b * image..(b + 1) * image],
+            );
         }
     }
     dx
@@ -423,7 +490,15 @@ fn depthwise_input_grad<T: Float>(g: &Geometry, w: &[T], dy: &[T]) -> Vec<T> {
                         let Some(ih) = g.in_row(oh, kh) else {
                             continue;
                         };
-                        scatter_add(g, kw, a, &dyp[oh * g.out_w..], &mut dxp[ih * g.in_w..(ih + 1) * g.in_w], lo, hi);
+                        scatter_add(
+                            g,
+                            kw,
+                            a,
+                            &dyp[oh * g.out_w..],
+                            &mut dxp[ih * g.in_w..(ih + 1) * g.in_w],
+                            lo,
+                            hi,
+                        );
                     }
                 }
             }
