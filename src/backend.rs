@@ -33,6 +33,26 @@ pub fn device_for(local_rank: usize) -> burn::tensor::Device<Inference> {
     }
 }
 
+/// Runs `f` with the calling thread's flex kernels (convolutions, batched matmuls) limited to
+/// `threads` cores, e.g. 1 inside data-parallel replicas, which already use every core. Results
+/// do not depend on it; other backends ignore it.
+pub fn with_op_threads<R>(threads: usize, f: impl FnOnce() -> R) -> R {
+    struct Restore(usize);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            set_op_threads(self.0);
+        }
+    }
+    let _restore = Restore(burn_flex::threads());
+    set_op_threads(threads);
+    f()
+}
+
+/// Limits the calling thread's flex kernels to `threads` cores from now on (0: one per core).
+pub fn set_op_threads(threads: usize) {
+    burn_flex::set_threads(threads);
+}
+
 /// A human-readable name of the compiled-in backend, for logs and reports.
 pub fn name() -> &'static str {
     if cfg!(feature = "cuda") {

@@ -453,6 +453,10 @@ fn train(args: TrainArgs) -> Result<()> {
         PathBuf::from("runs").join(stem)
     });
     let world = densekd::train::collective::World::from_env()?;
+    if world.as_ref().is_some_and(|w| w.size > 1) {
+        // The worker processes already share the cores.
+        densekd::backend::set_op_threads(1);
+    }
     let leader = world.as_ref().is_none_or(|w| w.is_leader());
     if leader {
         eprintln!("backend: {}", densekd::backend::name());

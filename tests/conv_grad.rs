@@ -1,12 +1,14 @@
-//! 2D convolution gradients of the training backend (vendor/burn-flex's im2col + GEMM and
-//! depthwise kernels) against the definition, summed in f64: every stride, padding, dilation and
+//! 2D convolutions of the training backend (vendor/burn-flex's im2col + GEMM and depthwise
+//! kernels), output and both gradients, against the definition summed in f64: every stride, padding, dilation and
 //! grouping the models use, plus edge cases (padding wider than the kernel's reach, rows shorter
 //! than a vector, a permuted input).
 
 use burn::tensor::module::conv2d;
 use burn::tensor::ops::ConvOptions;
-use burn::tensor::{Distribution, Tensor};
+use burn::tensor::{Tensor, TensorData};
 use densekd::backend::Training;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 
 type B = Training;
 
@@ -53,18 +55,22 @@ fn out_size(c: &Case, d: usize, n: usize) -> usize {
     (n + 2 * c.pad[d] - c.dil[d] * (c.k[d] - 1) - 1) / c.stride[d] + 1
 }
 
-/// Gradients of `Σ conv2d(x, w) · r` with respect to x and w, by the definition.
-fn reference(c: &Case, x: &[f32], w: &[f32], r: &[f32]) -> (Vec<f64>, Vec<f64>) {
+/// `y = conv2d(x, w) + bias` and the gradients of `Σ y · r` with respect to x and w, by the
+/// definition.
+fn reference(c: &Case, x: &[f32], w: &[f32], bias: &[f32], r: &[f32]) -> [Vec<f64>; 3] {
     let (oh_n, ow_n) = (out_size(c, 0, c.h), out_size(c, 1, c.w));
     let (cin_g, cout_g) = (c.c_in / c.groups, c.c_out / c.groups);
     let mut dx = vec![0.0f64; x.len()];
     let mut dw = vec![0.0f64; w.len()];
+    let mut y = vec![0.0f64; r.len()];
     for b in 0..c.batch {
         for co in 0..c.c_out {
             let grp = co / cout_g;
             for oh in 0..oh_n {
                 for ow in 0..ow_n {
-                    let g = r[((b * c.c_out + co) * oh_n + oh) * ow_n + ow] as f64;
+                    let yi = ((b * c.c_out + co) * oh_n + oh) * ow_n + ow;
+                    let g = r[yi] as f64;
+                    y[yi] += bias[co] as f64;
                     for ci in 0..cin_g {
                         let cx = grp * cin_g + ci;
                         for kh in 0..c.k[0] {
@@ -79,6 +85,7 @@ fn reference(c: &Case, x: &[f32], w: &[f32], r: &[f32]) -> (Vec<f64>, Vec<f64>) 
                                 let xi =
                                     ((b * c.c_in + cx) * c.h + ih as usize) * c.w + iw as usize;
                                 let wi = ((co * cin_g + ci) * c.k[0] + kh) * c.k[1] + kw;
+                                y[yi] += x[xi] as f64 * w[wi] as f64;
                                 dx[xi] += g * w[wi] as f64;
                                 dw[wi] += g * x[xi] as f64;
                             }
@@ -88,7 +95,7 @@ fn reference(c: &Case, x: &[f32], w: &[f32], r: &[f32]) -> (Vec<f64>, Vec<f64>) 
             }
         }
     }
-    (dx, dw)
+    [y, dx, dw]
 }
 
 fn assert_close(name: &str, c: &Case, got: &[f32], want: &[f64]) {
@@ -102,34 +109,45 @@ fn assert_close(name: &str, c: &Case, got: &[f32], want: &[f64]) {
     }
 }
 
-fn check(c: Case, permuted_input: bool) {
+/// Output and gradients of one convolution, checked against the definition.
+fn check(c: Case, permuted_input: bool) -> [Vec<f32>; 3] {
     let device = Default::default();
+    // Inputs from a fixed seed (not the backend's shared generator), so reruns see equal inputs.
+    let mut rng = StdRng::seed_from_u64(7);
+    let mut uniform =
+        |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-1.0..1.0)).collect() };
     let x: Tensor<B, 4> = if permuted_input {
-        // Same values, stored as NHWC and viewed as NCHW: a non-contiguous input.
-        Tensor::<B, 4>::random(
-            [c.batch, c.h, c.w, c.c_in],
-            Distribution::Normal(0.0, 1.0),
+        // Stored as NHWC and viewed as NCHW: a non-contiguous input.
+        let shape = [c.batch, c.h, c.w, c.c_in];
+        Tensor::<B, 4>::from_data(
+            TensorData::new(uniform(shape.iter().product()), shape),
             &device,
         )
         .permute([0, 3, 1, 2])
     } else {
-        Tensor::random(
-            [c.batch, c.c_in, c.h, c.w],
-            Distribution::Normal(0.0, 1.0),
+        let shape = [c.batch, c.c_in, c.h, c.w];
+        Tensor::from_data(
+            TensorData::new(uniform(shape.iter().product()), shape),
             &device,
         )
     };
     let x = x.detach().require_grad();
-    let w = Tensor::<B, 4>::random(
-        [c.c_out, c.c_in / c.groups, c.k[0], c.k[1]],
-        Distribution::Normal(0.0, 1.0),
+    let w_shape = [c.c_out, c.c_in / c.groups, c.k[0], c.k[1]];
+    let w = Tensor::<B, 4>::from_data(
+        TensorData::new(uniform(w_shape.iter().product()), w_shape),
         &device,
     )
     .require_grad();
+    let bias = Tensor::<B, 1>::from_data(TensorData::new(uniform(c.c_out), [c.c_out]), &device);
     let options = ConvOptions::new(c.stride, c.pad, c.dil, c.groups);
-    let y = conv2d(x.clone(), w.clone(), None, options);
-    let r = Tensor::<B, 4>::random(y.shape(), Distribution::Normal(0.0, 1.0), &device);
-    let grads = (y * r.clone()).sum().backward();
+    let y = conv2d(x.clone(), w.clone(), Some(bias.clone()), options);
+    let y_shape: [usize; 4] = y.dims();
+    let r = Tensor::<B, 4>::from_data(
+        TensorData::new(uniform(y_shape.iter().product()), y_shape),
+        &device,
+    );
+    let grads = (y.clone() * r.clone()).sum().backward();
+    let yv = y.into_data().to_vec::<f32>().expect("f32");
     let dx = x
         .grad(&grads)
         .expect("x gradient")
@@ -145,19 +163,25 @@ fn check(c: Case, permuted_input: bool) {
     let xv = x.into_data().to_vec::<f32>().expect("f32");
     let wv = w.into_data().to_vec::<f32>().expect("f32");
     let rv = r.into_data().to_vec::<f32>().expect("f32");
-    let (ex, ew) = reference(&c, &xv, &wv, &rv);
+    let bv = bias.into_data().to_vec::<f32>().expect("f32");
+    let [ey, ex, ew] = reference(&c, &xv, &wv, &bv, &rv);
+    assert_close("y", &c, &yv, &ey);
     assert_close("dx", &c, &dx, &ex);
     assert_close("dw", &c, &dw, &ew);
+    [yv, dx, dw]
 }
 
 #[test]
 fn dense_convolutions_match_the_definition() {
     for c in [
         case(3, 4, [7, 6], 3, 1, 1, 1, 1),
+        case(8, 5, [9, 10], 3, 1, 1, 1, 1),
         case(3, 5, [9, 8], 3, 2, 1, 1, 1),
         case(4, 3, [10, 11], 3, 1, 2, 2, 1),
         case(3, 4, [17, 15], 7, 2, 3, 1, 1),
         case(6, 4, [9, 9], 1, 2, 0, 1, 1),
+        case(6, 5, [9, 7], 1, 1, 0, 1, 1),
+        case(6, 4, [5, 7], 1, 1, 0, 1, 2),
         case(4, 6, [8, 7], 3, 1, 1, 1, 2),
         case(2, 3, [2, 3], 3, 1, 2, 1, 1),
         case(5, 2, [20, 19], 5, 3, 4, 2, 1),
@@ -185,4 +209,24 @@ fn depthwise_convolutions_match_the_definition() {
 fn non_contiguous_inputs_match_the_definition() {
     check(case(3, 4, [7, 9], 3, 2, 1, 1, 1), true);
     check(case(4, 4, [11, 10], 3, 1, 1, 1, 4), true);
+}
+
+/// Large enough to be split over threads (images, channels, weight-gradient blocks): one
+/// thread and several give the same bits.
+#[test]
+fn thread_count_does_not_change_results() {
+    let large = |c: Case| Case { batch: 5, ..c };
+    for c in [
+        large(case(16, 16, [24, 24], 3, 1, 1, 1, 1)),
+        large(case(32, 48, [30, 30], 1, 1, 0, 1, 1)),
+        large(case(64, 64, [40, 40], 3, 1, 1, 1, 64)),
+    ] {
+        let mut results = Vec::new();
+        for threads in [1, 2, 3] {
+            burn_flex::set_threads(threads);
+            results.push(check(c, false));
+        }
+        burn_flex::set_threads(0);
+        assert!(results.windows(2).all(|w| w[0] == w[1]), "{c:?}");
+    }
 }

@@ -5,6 +5,7 @@ use burn::optim::GradientsParams;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::ElementConversion;
 
+use crate::backend::with_op_threads;
 use crate::distill::Distiller;
 use crate::error::Error;
 use crate::task::{Losses, ParamGroup, Stats, Task};
@@ -106,17 +107,30 @@ where
     T: Task<B> + Sync,
     D: Distiller<B, T> + Sync,
 {
+    // Replicas already keep every core busy: their kernels run single-threaded.
+    let replicated = shards.len() > 1;
     let outcomes = std::thread::scope(|scope| {
         let mut shards = shards.into_iter();
         let first = shards.next();
         let handles: Vec<_> = shards
             .map(|(batch, weight)| {
                 let model = replica(model);
-                scope.spawn(move || shard_grads(task, distiller, &model, &batch, weight, log))
+                scope.spawn(move || {
+                    with_op_threads(1, || {
+                        shard_grads(task, distiller, &model, &batch, weight, log)
+                    })
+                })
             })
             .collect();
         let mut outcomes: Vec<_> = first
-            .map(|(batch, weight)| shard_grads(task, distiller, model, &batch, weight, log))
+            .map(|(batch, weight)| {
+                let run = || shard_grads(task, distiller, model, &batch, weight, log);
+                if replicated {
+                    with_op_threads(1, run)
+                } else {
+                    run()
+                }
+            })
             .into_iter()
             .collect();
         outcomes.extend(handles.into_iter().map(|h| {

@@ -42,6 +42,8 @@ pub mod ops;
 pub mod simd;
 
 pub use backend::{Flex, FlexDevice};
+// densekd patch: threads of the convolution and batched-matmul kernels.
+pub use ops::{set_threads, threads};
 pub use layout::Layout;
 pub use qtensor::FlexQTensor;
 pub use tensor::FlexTensor;

@@ -431,17 +431,19 @@ fn matmul_batched_gemm<T: GemmScalar>(lhs: FlexTensor, rhs: FlexTensor) -> FlexT
         }
     }
 
+    // densekd patch: batch matrices split over threads in fixed blocks (deterministic).
     #[cfg(not(feature = "rayon"))]
-    {
-        let _ = per_matrix_ops;
-        for b in 0..batch_size {
-            run_one(
-                out_data[b * out_matrix_size..].as_mut_ptr(),
-                b,
-                gemm::Parallelism::None,
-            );
-        }
-    }
+    crate::ops::threads::split_mut(
+        out_data,
+        batch_size,
+        out_matrix_size,
+        batch_size.saturating_mul(per_matrix_ops),
+        |batches, out| {
+            for (b, out) in batches.zip(out.chunks_mut(out_matrix_size.max(1))) {
+                run_one(out.as_mut_ptr(), b, gemm::Parallelism::None);
+            }
+        },
+    );
 
     output
 }

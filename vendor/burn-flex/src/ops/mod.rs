@@ -98,7 +98,10 @@ pub mod comparison;
 mod conv_common;
 pub mod conv;
 // densekd patch: fast 2D convolution gradients.
-mod conv_backward;
+mod conv2d_gemm;
+// densekd patch: deterministic multi-threading of convolutions and batched matmuls.
+mod threads;
+pub use threads::{set_threads, threads};
 pub mod conv_transpose;
 pub mod cumulative;
 pub mod deform_conv;

@@ -2,7 +2,7 @@
 //!
 //! These operations power neural network modules like convolutions and pooling.
 
-use crate::ops::{conv, conv_backward, conv_transpose, deform_conv, interpolate, pool};
+use crate::ops::{conv, conv2d_gemm, conv_transpose, deform_conv, interpolate, pool};
 use crate::{Flex, FlexTensor, Layout};
 use burn_backend::{
     DType, Element, TensorMetadata,
@@ -64,6 +64,10 @@ impl ModuleOps<Flex> for Flex {
         bias: Option<FloatTensor<Flex>>,
         options: ConvOptions<2>,
     ) -> FloatTensor<Flex> {
+        // densekd patch: im2col + GEMM on NCHW data where flex would go through NHWC.
+        if conv2d_gemm::conv2d_applies(&x, &options) {
+            return conv2d_gemm::conv2d(x, weight, bias, &options);
+        }
         match x.dtype() {
             DType::F32 => conv::conv2d_f32(x, weight, bias, &options),
             DType::F64 => conv::conv2d_f64(x, weight, bias, &options),
@@ -74,14 +78,14 @@ impl ModuleOps<Flex> for Flex {
     }
 
     // densekd patch: im2col + GEMM and direct depthwise gradients instead of burn's default
-    // (a convolution per input channel / group); see `conv_backward`.
+    // (a convolution per input channel / group); see `conv2d_gemm`.
     fn conv2d_x_backward(
         x: FloatTensor<Flex>,
         weight: FloatTensor<Flex>,
         output_grad: FloatTensor<Flex>,
         options: ConvOptions<2>,
     ) -> FloatTensor<Flex> {
-        conv_backward::conv2d_x_backward(x, weight, output_grad, &options)
+        conv2d_gemm::conv2d_x_backward(x, weight, output_grad, &options)
     }
 
     fn conv2d_weight_backward(
@@ -90,7 +94,7 @@ impl ModuleOps<Flex> for Flex {
         output_grad: FloatTensor<Flex>,
         options: ConvOptions<2>,
     ) -> FloatTensor<Flex> {
-        conv_backward::conv2d_weight_backward(x, weight, output_grad, &options)
+        conv2d_gemm::conv2d_weight_backward(x, weight, output_grad, &options)
     }
 
     fn deform_conv2d(

@@ -1,0 +1,758 @@
+//! densekd patch: 2D convolutions as im2col + GEMM on NCHW data, forward and backward.
+//!
+//! burn's default `conv2d_weight_backward` is one convolution of the swapped batch with the
+//! output gradient as an (H_out × W_out) kernel: flex runs it as one narrow product per input
+//! channel, each re-reading the whole output gradient, and for grouped convolutions one such
+//! convolution per group. Here the weight gradient is one GEMM per image and group,
+//! `dW_g += dY_g · im2col(X_g)ᵀ`, and the input gradient `col2im(W_gᵀ · dY_g)`, summed over the
+//! batch in a fixed order (bit-reproducible). Depthwise convolutions (one input and one output
+//! channel per group) skip im2col and GEMM: direct loops whose inner loop runs over contiguous
+//! output columns with analytic bounds, so it vectorises.
+//!
+//! The forward pass `Y_g = W_g · im2col(X_g)` writes each image's output rows in place; flex's
+//! own path converts the input to NHWC and writes the product back transposed.
+
+use alloc::vec;
+use alloc::vec::Vec;
+use burn_backend::ops::ConvOptions;
+use burn_backend::ops::conv::calculate_conv_output_size;
+use burn_backend::{DType, Element};
+use burn_std::{Bytes, Shape};
+use num_traits::Float;
+
+use crate::{FlexTensor, Layout};
+
+use super::conv_common::add_bias;
+use super::module::{cast_from_f32, cast_to_f32};
+use super::threads::split_mut;
+
+/// Whether [`conv2d`] handles this convolution: all but those with few input channels (an RGB
+/// stem), which flex's own direct kernel runs faster.
+pub fn conv2d_applies(x: &FlexTensor, options: &ConvOptions<2>) -> bool {
+    let few_inputs = options.groups == 1 && x.layout().shape()[1] <= 4;
+    matches!(x.dtype(), DType::F32 | DType::F64) && !few_inputs
+}
+
+/// 2D convolution of an f32 or f64 tensor (see [`conv2d_applies`]).
+pub fn conv2d(
+    x: FlexTensor,
+    weight: FlexTensor,
+    bias: Option<FlexTensor>,
+    options: &ConvOptions<2>,
+) -> FlexTensor {
+    match x.dtype() {
+        DType::F32 => forward::<f32>(x, weight, bias, options),
+        DType::F64 => forward::<f64>(x, weight, bias, options),
+        dtype => panic!("conv2d: unsupported dtype {dtype:?}"),
+    }
+}
+
+fn forward<T: Element + bytemuck::Pod + Float + 'static>(
+    x: FlexTensor,
+    weight: FlexTensor,
+    bias: Option<FlexTensor>,
+    options: &ConvOptions<2>,
+) -> FlexTensor {
+    let x = x.to_contiguous();
+    let weight = weight.to_contiguous();
+    let (x_shape, w_shape) = (x.layout().shape(), weight.layout().shape());
+    let out_size = |d: usize| {
+        calculate_conv_output_size(
+            w_shape[2 + d],
+            options.stride[d],
+            options.padding[d],
+            options.dilation[d],
+            x_shape[2 + d],
+        )
+    };
+    let out_shape = Shape::from(vec![x_shape[0], w_shape[0], out_size(0), out_size(1)]);
+    let g = Geometry::new(x_shape, w_shape, &out_shape, options);
+    let (xs, ws) = (x.storage::<T>(), weight.storage::<T>());
+    let mut y = if g.depthwise() {
+        depthwise_forward(&g, xs, ws)
+    } else {
+        gemm_forward(&g, xs, ws)
+    };
+    if let Some(bias) = bias {
+        let bias = bias.to_contiguous();
+        add_bias(
+            &mut y,
+            bias.storage::<T>(),
+            g.batch,
+            g.c_out,
+            g.out_h * g.out_w,
+            |a, b| a + b,
+        );
+    }
+    FlexTensor::new(
+        Bytes::from_elems(y),
+        Layout::contiguous(out_shape),
+        T::dtype(),
+    )
+}
+
+/// `Y_{b,g} = W_g · im2col(X_{b,g})`, images in parallel.
+fn gemm_forward<T: Element + bytemuck::Pod + Float + 'static>(
+    g: &Geometry,
+    xs: &[T],
+    ws: &[T],
+) -> Vec<T> {
+    let (cin_g, cout_g) = (g.in_per_group(), g.out_per_group());
+    let rows = cin_g * g.k_h * g.k_w;
+    let out_hw = g.out_h * g.out_w;
+    let image = g.c_in * g.in_h * g.in_w;
+    let mut y = vec![T::zero(); g.batch * g.c_out * out_hw];
+    split_mut(&mut y, g.batch, g.c_out * out_hw, g.flops(), |images, y| {
+        let mut columns = Columns::new(g);
+        for (i, b) in images.enumerate() {
+            for grp in 0..g.groups {
+                let col = columns.of(g, &xs[b * image..(b + 1) * image], grp * cin_g, cin_g);
+                let w_g = &ws[grp * cout_g * rows..(grp + 1) * cout_g * rows];
+                let y_g = &mut y[(i * g.c_out + grp * cout_g) * out_hw..];
+                // SAFETY: dst is cout_g × out_hw (row-major) inside y, lhs cout_g × rows
+                // (row-major), rhs rows × out_hw (row-major); all in bounds.
+                unsafe {
+                    gemm::gemm(
+                        cout_g,
+                        out_hw,
+                        rows,
+                        y_g.as_mut_ptr(),
+                        1,
+                        out_hw as isize,
+                        false,
+                        w_g.as_ptr(),
+                        1,
+                        rows as isize,
+                        col.as_ptr(),
+                        1,
+                        out_hw as isize,
+                        T::zero(),
+                        T::one(),
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+            }
+        }
+    });
+    y
+}
+
+/// Depthwise forward pass: per channel and kernel tap, the input row scaled by the tap's weight
+/// and added to the output row that reads it; images in parallel.
+fn depthwise_forward<T: Float + Send + Sync>(g: &Geometry, x: &[T], w: &[T]) -> Vec<T> {
+    let (plane, out_hw, taps) = (g.in_h * g.in_w, g.out_h * g.out_w, g.k_h * g.k_w);
+    let out_image = g.c_out * out_hw;
+    let mut y = vec![T::zero(); g.batch * out_image];
+    split_mut(&mut y, g.batch, out_image, g.flops(), |images, y| {
+        for (b, y) in images.zip(y.chunks_mut(out_image)) {
+            for (c, yp) in y.chunks_mut(out_hw).enumerate() {
+                let xp = &x[(b * g.c_in + c) * plane..(b * g.c_in + c + 1) * plane];
+                for kh in 0..g.k_h {
+                    for kw in 0..g.k_w {
+                        let a = w[c * taps + kh * g.k_w + kw];
+                        let (lo, hi) = g.out_cols(kw);
+                        for oh in 0..g.out_h {
+                            let Some(ih) = g.in_row(oh, kh) else {
+                                continue;
+                            };
+                            let src = &xp[ih * g.in_w..(ih + 1) * g.in_w];
+                            gather_add(g, kw, a, src, &mut yp[oh * g.out_w..], lo, hi);
+                        }
+                    }
+                }
+            }
+        }
+    });
+    y
+}
+
+/// `dst[o] += a · src[in_col(o)]` for output columns `o` in `[lo, hi)`.
+#[inline]
+fn gather_add<T: Float>(
+    g: &Geometry,
+    kw: usize,
+    a: T,
+    src: &[T],
+    dst: &mut [T],
+    lo: usize,
+    hi: usize,
+) {
+    if lo >= hi {
+        return;
+    }
+    if g.stride[1] == 1 {
+        let start = g.in_col(lo, kw);
+        for (d, &s) in dst[lo..hi].iter_mut().zip(&src[start..start + hi - lo]) {
+            *d = *d + a * s;
+        }
+    } else {
+        for (o, d) in dst[lo..hi].iter_mut().enumerate() {
+            *d = *d + a * src[g.in_col(lo + o, kw)];
+        }
+    }
+}
+
+/// Geometry of one 2D convolution, read from its input, weight and output-gradient shapes.
+#[derive(Clone, Copy, Debug)]
+struct Geometry {
+    batch: usize,
+    c_in: usize,
+    c_out: usize,
+    in_h: usize,
+    in_w: usize,
+    out_h: usize,
+    out_w: usize,
+    k_h: usize,
+    k_w: usize,
+    stride: [usize; 2],
+    pad: [usize; 2],
+    dil: [usize; 2],
+    groups: usize,
+}
+
+impl Geometry {
+    fn new(x: &Shape, w: &Shape, dy: &Shape, options: &ConvOptions<2>) -> Self {
+        Self {
+            batch: x[0],
+            c_in: x[1],
+            in_h: x[2],
+            in_w: x[3],
+            c_out: w[0],
+            k_h: w[2],
+            k_w: w[3],
+            out_h: dy[2],
+            out_w: dy[3],
+            stride: options.stride,
+            pad: options.padding,
+            dil: options.dilation,
+            groups: options.groups,
+        }
+    }
+
+    fn in_per_group(&self) -> usize {
+        self.c_in / self.groups
+    }
+
+    fn out_per_group(&self) -> usize {
+        self.c_out / self.groups
+    }
+
+    /// Multiply-adds of the forward pass (each gradient costs about as much).
+    fn flops(&self) -> usize {
+        self.batch
+            * self.c_out
+            * self.out_h
+            * self.out_w
+            * self.in_per_group()
+            * self.k_h
+            * self.k_w
+    }
+
+    /// 1×1, stride 1, no padding: the input already is its own im2col.
+    fn pointwise(&self) -> bool {
+        self.k_h == 1 && self.k_w == 1 && self.stride == [1, 1] && self.pad == [0, 0]
+    }
+
+    fn depthwise(&self) -> bool {
+        self.in_per_group() == 1 && self.out_per_group() == 1
+    }
+
+    /// Input row of output row `o` at kernel row `k`, if inside the image.
+    fn in_row(&self, o: usize, k: usize) -> Option<usize> {
+        (o * self.stride[0] + k * self.dil[0])
+            .checked_sub(self.pad[0])
+            .filter(|&i| i < self.in_h)
+    }
+
+    /// Output columns `[lo, hi)` whose input column at kernel column `k` is inside the image.
+    fn out_cols(&self, k: usize) -> (usize, usize) {
+        let (s, off) = (self.stride[1], k * self.dil[1]);
+        let lo = self.pad[1].saturating_sub(off).div_ceil(s);
+        // Largest o with o*s + off - pad <= in_w - 1.
+        let hi = (self.in_w + self.pad[1])
+            .checked_sub(off + 1)
+            .map_or(0, |last| last / s + 1)
+            .min(self.out_w);
+        (lo.min(hi), hi)
+    }
+
+    /// Input column of output column `o` at kernel column `k` (`o` inside `out_cols(k)`).
+    fn in_col(&self, o: usize, k: usize) -> usize {
+        o * self.stride[1] + k * self.dil[1] - self.pad[1]
+    }
+}
+
+/// Gradient of `conv2d` with respect to its weight.
+pub fn conv2d_weight_backward(
+    x: FlexTensor,
+    weight: FlexTensor,
+    output_grad: FlexTensor,
+    options: &ConvOptions<2>,
+) -> FlexTensor {
+    match x.dtype() {
+        DType::F32 => weight_grad::<f32>(x, weight, output_grad, options),
+        DType::F64 => weight_grad::<f64>(x, weight, output_grad, options),
+        DType::F16 => via_f32(
+            x,
+            weight,
+            output_grad,
+            options,
+            half::f16::to_f32,
+            half::f16::from_f32,
+            conv2d_weight_backward,
+        ),
+        DType::BF16 => via_f32(
+            x,
+            weight,
+            output_grad,
+            options,
+            half::bf16::to_f32,
+            half::bf16::from_f32,
+            conv2d_weight_backward,
+        ),
+        dtype => panic!("conv2d_weight_backward: unsupported dtype {dtype:?}"),
+    }
+}
+
+/// Gradient of `conv2d` with respect to its input.
+pub fn conv2d_x_backward(
+    x: FlexTensor,
+    weight: FlexTensor,
+    output_grad: FlexTensor,
+    options: &ConvOptions<2>,
+) -> FlexTensor {
+    match x.dtype() {
+        DType::F32 => input_grad::<f32>(x, weight, output_grad, options),
+        DType::F64 => input_grad::<f64>(x, weight, output_grad, options),
+        DType::F16 => via_f32(
+            x,
+            weight,
+            output_grad,
+            options,
+            half::f16::to_f32,
+            half::f16::from_f32,
+            conv2d_x_backward,
+        ),
+        DType::BF16 => via_f32(
+            x,
+            weight,
+            output_grad,
+            options,
+            half::bf16::to_f32,
+            half::bf16::from_f32,
+            conv2d_x_backward,
+        ),
+        dtype => panic!("conv2d_x_backward: unsupported dtype {dtype:?}"),
+    }
+}
+
+/// Half-precision gradients computed in f32 (as flex's forward does for bf16).
+fn via_f32<E: Element + bytemuck::Pod + Copy>(
+    x: FlexTensor,
+    weight: FlexTensor,
+    output_grad: FlexTensor,
+    options: &ConvOptions<2>,
+    to_f32: fn(E) -> f32,
+    from_f32: fn(f32) -> E,
+    grad: fn(FlexTensor, FlexTensor, FlexTensor, &ConvOptions<2>) -> FlexTensor,
+) -> FlexTensor {
+    let out = grad(
+        cast_to_f32(x, to_f32),
+        cast_to_f32(weight, to_f32),
+        cast_to_f32(output_grad, to_f32),
+        options,
+    );
+    cast_from_f32(out, from_f32)
+}
+
+fn weight_grad<T: Element + bytemuck::Pod + Float + 'static>(
+    x: FlexTensor,
+    weight: FlexTensor,
+    output_grad: FlexTensor,
+    options: &ConvOptions<2>,
+) -> FlexTensor {
+    let x = x.to_contiguous();
+    let dy = output_grad.to_contiguous();
+    let w_shape = weight.layout().shape().clone();
+    let g = Geometry::new(x.layout().shape(), &w_shape, dy.layout().shape(), options);
+    let (xs, dys) = (x.storage::<T>(), dy.storage::<T>());
+    let dw = if g.depthwise() {
+        depthwise_weight_grad(&g, xs, dys)
+    } else {
+        gemm_weight_grad(&g, xs, dys)
+    };
+    FlexTensor::new(
+        Bytes::from_elems(dw),
+        Layout::contiguous(w_shape),
+        T::dtype(),
+    )
+}
+
+fn input_grad<T: Element + bytemuck::Pod + Float + 'static>(
+    x: FlexTensor,
+    weight: FlexTensor,
+    output_grad: FlexTensor,
+    options: &ConvOptions<2>,
+) -> FlexTensor {
+    let weight = weight.to_contiguous();
+    let dy = output_grad.to_contiguous();
+    let x_shape = x.layout().shape().clone();
+    let g = Geometry::new(
+        &x_shape,
+        weight.layout().shape(),
+        dy.layout().shape(),
+        options,
+    );
+    let (ws, dys) = (weight.storage::<T>(), dy.storage::<T>());
+    let dx = if g.depthwise() {
+        depthwise_input_grad(&g, ws, dys)
+    } else {
+        gemm_input_grad(&g, ws, dys)
+    };
+    FlexTensor::new(
+        Bytes::from_elems(dx),
+        Layout::contiguous(x_shape),
+        T::dtype(),
+    )
+}
+
+/// One thread's im2col buffer.
+struct Columns<T> {
+    buf: Vec<T>,
+}
+
+impl<T: Float> Columns<T> {
+    fn new(g: &Geometry) -> Self {
+        let len = if g.pointwise() {
+            0
+        } else {
+            g.in_per_group() * g.k_h * g.k_w * g.out_h * g.out_w
+        };
+        Self {
+            buf: vec![T::zero(); len],
+        }
+    }
+
+    /// The im2col matrix of channels `c0..c0 + channels` of one image: the image's own rows
+    /// for a pointwise convolution.
+    fn of<'a>(&'a mut self, g: &Geometry, img: &'a [T], c0: usize, channels: usize) -> &'a [T] {
+        if g.pointwise() {
+            let plane = g.in_h * g.in_w;
+            return &img[c0 * plane..(c0 + channels) * plane];
+        }
+        im2col(g, img, c0, channels, &mut self.buf);
+        &self.buf
+    }
+}
+
+/// Unfolds channels `c0..c0 + channels` of one image (NCHW, `img`) into `col`:
+/// rows (channel, kernel row, kernel column), columns the output positions.
+fn im2col<T: Float>(g: &Geometry, img: &[T], c0: usize, channels: usize, col: &mut [T]) {
+    let (plane, out_hw) = (g.in_h * g.in_w, g.out_h * g.out_w);
+    for c in 0..channels {
+        let src = &img[(c0 + c) * plane..(c0 + c + 1) * plane];
+        for kh in 0..g.k_h {
+            for kw in 0..g.k_w {
+                let row = (c * g.k_h + kh) * g.k_w + kw;
+                let dst = &mut col[row * out_hw..(row + 1) * out_hw];
+                let (lo, hi) = g.out_cols(kw);
+                for oh in 0..g.out_h {
+                    let out = &mut dst[oh * g.out_w..(oh + 1) * g.out_w];
+                    let Some(ih) = g.in_row(oh, kh) else {
+                        out.fill(T::zero());
+                        continue;
+                    };
+                    out[..lo].fill(T::zero());
+                    out[hi..].fill(T::zero());
+                    let src_row = &src[ih * g.in_w..(ih + 1) * g.in_w];
+                    if g.stride[1] == 1 {
+                        let start = g.in_col(lo, kw);
+                        out[lo..hi].copy_from_slice(&src_row[start..start + hi - lo]);
+                    } else {
+                        for (ow, v) in out[lo..hi].iter_mut().enumerate() {
+                            *v = src_row[g.in_col(lo + ow, kw)];
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Adds `col` (laid out as [`im2col`] writes it) back into channels `c0..c0 + channels` of one
+/// image gradient.
+fn col2im<T: Float>(g: &Geometry, col: &[T], c0: usize, channels: usize, img: &mut [T]) {
+    let (plane, out_hw) = (g.in_h * g.in_w, g.out_h * g.out_w);
+    for c in 0..channels {
+        let dst = &mut img[(c0 + c) * plane..(c0 + c + 1) * plane];
+        for kh in 0..g.k_h {
+            for kw in 0..g.k_w {
+                let row = (c * g.k_h + kh) * g.k_w + kw;
+                let src = &col[row * out_hw..(row + 1) * out_hw];
+                let (lo, hi) = g.out_cols(kw);
+                for oh in 0..g.out_h {
+                    let Some(ih) = g.in_row(oh, kh) else {
+                        continue;
+                    };
+                    scatter_add(
+                        g,
+                        kw,
+                        T::one(),
+                        &src[oh * g.out_w..],
+                        &mut dst[ih * g.in_w..(ih + 1) * g.in_w],
+                        lo,
+                        hi,
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// `dst[in_col(o)] += a · src[o]` for output columns `o` in `[lo, hi)`.
+#[inline]
+fn scatter_add<T: Float>(
+    g: &Geometry,
+    kw: usize,
+    a: T,
+    src: &[T],
+    dst: &mut [T],
+    lo: usize,
+    hi: usize,
+) {
+    if lo >= hi {
+        return;
+    }
+    if g.stride[1] == 1 {
+        let start = g.in_col(lo, kw);
+        for (d, &s) in dst[start..start + hi - lo].iter_mut().zip(&src[lo..hi]) {
+            *d = *d + a * s;
+        }
+    } else {
+        for (o, &s) in src[lo..hi].iter().enumerate() {
+            let d = &mut dst[g.in_col(lo + o, kw)];
+            *d = *d + a * s;
+        }
+    }
+}
+
+/// Image blocks of the weight gradient: each block's images are summed in order, then the
+/// blocks in order. A fixed count (not the thread count) keeps results machine-independent.
+const WEIGHT_GRAD_BLOCKS: usize = 4;
+
+/// `dW_g = Σ_b dY_{b,g} · im2col(X_{b,g})ᵀ`: images summed in order within each of
+/// [`WEIGHT_GRAD_BLOCKS`] blocks (computed in parallel), then the blocks in order.
+fn gemm_weight_grad<T: Element + bytemuck::Pod + Float + 'static>(
+    g: &Geometry,
+    x: &[T],
+    dy: &[T],
+) -> Vec<T> {
+    let (cin_g, cout_g) = (g.in_per_group(), g.out_per_group());
+    let rows = cin_g * g.k_h * g.k_w;
+    let out_hw = g.out_h * g.out_w;
+    let image = g.c_in * g.in_h * g.in_w;
+    let blocks = WEIGHT_GRAD_BLOCKS.min(g.batch);
+    let per_block = g.batch.div_ceil(blocks);
+    let mut partial = vec![T::zero(); blocks * g.c_out * rows];
+    split_mut(
+        &mut partial,
+        blocks,
+        g.c_out * rows,
+        g.flops(),
+        |blocks, dw_blocks| {
+            let mut columns = Columns::new(g);
+            for (blk, dw) in blocks.zip(dw_blocks.chunks_mut(g.c_out * rows)) {
+                for b in blk * per_block..((blk + 1) * per_block).min(g.batch) {
+                    for grp in 0..g.groups {
+                        let col = columns.of(g, &x[b * image..(b + 1) * image], grp * cin_g, cin_g);
+                        let dy_g = &dy[(b * g.c_out + grp * cout_g) * out_hw..];
+                        let dw_g = &mut dw[grp * cout_g * rows..(grp + 1) * cout_g * rows];
+                        // SAFETY: dst is cout_g × rows (row-major), lhs cout_g × out_hw (row-major)
+                        // inside dy, rhs the transpose of col (rows × out_hw, row-major).
+                        unsafe {
+                            gemm::gemm(
+                                cout_g,
+                                rows,
+                                out_hw,
+                                dw_g.as_mut_ptr(),
+                                1,
+                                rows as isize,
+                                true,
+                                dy_g.as_ptr(),
+                                1,
+                                out_hw as isize,
+                                col.as_ptr(),
+                                out_hw as isize,
+                                1,
+                                T::one(),
+                                T::one(),
+                                false,
+                                false,
+                                false,
+                                gemm::Parallelism::None,
+                            );
+                        }
+                    }
+                }
+            }
+        },
+    );
+    let mut blocks = partial.chunks_exact(g.c_out * rows);
+    let mut dw = blocks.next().map(<[T]>::to_vec).unwrap_or_default();
+    for block in blocks {
+        for (d, &p) in dw.iter_mut().zip(block) {
+            *d = *d + p;
+        }
+    }
+    dw
+}
+
+/// `dX_{b,g} = col2im(W_gᵀ · dY_{b,g})`, images in parallel.
+fn gemm_input_grad<T: Element + bytemuck::Pod + Float + 'static>(
+    g: &Geometry,
+    w: &[T],
+    dy: &[T],
+) -> Vec<T> {
+    let (cin_g, cout_g) = (g.in_per_group(), g.out_per_group());
+    let rows = cin_g * g.k_h * g.k_w;
+    let out_hw = g.out_h * g.out_w;
+    let image = g.c_in * g.in_h * g.in_w;
+    let mut dx = vec![T::zero(); g.batch * image];
+    split_mut(&mut dx, g.batch, image, g.flops(), |images, dx| {
+        // A pointwise convolution's columns are the input gradient itself.
+        let mut col = if g.pointwise() {
+            Vec::new()
+        } else {
+            vec![T::zero(); rows * out_hw]
+        };
+        for (b, dx) in images.zip(dx.chunks_mut(image)) {
+            for grp in 0..g.groups {
+                let w_g = &w[grp * cout_g * rows..(grp + 1) * cout_g * rows];
+                let dy_g = &dy[(b * g.c_out + grp * cout_g) * out_hw..];
+                let dst = if g.pointwise() {
+                    &mut dx[grp * rows * out_hw..(grp + 1) * rows * out_hw]
+                } else {
+                    &mut col[..]
+                };
+                // SAFETY: dst is rows × out_hw (row-major), lhs the transpose of w_g (cout_g ×
+                // rows, row-major), rhs cout_g × out_hw (row-major) inside dy.
+                unsafe {
+                    gemm::gemm(
+                        rows,
+                        out_hw,
+                        cout_g,
+                        dst.as_mut_ptr(),
+                        1,
+                        out_hw as isize,
+                        false,
+                        w_g.as_ptr(),
+                        rows as isize,
+                        1,
+                        dy_g.as_ptr(),
+                        1,
+                        out_hw as isize,
+                        T::zero(),
+                        T::one(),
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+                if !g.pointwise() {
+                    col2im(g, &col, grp * cin_g, cin_g, dx);
+                }
+            }
+        }
+    });
+    dx
+}
+
+/// Depthwise weight gradient: per channel and kernel tap, the sum over images and output rows
+/// of a dot product along the row, in eight partial sums so that it vectorises; channels in
+/// parallel.
+fn depthwise_weight_grad<T: Float + Send + Sync>(g: &Geometry, x: &[T], dy: &[T]) -> Vec<T> {
+    let (plane, out_hw, taps) = (g.in_h * g.in_w, g.out_h * g.out_w, g.k_h * g.k_w);
+    let mut dw = vec![T::zero(); g.c_out * taps];
+    split_mut(&mut dw, g.c_out, taps, g.flops(), |channels, dw| {
+        for (c, dw) in channels.zip(dw.chunks_mut(taps)) {
+            for kh in 0..g.k_h {
+                for kw in 0..g.k_w {
+                    let (lo, hi) = g.out_cols(kw);
+                    let mut acc = [T::zero(); 8];
+                    for b in 0..g.batch {
+                        let xp = &x[(b * g.c_in + c) * plane..(b * g.c_in + c + 1) * plane];
+                        let dyp = &dy[(b * g.c_out + c) * out_hw..(b * g.c_out + c + 1) * out_hw];
+                        for oh in 0..g.out_h {
+                            let Some(ih) = g.in_row(oh, kh) else {
+                                continue;
+                            };
+                            if lo >= hi {
+                                continue;
+                            }
+                            let d = &dyp[oh * g.out_w + lo..oh * g.out_w + hi];
+                            let xr = &xp[ih * g.in_w..(ih + 1) * g.in_w];
+                            if g.stride[1] == 1 {
+                                let start = g.in_col(lo, kw);
+                                dot_into(&mut acc, d, &xr[start..start + hi - lo]);
+                            } else {
+                                for (o, &v) in d.iter().enumerate() {
+                                    acc[o % 8] = acc[o % 8] + v * xr[g.in_col(lo + o, kw)];
+                                }
+                            }
+                        }
+                    }
+                    dw[kh * g.k_w + kw] = acc.iter().fold(T::zero(), |s, &v| s + v);
+                }
+            }
+        }
+    });
+    dw
+}
+
+/// `acc[i % 8] += a[i] · b[i]`.
+#[inline]
+fn dot_into<T: Float>(acc: &mut [T; 8], a: &[T], b: &[T]) {
+    let mut ca = a.chunks_exact(8);
+    let mut cb = b.chunks_exact(8);
+    for (ra, rb) in (&mut ca).zip(&mut cb) {
+        for i in 0..8 {
+            acc[i] = acc[i] + ra[i] * rb[i];
+        }
+    }
+    for (i, (&va, &vb)) in ca.remainder().iter().zip(cb.remainder()).enumerate() {
+        acc[i] = acc[i] + va * vb;
+    }
+}
+
+/// Depthwise input gradient: per channel and kernel tap, each output row's gradient scaled by
+/// the tap's weight and added to the input row it read; images in parallel.
+fn depthwise_input_grad<T: Float + Send + Sync>(g: &Geometry, w: &[T], dy: &[T]) -> Vec<T> {
+    let (plane, out_hw, taps) = (g.in_h * g.in_w, g.out_h * g.out_w, g.k_h * g.k_w);
+    let image = g.c_in * plane;
+    let mut dx = vec![T::zero(); g.batch * image];
+    split_mut(&mut dx, g.batch, image, g.flops(), |images, dx| {
+        for (b, dx) in images.zip(dx.chunks_mut(image)) {
+            for (c, dxp) in dx.chunks_mut(plane).enumerate() {
+                let dyp = &dy[(b * g.c_out + c) * out_hw..(b * g.c_out + c + 1) * out_hw];
+                for kh in 0..g.k_h {
+                    for kw in 0..g.k_w {
+                        let a = w[c * taps + kh * g.k_w + kw];
+                        let (lo, hi) = g.out_cols(kw);
+                        for oh in 0..g.out_h {
+                            let Some(ih) = g.in_row(oh, kh) else {
+                                continue;
+                            };
+                            let dst = &mut dxp[ih * g.in_w..(ih + 1) * g.in_w];
+                            scatter_add(g, kw, a, &dyp[oh * g.out_w..], dst, lo, hi);
+                        }
+                    }
+                }
+            }
+        }
+    });
+    dx
+}
