@@ -27,22 +27,14 @@ struct Case {
     groups: usize,
 }
 
-fn case(
-    c_in: usize,
-    c_out: usize,
-    hw: [usize; 2],
-    k: usize,
-    stride: usize,
-    pad: usize,
-    dil: usize,
-    groups: usize,
-) -> Case {
+/// `[c_in, c_out, h, w, kernel, stride, padding, dilation, groups]`, batch 2.
+fn case([c_in, c_out, h, w, k, stride, pad, dil, groups]: [usize; 9]) -> Case {
     Case {
         batch: 2,
         c_in,
         c_out,
-        h: hw[0],
-        w: hw[1],
+        h,
+        w,
         k: [k, k],
         stride: [stride, stride],
         pad: [pad, pad],
@@ -64,13 +56,13 @@ fn reference(c: &Case, x: &[f32], w: &[f32], bias: &[f32], r: &[f32]) -> [Vec<f6
     let mut dw = vec![0.0f64; w.len()];
     let mut y = vec![0.0f64; r.len()];
     for b in 0..c.batch {
-        for co in 0..c.c_out {
+        for (co, &bias_co) in bias.iter().enumerate() {
             let grp = co / cout_g;
             for oh in 0..oh_n {
                 for ow in 0..ow_n {
                     let yi = ((b * c.c_out + co) * oh_n + oh) * ow_n + ow;
                     let g = r[yi] as f64;
-                    y[yi] += bias[co] as f64;
+                    y[yi] += bias_co as f64;
                     for ci in 0..cin_g {
                         let cx = grp * cin_g + ci;
                         for kh in 0..c.k[0] {
@@ -174,17 +166,17 @@ fn check(c: Case, permuted_input: bool) -> [Vec<f32>; 3] {
 #[test]
 fn dense_convolutions_match_the_definition() {
     for c in [
-        case(3, 4, [7, 6], 3, 1, 1, 1, 1),
-        case(8, 5, [9, 10], 3, 1, 1, 1, 1),
-        case(3, 5, [9, 8], 3, 2, 1, 1, 1),
-        case(4, 3, [10, 11], 3, 1, 2, 2, 1),
-        case(3, 4, [17, 15], 7, 2, 3, 1, 1),
-        case(6, 4, [9, 9], 1, 2, 0, 1, 1),
-        case(6, 5, [9, 7], 1, 1, 0, 1, 1),
-        case(6, 4, [5, 7], 1, 1, 0, 1, 2),
-        case(4, 6, [8, 7], 3, 1, 1, 1, 2),
-        case(2, 3, [2, 3], 3, 1, 2, 1, 1),
-        case(5, 2, [20, 19], 5, 3, 4, 2, 1),
+        case([3, 4, 7, 6, 3, 1, 1, 1, 1]),
+        case([8, 5, 9, 10, 3, 1, 1, 1, 1]),
+        case([3, 5, 9, 8, 3, 2, 1, 1, 1]),
+        case([4, 3, 10, 11, 3, 1, 2, 2, 1]),
+        case([3, 4, 17, 15, 7, 2, 3, 1, 1]),
+        case([6, 4, 9, 9, 1, 2, 0, 1, 1]),
+        case([6, 5, 9, 7, 1, 1, 0, 1, 1]),
+        case([6, 4, 5, 7, 1, 1, 0, 1, 2]),
+        case([4, 6, 8, 7, 3, 1, 1, 1, 2]),
+        case([2, 3, 2, 3, 3, 1, 2, 1, 1]),
+        case([5, 2, 20, 19, 5, 3, 4, 2, 1]),
     ] {
         check(c, false);
     }
@@ -193,13 +185,13 @@ fn dense_convolutions_match_the_definition() {
 #[test]
 fn depthwise_convolutions_match_the_definition() {
     for c in [
-        case(5, 5, [16, 19], 3, 1, 1, 1, 5),
-        case(4, 4, [17, 16], 3, 2, 1, 1, 4),
-        case(3, 3, [16, 21], 3, 1, 2, 2, 3),
-        case(3, 3, [5, 4], 5, 1, 4, 1, 3),
-        case(2, 2, [12, 13], 3, 2, 6, 3, 2),
+        case([5, 5, 16, 19, 3, 1, 1, 1, 5]),
+        case([4, 4, 17, 16, 3, 2, 1, 1, 4]),
+        case([3, 3, 16, 21, 3, 1, 2, 2, 3]),
+        case([3, 3, 5, 4, 5, 1, 4, 1, 3]),
+        case([2, 2, 12, 13, 3, 2, 6, 3, 2]),
         // A channel multiplier of 2: grouped, but not depthwise.
-        case(3, 6, [9, 10], 3, 1, 1, 1, 3),
+        case([3, 6, 9, 10, 3, 1, 1, 1, 3]),
     ] {
         check(c, false);
     }
@@ -207,8 +199,8 @@ fn depthwise_convolutions_match_the_definition() {
 
 #[test]
 fn non_contiguous_inputs_match_the_definition() {
-    check(case(3, 4, [7, 9], 3, 2, 1, 1, 1), true);
-    check(case(4, 4, [11, 10], 3, 1, 1, 1, 4), true);
+    check(case([3, 4, 7, 9, 3, 2, 1, 1, 1]), true);
+    check(case([4, 4, 11, 10, 3, 1, 1, 1, 4]), true);
 }
 
 /// Large enough to be split over threads (images, channels, weight-gradient blocks): one
@@ -217,9 +209,9 @@ fn non_contiguous_inputs_match_the_definition() {
 fn thread_count_does_not_change_results() {
     let large = |c: Case| Case { batch: 5, ..c };
     for c in [
-        large(case(16, 16, [24, 24], 3, 1, 1, 1, 1)),
-        large(case(32, 48, [30, 30], 1, 1, 0, 1, 1)),
-        large(case(64, 64, [40, 40], 3, 1, 1, 1, 64)),
+        large(case([16, 16, 24, 24, 3, 1, 1, 1, 1])),
+        large(case([32, 48, 30, 30, 1, 1, 0, 1, 1])),
+        large(case([64, 64, 40, 40, 3, 1, 1, 1, 64])),
     ] {
         let mut results = Vec::new();
         for threads in [1, 2, 3] {
