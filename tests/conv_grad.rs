@@ -1,7 +1,8 @@
 //! 2D convolutions of the training backend (vendor/burn-flex's im2col + GEMM and depthwise
-//! kernels), output and both gradients, against the definition summed in f64: every stride, padding, dilation and
-//! grouping the models use, plus edge cases (padding wider than the kernel's reach, rows shorter
-//! than a vector, a permuted input).
+//! kernels), output and both gradients, against the definition summed in f64: every stride,
+//! padding, dilation and grouping the models use, plus edge cases (padding wider than the
+//! kernel's reach, rows shorter than a vector, a permuted input), and equal bits for any thread
+//! count.
 
 use burn::tensor::module::conv2d;
 use burn::tensor::ops::ConvOptions;

@@ -26,7 +26,8 @@ pub struct BenchArgs {
     /// Timed steps per side.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u16).range(1..))]
     pub steps: u16,
-    /// PyTorch's threads.
+    /// Threads of each side (PyTorch's intra-op threads; densekd's convolutions and batched
+    /// matmuls).
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub threads: u16,
     /// Python with torch and torchvision (default: a venv in the cache folder, created and

@@ -35,7 +35,8 @@ pub struct BenchOptions {
     pub warmup: usize,
     /// Timed steps per side.
     pub steps: usize,
-    /// PyTorch's intra-op threads.
+    /// Threads of each side: PyTorch's intra-op threads, densekd's convolution and
+    /// batched-matmul kernels.
     pub threads: usize,
 }
 
@@ -86,7 +87,7 @@ pub struct BenchReport {
     pub batch: usize,
     /// Image side.
     pub size: usize,
-    /// PyTorch's threads (densekd's flex backend computes each op on one core).
+    /// Threads of each side (densekd's other flex kernels run on one core).
     pub threads: usize,
     /// Per workload.
     pub results: Vec<WorkloadResult>,
@@ -120,9 +121,17 @@ impl Sampler {
     }
 }
 
-/// Runs every workload on both sides, interleaving their steps; tool workloads write their
-/// data into `dir`.
+/// Runs every workload on both sides, interleaving their steps, each side on
+/// `options.threads` threads; tool workloads write their data into `dir`.
 pub fn run(
+    options: &BenchOptions,
+    reference: &mut Reference,
+    dir: &std::path::Path,
+) -> Result<BenchReport> {
+    crate::backend::with_op_threads(options.threads, || run_all(options, reference, dir))
+}
+
+fn run_all(
     options: &BenchOptions,
     reference: &mut Reference,
     dir: &std::path::Path,
@@ -299,7 +308,7 @@ impl BenchReport {
     /// The report as a Markdown table.
     pub fn to_markdown(&self) -> String {
         let mut out = format!(
-            "densekd ({}) against PyTorch {} ({} threads), batch {}, {}², medians of \
+            "densekd ({}) against PyTorch {}, {} threads each, batch {}, {}², medians of \
              uncontended interleaved steps; tools against SciPy / pycocotools\n\n\
              | workload | densekd ms (min–max) | reference ms (min–max) | densekd / reference \
              time | GFLOP/s densekd / PyTorch | peak RSS MiB densekd / PyTorch | same result | \
