@@ -4,13 +4,15 @@
 //! output gradient as an (H_out × W_out) kernel: flex runs it as one narrow product per input
 //! channel, each re-reading the whole output gradient, and for grouped convolutions one such
 //! convolution per group. Here the weight gradient is one GEMM per image and group,
-//! `dW_g += dY_g · im2col(X_g)ᵀ`, and the input gradient `col2im(W_gᵀ · dY_g)`, summed over the
-//! batch in a fixed order (bit-reproducible). Depthwise convolutions (one input and one output
-//! channel per group) skip im2col and GEMM: direct loops whose inner loop runs over contiguous
-//! output columns with analytic bounds, so it vectorises.
+//! `dW_g += dY_g · im2col(X_g)ᵀ`, summed over the images in a fixed order, and the input
+//! gradient `col2im(W_gᵀ · dY_g)`. Pointwise convolutions use the input as its own im2col.
+//! Depthwise convolutions (one input and one output channel per group) skip im2col and GEMM:
+//! direct loops whose inner loop runs over contiguous output columns with analytic bounds, so it
+//! vectorises.
 //!
 //! The forward pass `Y_g = W_g · im2col(X_g)` writes each image's output rows in place; flex's
-//! own path converts the input to NHWC and writes the product back transposed.
+//! own path converts the input to NHWC and writes the product back transposed. All three passes
+//! split their work over threads in fixed blocks (`threads.rs`).
 
 use alloc::vec;
 use alloc::vec::Vec;

@@ -97,7 +97,7 @@ pub mod comparison;
 #[macro_use]
 mod conv_common;
 pub mod conv;
-// densekd patch: fast 2D convolution gradients.
+// densekd patch: 2D convolutions as im2col + GEMM, forward and backward.
 mod conv2d_gemm;
 // densekd patch: deterministic multi-threading of convolutions and batched matmuls.
 mod threads;
