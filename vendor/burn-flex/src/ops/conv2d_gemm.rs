@@ -111,29 +111,15 @@ fn gemm_forward<T: Element + bytemuck::Pod + Float + 'static>(
                 let col = columns.of(g, &xs[b * image..(b + 1) * image], grp * cin_g, cin_g);
                 let w_g = &ws[grp * cout_g * rows..(grp + 1) * cout_g * rows];
                 let y_g = &mut y[(i * g.c_out + grp * cout_g) * out_hw..];
-                // SAFETY: dst is cout_g × out_hw (row-major) inside y, lhs cout_g × rows
-                // (row-major), rhs rows × out_hw (row-major); all in bounds.
+                // SAFETY: each matrix lies inside its slice (shapes from the geometry).
                 unsafe {
-                    gemm::gemm(
-                        cout_g,
-                        out_hw,
-                        rows,
+                    gemm_into(
+                        [cout_g, out_hw, rows],
                         y_g.as_mut_ptr(),
-                        1,
                         out_hw as isize,
                         false,
-                        w_g.as_ptr(),
-                        1,
-                        rows as isize,
-                        col.as_ptr(),
-                        1,
-                        out_hw as isize,
-                        T::zero(),
-                        T::one(),
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
+                        (w_g.as_ptr(), 1, rows as isize),
+                        (col.as_ptr(), 1, out_hw as isize),
                     );
                 }
             }
@@ -421,6 +407,46 @@ fn input_grad<T: Element + bytemuck::Pod + Float + 'static>(
     )
 }
 
+/// `dst = (read_dst ? dst : 0) + lhs · rhs` for an `m × n` row-major `dst` with row stride
+/// `dst_rs`; `lhs` (m × k) and `rhs` (k × n) are given as (pointer, column stride, row stride).
+///
+/// # Safety
+/// The three buffers must hold every element their strides reach.
+#[allow(clippy::type_complexity)]
+unsafe fn gemm_into<T: 'static + Float>(
+    [m, n, k]: [usize; 3],
+    dst: *mut T,
+    dst_rs: isize,
+    read_dst: bool,
+    (lhs, lhs_cs, lhs_rs): (*const T, isize, isize),
+    (rhs, rhs_cs, rhs_rs): (*const T, isize, isize),
+) {
+    // SAFETY: the caller guarantees the extents.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            dst_rs,
+            read_dst,
+            lhs,
+            lhs_cs,
+            lhs_rs,
+            rhs,
+            rhs_cs,
+            rhs_rs,
+            if read_dst { T::one() } else { T::zero() },
+            T::one(),
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
 /// One thread's im2col buffer.
 struct Columns<T> {
     buf: Vec<T>,
@@ -572,29 +598,15 @@ fn gemm_weight_grad<T: Element + bytemuck::Pod + Float + 'static>(
                         let col = columns.of(g, &x[b * image..(b + 1) * image], grp * cin_g, cin_g);
                         let dy_g = &dy[(b * g.c_out + grp * cout_g) * out_hw..];
                         let dw_g = &mut dw[grp * cout_g * rows..(grp + 1) * cout_g * rows];
-                        // SAFETY: dst is cout_g × rows (row-major), lhs cout_g × out_hw (row-major)
-                        // inside dy, rhs the transpose of col (rows × out_hw, row-major).
+                        // SAFETY: each matrix lies inside its slice (shapes from the geometry).
                         unsafe {
-                            gemm::gemm(
-                                cout_g,
-                                rows,
-                                out_hw,
+                            gemm_into(
+                                [cout_g, rows, out_hw],
                                 dw_g.as_mut_ptr(),
-                                1,
                                 rows as isize,
                                 true,
-                                dy_g.as_ptr(),
-                                1,
-                                out_hw as isize,
-                                col.as_ptr(),
-                                out_hw as isize,
-                                1,
-                                T::one(),
-                                T::one(),
-                                false,
-                                false,
-                                false,
-                                gemm::Parallelism::None,
+                                (dy_g.as_ptr(), 1, out_hw as isize),
+                                (col.as_ptr(), out_hw as isize, 1),
                             );
                         }
                     }
@@ -639,29 +651,15 @@ fn gemm_input_grad<T: Element + bytemuck::Pod + Float + 'static>(
                 } else {
                     &mut col[..]
                 };
-                // SAFETY: dst is rows × out_hw (row-major), lhs the transpose of w_g (cout_g ×
-                // rows, row-major), rhs cout_g × out_hw (row-major) inside dy.
+                // SAFETY: each matrix lies inside its slice (shapes from the geometry).
                 unsafe {
-                    gemm::gemm(
-                        rows,
-                        out_hw,
-                        cout_g,
+                    gemm_into(
+                        [rows, out_hw, cout_g],
                         dst.as_mut_ptr(),
-                        1,
                         out_hw as isize,
                         false,
-                        w_g.as_ptr(),
-                        rows as isize,
-                        1,
-                        dy_g.as_ptr(),
-                        1,
-                        out_hw as isize,
-                        T::zero(),
-                        T::one(),
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
+                        (w_g.as_ptr(), rows as isize, 1),
+                        (dy_g.as_ptr(), 1, out_hw as isize),
                     );
                 }
                 if !g.pointwise() {
