@@ -90,6 +90,7 @@ fn od_detr_run_resumes_exactly_and_reports_the_ema_teacher() {
     let cfg = config(&[
         "distill.method=\"od-detr\"",
         "detr.eval.instability_images=8",
+        "distill.distill_stop_step=5",
     ]);
     let full = check_resume(&cfg, &a, &b);
     let names: Vec<&str> = full.final_eval.iter().map(|(n, _)| n.as_str()).collect();
@@ -112,12 +113,18 @@ fn od_detr_run_resumes_exactly_and_reports_the_ema_teacher() {
         "the teacher is not an average"
     );
     let metrics = lines(&a);
-    let train = metrics
-        .iter()
-        .find(|l| l["kind"] == "train")
-        .expect("train line");
-    for key in ["loss_pd", "loss_aux"] {
-        assert!(train[key].as_f64().is_some_and(f64::is_finite), "{key}");
+    let train: Vec<_> = metrics.iter().filter(|l| l["kind"] == "train").collect();
+    assert_eq!(train.len(), 8);
+    // The distillation runs for the first 5 steps (the resumed run crosses the stop).
+    for line in train {
+        let step = line["step"].as_u64().expect("step");
+        for key in ["loss_pd", "loss_aux"] {
+            let value = line[key].as_f64();
+            match step <= 5 {
+                true => assert!(value.is_some_and(f64::is_finite), "{key} at step {step}"),
+                false => assert!(value.is_none(), "{key} still logged at step {step}"),
+            }
+        }
     }
     for model in ["student", "ema"] {
         let unstable: Vec<_> = metrics

@@ -61,6 +61,9 @@ pub struct OdDetrConfig {
     /// Steps over which λ_pd and λ_aux ramp linearly from 0 (0 = no ramp): the early teacher
     /// is nearly random.
     pub ramp_steps: usize,
+    /// The optimiser step from which (a), (b) and (c) are off, if any: the student finishes on
+    /// its own loss while the EMA keeps following it.
+    pub distill_stop_step: Option<usize>,
 }
 
 impl Default for OdDetrConfig {
@@ -76,6 +79,7 @@ impl Default for OdDetrConfig {
             aux_weight: 1.0,
             aux_per_target: 2,
             ramp_steps: 0,
+            distill_stop_step: None,
         }
     }
 }
@@ -375,7 +379,8 @@ impl<B: AutodiffBackend> Distiller<B, DetrTask> for OdDetr<B> {
         batch: &DetBatch,
     ) -> Result<Losses<B>> {
         let c = self.config;
-        if !(c.guided_matching || c.pd || c.aux) {
+        let stopped = c.distill_stop_step.is_some_and(|s| self.ema.updates >= s);
+        if stopped || !(c.guided_matching || c.pd || c.aux) {
             return task.loss(&task.forward(student, batch)?, batch);
         }
         let section = task.section();
