@@ -2,7 +2,8 @@
 
 densekd starts this script once and interleaves its own steps with ours, so both sides see the
 same machine state. Protocol (one JSON object per line each way):
-  {"cmd": "setup", "workload": "resnet18-train", "batch": 8, "size": 224, "threads": 2}
+  {"cmd": "setup", "workload": "resnet18-train", "batch": 8, "size": 224, "threads": 2,
+   "model": null | {architecture of a workload built from a shipped config}}
       -> {"ok": true, "flops": <forward FLOPs per step, x3 for a train step>}
   {"cmd": "version"}   -> {"ok": true, "torch": "2.15.0"}
   {"cmd": "step"}      -> {"ok": true, "seconds": <wall time of one step>}
@@ -28,6 +29,77 @@ MODELS = {
 }
 
 
+def deeplabv3(m):
+    """densekd's DeepLabV3 (src/model/deeplabv3) in torchvision modules: a frozen-BatchNorm
+    MobileNetV2 dilated past the output stride, ASPP, a 3x3 conv and the classifier, and the
+    FCN auxiliary head on the stride-16 stage (features[:14])."""
+    import math
+
+    from torch import nn
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    if m["arch"] != "mobilenet_v2" or m["backbone_norm"] != "frozen" or m["norm"] != "group":
+        raise ValueError(f"the reference builds frozen-BN MobileNetV2 with group-norm heads: {m}")
+
+    def cnr(i, o, k=1, d=1):
+        norm = nn.GroupNorm(math.gcd(32, o), o)
+        conv = nn.Conv2d(i, o, k, padding=d * (k // 2), dilation=d, bias=False)
+        return nn.Sequential(conv, norm, nn.ReLU())
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            f = torchvision.models.mobilenet_v2(norm_layer=FrozenBatchNorm2d).features[:-1]
+            # Past the output stride a stage keeps its resolution and dilates instead.
+            reached, dil = 2, 1
+            stage_first = {1: 1, 2: 2, 4: 2, 7: 2, 11: 1, 14: 2, 17: 1}
+            for i in range(1, 18):
+                dw = [c for c in f[i].modules() if isinstance(c, nn.Conv2d) and c.groups > 1][0]
+                s = stage_first.get(i, 1)
+                if s != 1 and reached >= m["output_stride"]:
+                    dil *= s
+                    dw.stride = (1, 1)
+                elif s != 1:
+                    reached *= s
+                dw.dilation = dw.padding = (dil, dil)
+            for block in f[: m["frozen_stages"]]:
+                for p in block.parameters():
+                    p.requires_grad_(False)
+            self.f, ch, k = f, m["channels"], m["num_classes"]
+            rates = m["aspp_rates"]
+            self.aspp = nn.ModuleList([cnr(320, ch)] + [cnr(320, ch, 3, r) for r in rates])
+            self.pool = cnr(320, ch)
+            self.project = cnr(ch * (len(rates) + 2), ch)
+            self.conv = cnr(ch, ch, 3)
+            self.out = nn.Conv2d(ch, k, 1)
+            self.aux = nn.Sequential(cnr(96, 24, 3), nn.Conv2d(24, k, 1)) if m["aux_head"] else None
+
+        def forward(self, x):
+            size = x.shape[-2:]
+            if m["input_scale"] != 1:
+                x = torch.nn.functional.interpolate(
+                    x, scale_factor=m["input_scale"], mode="bilinear", align_corners=False
+                )
+            c4 = self.f[:14](x)
+            x = self.f[14:](c4)
+            pooled = self.pool(x.mean((2, 3), keepdim=True)).expand(-1, -1, *x.shape[-2:])
+            y = self.conv(self.project(torch.cat([b(x) for b in self.aspp] + [pooled], 1)))
+            return self.out(y), (self.aux(c4) if self.aux is not None else None), size
+
+    return Net()
+
+
+def seg_loss(out, y, aux_weight):
+    import torch.nn.functional as F
+
+    logits, aux, size = out
+    up = lambda t: F.interpolate(t, size=size, mode="bilinear", align_corners=False)
+    loss = F.cross_entropy(up(logits), y, ignore_index=255)
+    if aux is not None:
+        loss = loss + aux_weight * F.cross_entropy(up(aux), y, ignore_index=255)
+    return loss
+
+
 def reset_peak_rss():
     # Linux: writing 5 to clear_refs resets VmHWM to the current RSS.
     with open("/proc/self/clear_refs", "w") as f:
@@ -43,19 +115,28 @@ def peak_rss():
 
 
 class Workload:
-    def __init__(self, name, batch, size, threads):
+    def __init__(self, name, batch, size, threads, model=None):
         arch, mode = name.rsplit("-", 1)
-        if arch not in MODELS or mode not in ("train", "infer"):
+        known = arch in MODELS or (arch, mode) == ("deeplabv3", "train")
+        if not known or mode not in ("train", "infer"):
             raise ValueError(f"unknown workload {name}")
         torch.set_num_threads(threads)
         torch.manual_seed(0)
         self.train = mode == "train"
-        self.model = MODELS[arch](num_classes=1000)
         self.x = torch.randn(batch, 3, size, size)
-        self.y = torch.randint(0, 1000, (batch,))
+        if arch == "deeplabv3":
+            self.model = deeplabv3(model)
+            y = torch.randint(0, model["num_classes"], (batch, size, size))
+            self.y = y.masked_fill(torch.rand(batch, size, size) < 0.1, 255)
+            self.loss = lambda out, y: seg_loss(out, y, model["aux_weight"])
+        else:
+            self.model = MODELS[arch](num_classes=1000)
+            self.y = torch.randint(0, 1000, (batch,))
+            self.loss = torch.nn.functional.cross_entropy
         if self.train:
             self.model.train()
-            self.optim = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+            trainable = [p for p in self.model.parameters() if p.requires_grad]
+            self.optim = torch.optim.AdamW(trainable, lr=1e-4)
         else:
             self.model.eval()
         from torch.utils.flop_counter import FlopCounterMode
@@ -70,7 +151,7 @@ class Workload:
         start = time.perf_counter()
         if self.train:
             self.optim.zero_grad(set_to_none=True)
-            loss = torch.nn.functional.cross_entropy(self.model(self.x), self.y)
+            loss = self.loss(self.model(self.x), self.y)
             loss.backward()
             self.optim.step()
             loss.item()
@@ -121,7 +202,9 @@ def main():
             if msg["cmd"] == "version":
                 out = {"ok": True, "torch": torch.__version__}
             elif msg["cmd"] == "setup":
-                workload = Workload(msg["workload"], msg["batch"], msg["size"], msg["threads"])
+                workload = Workload(
+                    msg["workload"], msg["batch"], msg["size"], msg["threads"], msg.get("model")
+                )
                 out = {"ok": True, "flops": workload.flops}
             elif msg["cmd"] == "step":
                 out = {"ok": True, "seconds": workload.step()}

@@ -150,7 +150,8 @@ fn run_all(
             }
             _ => {
                 let workload = Workload::parse(name)?;
-                flops = Some(reference.setup(name, options)?);
+                let (size, model) = workload.reference_setup(options)?;
+                flops = Some(reference.setup(name, options, size, model)?);
                 workload::reset_peak_rss();
                 let mut ours = workload.build(options)?;
                 for _ in 0..options.warmup {
@@ -392,7 +393,7 @@ mod tests {
             steps: 1,
             threads: 1,
         };
-        for name in ["resnet18-infer", "mobilenet_v2-train"] {
+        for name in ["resnet18-infer", "mobilenet_v2-train", "deeplabv3-train"] {
             let mut step = Workload::parse(name)
                 .and_then(|w| w.build(&options))
                 .expect(name);
@@ -403,6 +404,21 @@ mod tests {
             let err = Workload::parse(bad).expect_err(bad).to_string();
             assert!(err.contains(bad) && err.contains("resnet50-infer"), "{err}");
         }
+    }
+
+    #[test]
+    fn deeplabv3_workload_has_the_references_parameters() {
+        use burn::module::Module;
+        let (section, crop) = workload::deeplabv3_setup().expect("shipped config");
+        assert_eq!(crop, 128);
+        let model = section
+            .model
+            .init::<crate::backend::Inference>(&Default::default())
+            .expect("model");
+        // `bench/torch_ref.py`'s `deeplabv3(…)` for the shipped config: 3,221,338 elements in
+        // `parameters()`, plus 15,776 frozen BatchNorm channels whose weight, bias, mean and
+        // variance are buffers there and (untrained) parameters here.
+        assert_eq!(model.num_params(), 3_221_338 + 4 * 15_776);
     }
 
     #[test]

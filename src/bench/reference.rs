@@ -148,14 +148,22 @@ impl Reference {
         ))
     }
 
-    /// Builds `workload` on the reference side: its FLOPs per step.
-    pub fn setup(&mut self, workload: &str, options: &BenchOptions) -> Result<f64> {
+    /// Builds `workload` on the reference side (`model`: the architecture of workloads built
+    /// from a shipped config, `size`: their image side): its FLOPs per step.
+    pub fn setup(
+        &mut self,
+        workload: &str,
+        options: &BenchOptions,
+        size: usize,
+        model: Value,
+    ) -> Result<f64> {
         let reply = self.call(json!({
             "cmd": "setup",
             "workload": workload,
             "batch": options.batch,
-            "size": options.size,
+            "size": size,
             "threads": options.threads,
+            "model": model,
         }))?;
         Ok(reply["flops"].as_f64().unwrap_or(f64::NAN))
     }

@@ -1,32 +1,50 @@
-//! densekd's side of each bench workload: a torchvision-layout classifier (ImageNet head,
-//! 1000 classes) stepped on one fixed random batch, as `bench/torch_ref.py` does.
+//! densekd's side of each bench workload, as `bench/torch_ref.py` builds it: a torchvision-layout
+//! classifier (ImageNet head, 1000 classes) or the shipped DeepLabV3 config's model, stepped on
+//! one fixed batch.
 
+use burn::module::AutodiffModule;
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::tensor::backend::Backend;
-use burn::tensor::{Distribution, ElementConversion, Int, Tensor};
+use burn::tensor::{Distribution, ElementConversion, Tensor};
+use serde_json::{json, Value};
 
 use crate::backend::{device, Inference, Training};
 use crate::bench::BenchOptions;
 use crate::error::{Error, Result};
 use crate::model::backbone::{Arch, Backbone, BackboneConfig};
+use crate::model::deeplabv3::config::DeepLabV3Section;
+use crate::model::deeplabv3::DeepLabV3;
 use crate::model::layers::norm::NormKind;
+use crate::ops::pixel::PixelLabels;
 
-/// The workloads `densekd bench` knows, `<arch>-<train|infer>`, lightest memory first: a
-/// process keeps what it allocated, so each peak RSS includes what came before it.
-pub const WORKLOADS: [&str; 5] = [
+/// The workloads `densekd bench` knows, lightest memory first: a process keeps what it
+/// allocated, so each peak RSS includes what came before it.
+pub const WORKLOADS: [&str; 6] = [
     "mobilenet_v2-infer",
     "resnet18-infer",
     "resnet50-infer",
     "mobilenet_v2-train",
     "resnet18-train",
+    "deeplabv3-train",
 ];
+
+/// The shipped config whose model and crop `deeplabv3-train` steps.
+const DEEPLABV3_CONFIG: &str = include_str!("../../configs/deeplabv3_shapes.toml");
 
 /// A parsed workload name.
 #[derive(Debug, Clone, Copy)]
-pub struct Workload {
-    arch: Arch,
-    train: bool,
+pub enum Workload {
+    /// `<arch>-<train|infer>`: a classifier at `--batch` × `--size`².
+    Classifier {
+        /// The network.
+        arch: Arch,
+        /// A train step (else inference).
+        train: bool,
+    },
+    /// `deeplabv3-train`: a train step of `configs/deeplabv3_shapes.toml`'s model (its crop
+    /// size, pixel loss with the auxiliary head) on `--batch` images.
+    DeepLabV3,
 }
 
 /// One timed unit of work.
@@ -35,8 +53,28 @@ pub trait Step {
     fn step(&mut self) -> Result<()>;
 }
 
+/// The shipped DeepLabV3 config's `[deeplabv3]` section and crop side.
+pub fn deeplabv3_setup() -> Result<(DeepLabV3Section, usize)> {
+    let bad = |what: &str| Error::config("configs/deeplabv3_shapes.toml", what.to_string());
+    let value: toml::Value = toml::from_str(DEEPLABV3_CONFIG).map_err(|e| bad(&e.to_string()))?;
+    let section: DeepLabV3Section = value
+        .get("deeplabv3")
+        .cloned()
+        .ok_or_else(|| bad("no [deeplabv3] table"))?
+        .try_into()
+        .map_err(|e: toml::de::Error| bad(&e.to_string()))?;
+    let crop = value
+        .get("data")
+        .and_then(|d| d.get("seg_augment"))
+        .and_then(|a| a.get("crop"))
+        .and_then(|c| c.get(0))
+        .and_then(toml::Value::as_integer)
+        .ok_or_else(|| bad("no data.seg_augment.crop"))?;
+    Ok((section, crop as usize))
+}
+
 impl Workload {
-    /// Parses `mobilenet_v2-train` and the like.
+    /// Parses `mobilenet_v2-train`, `deeplabv3-train` and the like.
     pub fn parse(name: &str) -> Result<Self> {
         let unknown = || {
             Error::config(
@@ -44,6 +82,9 @@ impl Workload {
                 format!("`{name}` is not one of {}", WORKLOADS.join(", ")),
             )
         };
+        if name == "deeplabv3-train" {
+            return Ok(Workload::DeepLabV3);
+        }
         let (arch, mode) = name.rsplit_once('-').ok_or_else(unknown)?;
         let arch = match arch {
             "mobilenet_v2" => Arch::MobilenetV2,
@@ -57,70 +98,148 @@ impl Workload {
             "infer" => false,
             _ => return Err(unknown()),
         };
-        Ok(Workload { arch, train })
+        Ok(Workload::Classifier { arch, train })
+    }
+
+    /// The image side and the architecture the reference builds (`null` for classifiers,
+    /// which the name describes).
+    pub fn reference_setup(&self, options: &BenchOptions) -> Result<(usize, Value)> {
+        match self {
+            Workload::Classifier { .. } => Ok((options.size, Value::Null)),
+            Workload::DeepLabV3 => {
+                let (section, crop) = deeplabv3_setup()?;
+                let m = &section.model;
+                Ok((
+                    crop,
+                    json!({
+                        "arch": m.backbone.arch,
+                        "backbone_norm": m.backbone.norm,
+                        "output_stride": m.backbone.output_stride,
+                        "frozen_stages": m.backbone.frozen_stages,
+                        "num_classes": m.num_classes,
+                        "aspp_rates": m.aspp_rates,
+                        "channels": m.channels,
+                        "norm": m.norm,
+                        "aux_head": m.aux_head,
+                        "input_scale": m.input_scale,
+                        "aux_weight": section.loss.aux_weight,
+                    }),
+                ))
+            }
+        }
     }
 
     /// Builds the model and its input.
     pub fn build(&self, options: &BenchOptions) -> Result<Box<dyn Step>> {
-        let config = BackboneConfig {
-            arch: self.arch,
-            width: 1.0,
-            // Training-mode batch norm, as the reference's `model.train()`; at inference both
-            // sides apply fixed statistics.
-            norm: if self.train {
-                NormKind::Batch
-            } else {
-                NormKind::Frozen
-            },
-            frozen_stages: 0,
-            output_stride: 32,
-            last_conv: true,
-            blocks: None,
-            num_classes: Some(1000),
-        };
         let device = device();
-        let shape = [options.batch, 3, options.size, options.size];
-        if self.train {
-            let model = config.init::<Training>(&device)?;
-            let labels: Vec<i64> = (0..options.batch as i64).map(|i| i * 97 % 1000).collect();
-            Ok(Box::new(TrainStep {
-                model: Some(model),
-                optim: AdamWConfig::new().init(),
-                x: Tensor::random(shape, Distribution::Normal(0.0, 1.0), &device),
-                y: Tensor::from_data(labels.as_slice(), &device),
-            }))
-        } else {
-            Ok(Box::new(InferStep {
-                model: config.init::<Inference>(&device)?,
-                x: Tensor::random(shape, Distribution::Normal(0.0, 1.0), &device),
-            }))
+        match *self {
+            Workload::Classifier { arch, train } => {
+                let config = BackboneConfig {
+                    arch,
+                    width: 1.0,
+                    // Training-mode batch norm, as the reference's `model.train()`; at
+                    // inference both sides apply fixed statistics.
+                    norm: if train {
+                        NormKind::Batch
+                    } else {
+                        NormKind::Frozen
+                    },
+                    frozen_stages: 0,
+                    output_stride: 32,
+                    last_conv: true,
+                    blocks: None,
+                    num_classes: Some(1000),
+                };
+                let shape = [options.batch, 3, options.size, options.size];
+                if !train {
+                    return Ok(Box::new(InferStep {
+                        model: config.init::<Inference>(&device)?,
+                        x: Tensor::random(shape, Distribution::Normal(0.0, 1.0), &device),
+                    }));
+                }
+                let x =
+                    Tensor::<Training, 4>::random(shape, Distribution::Normal(0.0, 1.0), &device);
+                let labels: Vec<i64> = (0..options.batch as i64).map(|i| i * 97 % 1000).collect();
+                let y = Tensor::from_data(labels.as_slice(), &device);
+                let loss = move |model: &Backbone<Training>| {
+                    let logits = model.classify(x.clone()).ok_or_else(|| {
+                        Error::config("bench", "the model has no classifier head")
+                    })?;
+                    Ok(CrossEntropyLossConfig::new()
+                        .init(&logits.device())
+                        .forward(logits, y.clone()))
+                };
+                Ok(Box::new(TrainStep::new(
+                    config.init::<Training>(&device)?,
+                    loss,
+                )))
+            }
+            Workload::DeepLabV3 => {
+                let (section, crop) = deeplabv3_setup()?;
+                let (n, k) = (options.batch, section.model.num_classes);
+                let shape = [n, 3, crop, crop];
+                let x =
+                    Tensor::<Training, 4>::random(shape, Distribution::Normal(0.0, 1.0), &device);
+                // Blocks of every class with a 255 band, like the built-in label maps.
+                let labels: Vec<u8> = (0..n * crop * crop)
+                    .map(|p| {
+                        let (i, y, x) = (p / (crop * crop), p / crop % crop, p % crop);
+                        match (x % 16 == 0) || (y % 16 == 0) {
+                            true => 255,
+                            false => ((x / 16 + 3 * (y / 16) + i) % k) as u8,
+                        }
+                    })
+                    .collect();
+                let labels = PixelLabels::<Training>::new(labels, [n, crop, crop], 255, &device);
+                let loss = move |model: &DeepLabV3<Training>| {
+                    let out = model.forward(x.clone());
+                    let l = &section.loss;
+                    let main = l.head_loss(out.logits, &labels);
+                    Ok(match out.aux_logits {
+                        Some(aux) => main + l.head_loss(aux, &labels).mul_scalar(l.aux_weight),
+                        None => main,
+                    })
+                };
+                let model = section.model.init::<Training>(&device)?;
+                Ok(Box::new(TrainStep::new(model, loss)))
+            }
         }
     }
 }
 
-struct TrainStep<O> {
-    model: Option<Backbone<Training>>,
-    optim: O,
-    x: Tensor<Training, 4>,
-    y: Tensor<Training, 1, Int>,
+/// A training step: forward, loss, backward and an AdamW update.
+struct TrainStep<M: AutodiffModule<Training>, L> {
+    model: Option<M>,
+    optim: burn::optim::adaptor::OptimizerAdaptor<burn::optim::AdamW, M, Training>,
+    loss: L,
 }
 
-impl<O: Optimizer<Backbone<Training>, Training>> Step for TrainStep<O> {
+impl<M: AutodiffModule<Training>, L> TrainStep<M, L> {
+    fn new(model: M, loss: L) -> Self {
+        TrainStep {
+            model: Some(model),
+            optim: AdamWConfig::new().init(),
+            loss,
+        }
+    }
+}
+
+impl<M, L> Step for TrainStep<M, L>
+where
+    M: AutodiffModule<Training>,
+    L: Fn(&M) -> Result<Tensor<Training, 1>>,
+{
     fn step(&mut self) -> Result<()> {
         let model = self
             .model
             .take()
             .ok_or_else(|| Error::config("bench", "a previous step failed"))?;
-        let logits = model
-            .classify(self.x.clone())
-            .ok_or_else(|| Error::config("bench", "the model has no classifier head"))?;
-        let loss = CrossEntropyLossConfig::new()
-            .init(&logits.device())
-            .forward(logits, self.y.clone());
+        let loss = (self.loss)(&model)?;
+        let device = loss.device();
         let grads = GradientsParams::from_grads(loss.backward(), &model);
         let model = self.optim.step(1e-4, model, grads);
         // Waits for queued work on asynchronous backends (the GPU), as `loss.item()` does there.
-        Training::sync(&self.x.device())
+        Training::sync(&device)
             .map_err(|e| Error::config("bench", format!("the device failed: {e:?}")))?;
         self.model = Some(model);
         Ok(())
