@@ -36,10 +36,11 @@ def deeplabv3(m):
     import math
 
     from torch import nn
-    from torchvision.ops.misc import FrozenBatchNorm2d
 
     if m["arch"] != "mobilenet_v2" or m["backbone_norm"] != "frozen" or m["norm"] != "group":
         raise ValueError(f"the reference builds frozen-BN MobileNetV2 with group-norm heads: {m}")
+    if m["last_conv"]:
+        raise ValueError(f"the reference's DeepLabV3 reads the 320-channel C5: {m}")
 
     def cnr(i, o, k=1, d=1):
         norm = nn.GroupNorm(math.gcd(32, o), o)
@@ -49,7 +50,7 @@ def deeplabv3(m):
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
-            f = torchvision.models.mobilenet_v2(norm_layer=FrozenBatchNorm2d).features[:-1]
+            f = mobilenet_stages(m["frozen_stages"])
             # Past the output stride a stage keeps its resolution and dilates instead.
             reached, dil = 2, 1
             stage_first = {1: 1, 2: 2, 4: 2, 7: 2, 11: 1, 14: 2, 17: 1}
@@ -62,9 +63,6 @@ def deeplabv3(m):
                 elif s != 1:
                     reached *= s
                 dw.dilation = dw.padding = (dil, dil)
-            for block in f[: m["frozen_stages"]]:
-                for p in block.parameters():
-                    p.requires_grad_(False)
             self.f, ch, k = f, m["channels"], m["num_classes"]
             rates = m["aspp_rates"]
             self.aspp = nn.ModuleList([cnr(320, ch)] + [cnr(320, ch, 3, r) for r in rates])
@@ -87,6 +85,60 @@ def deeplabv3(m):
             return self.out(y), (self.aux(c4) if self.aux is not None else None), size
 
     return Net()
+
+
+def mobilenet_stages(frozen_stages, last_conv=False):
+    """torchvision's MobileNetV2 features (the last 1x1 conv to 1280 channels only with
+    `last_conv`), frozen BatchNorm, the first `frozen_stages` stages (densekd's count: the stem,
+    then each block group) frozen."""
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    f = torchvision.models.mobilenet_v2(norm_layer=FrozenBatchNorm2d).features
+    f = f if last_conv else f[:-1]
+    ends = [1, 2, 4, 7, 11, 14, 17, 18]
+    for block in f[: ends[frozen_stages - 1] if frozen_stages else 0]:
+        for p in block.parameters():
+            p.requires_grad_(False)
+    return f
+
+
+def fcos(m):
+    """densekd's FCOS (src/model/fcos) as torchvision's `FCOS`: frozen-BN MobileNetV2, an FPN
+    on the stride 8/16/32 stages, the GroupNorm towers of `FCOSHead`, its targets and loss."""
+    from collections import OrderedDict
+
+    from torch import nn
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.fcos import FCOS, FCOSHead
+    from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork
+
+    if m["arch"] != "mobilenet_v2" or m["backbone_norm"] != "frozen":
+        raise ValueError(f"the reference builds frozen-BN MobileNetV2 FCOS: {m}")
+    if m["strides"] != [8, 16, 32] or m["norm_groups"] != 32:
+        raise ValueError(f"the reference builds P3-P5 with GroupNorm(32): {m}")
+
+    class Body(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.f = mobilenet_stages(m["frozen_stages"], m["last_conv"])
+            c5 = 1280 if m["last_conv"] else 320
+            self.fpn = FeaturePyramidNetwork([32, 96, c5], m["channels"])
+            self.out_channels = m["channels"]
+
+        def forward(self, x):
+            c3 = self.f[:7](x)
+            c4 = self.f[7:14](c3)
+            c5 = self.f[14:](c4)
+            return self.fpn(OrderedDict([("0", c3), ("1", c4), ("2", c5)]))
+
+    anchors = AnchorGenerator(sizes=((8,), (16,), (32,)), aspect_ratios=((1.0,),) * 3)
+    head = FCOSHead(m["channels"], 1, m["num_classes"], num_convs=m["head_convs"])
+    side = m["size"]
+    return FCOS(
+        Body(), m["num_classes"], min_size=side, max_size=side, image_mean=[0.0] * 3,
+        image_std=[1.0] * 3, anchor_generator=anchors, head=head,
+        center_sampling_radius=m["center_sampling_radius"],
+    )
 
 
 def seg_loss(out, y, aux_weight):
@@ -117,7 +169,7 @@ def peak_rss():
 class Workload:
     def __init__(self, name, batch, size, threads, model=None):
         arch, mode = name.rsplit("-", 1)
-        known = arch in MODELS or (arch, mode) == ("deeplabv3", "train")
+        known = arch in MODELS or (arch in ("deeplabv3", "fcos") and mode == "train")
         if not known or mode not in ("train", "infer"):
             raise ValueError(f"unknown workload {name}")
         torch.set_num_threads(threads)
@@ -128,11 +180,19 @@ class Workload:
             self.model = deeplabv3(model)
             y = torch.randint(0, model["num_classes"], (batch, size, size))
             self.y = y.masked_fill(torch.rand(batch, size, size) < 0.1, 255)
-            self.loss = lambda out, y: seg_loss(out, y, model["aux_weight"])
+            self.forward = lambda: seg_loss(self.model(self.x), self.y, model["aux_weight"])
+        elif arch == "fcos":
+            self.model = fcos(dict(model, size=size))
+            self.x = list(self.x)
+            self.y = [
+                {"boxes": torch.tensor(b, dtype=torch.float32), "labels": torch.tensor(c)}
+                for b, c in zip(model["boxes"], model["classes"])
+            ]
+            self.forward = lambda: sum(self.model(self.x, self.y).values())
         else:
             self.model = MODELS[arch](num_classes=1000)
             self.y = torch.randint(0, 1000, (batch,))
-            self.loss = torch.nn.functional.cross_entropy
+            self.forward = lambda: torch.nn.functional.cross_entropy(self.model(self.x), self.y)
         if self.train:
             self.model.train()
             trainable = [p for p in self.model.parameters() if p.requires_grad]
@@ -142,7 +202,7 @@ class Workload:
         from torch.utils.flop_counter import FlopCounterMode
 
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            self.model(self.x)
+            self.forward() if self.train else self.model(self.x)
         # A train step is a forward pass and a backward pass of twice its cost.
         self.flops = counter.get_total_flops() * (3 if self.train else 1)
         reset_peak_rss()
@@ -151,7 +211,7 @@ class Workload:
         start = time.perf_counter()
         if self.train:
             self.optim.zero_grad(set_to_none=True)
-            loss = self.loss(self.model(self.x), self.y)
+            loss = self.forward()
             loss.backward()
             self.optim.step()
             loss.item()

@@ -11,7 +11,8 @@ use crate::error::{Error, Result};
 #[derive(Args)]
 pub struct BenchArgs {
     /// Workloads, comma-separated (default: all of mobilenet_v2-infer, resnet18-infer,
-    /// resnet50-infer, mobilenet_v2-train, resnet18-train, lsap-300x50, eval-coco).
+    /// resnet50-infer, mobilenet_v2-train, resnet18-train, deeplabv3-train, fcos-train,
+    /// lsap-300x50, eval-coco).
     #[arg(long, value_delimiter = ',')]
     pub workloads: Vec<String>,
     /// Images per step.

@@ -393,7 +393,12 @@ mod tests {
             steps: 1,
             threads: 1,
         };
-        for name in ["resnet18-infer", "mobilenet_v2-train", "deeplabv3-train"] {
+        for name in [
+            "resnet18-infer",
+            "mobilenet_v2-train",
+            "deeplabv3-train",
+            "fcos-train",
+        ] {
             let mut step = Workload::parse(name)
                 .and_then(|w| w.build(&options))
                 .expect(name);
@@ -407,18 +412,23 @@ mod tests {
     }
 
     #[test]
-    fn deeplabv3_workload_has_the_references_parameters() {
+    fn config_workloads_have_the_references_parameters() {
+        use crate::backend::Inference;
         use burn::module::Module;
-        let (section, crop) = workload::deeplabv3_setup().expect("shipped config");
-        assert_eq!(crop, 128);
-        let model = section
-            .model
-            .init::<crate::backend::Inference>(&Default::default())
-            .expect("model");
-        // `bench/torch_ref.py`'s `deeplabv3(…)` for the shipped config: 3,221,338 elements in
-        // `parameters()`, plus 15,776 frozen BatchNorm channels whose weight, bias, mean and
+        let device = Default::default();
+        // `bench/torch_ref.py`'s models for the shipped configs: the elements of their
+        // `parameters()`, plus the frozen BatchNorm channels whose weight, bias, mean and
         // variance are buffers there and (untrained) parameters here.
+        let (section, crop) = workload::deeplabv3_setup().expect("DeepLabV3 config");
+        assert_eq!(crop, 128);
+        let model = section.model.init::<Inference>(&device).expect("model");
         assert_eq!(model.num_params(), 3_221_338 + 4 * 15_776);
+        // FCOS keeps MobileNetV2's last 1×1 conv (1,280 more BatchNorm channels); torchvision's
+        // head has no per-level scales (3 here).
+        let (section, size) = workload::fcos_setup().expect("FCOS config");
+        assert_eq!(size, 256);
+        let model = section.model.init::<Inference>(&device).expect("model");
+        assert_eq!(model.num_params(), 2_694_797 + 4 * 17_056 + 3);
     }
 
     #[test]

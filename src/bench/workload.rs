@@ -1,6 +1,6 @@
 //! densekd's side of each bench workload, as `bench/torch_ref.py` builds it: a torchvision-layout
-//! classifier (ImageNet head, 1000 classes) or the shipped DeepLabV3 config's model, stepped on
-//! one fixed batch.
+//! classifier (ImageNet head, 1000 classes) or a shipped config's model (DeepLabV3, FCOS), stepped
+//! on one fixed batch.
 
 use burn::module::AutodiffModule;
 use burn::nn::loss::CrossEntropyLossConfig;
@@ -15,22 +15,30 @@ use crate::error::{Error, Result};
 use crate::model::backbone::{Arch, Backbone, BackboneConfig};
 use crate::model::deeplabv3::config::DeepLabV3Section;
 use crate::model::deeplabv3::DeepLabV3;
+use crate::model::fcos::config::FcosSection;
+use crate::model::fcos::loss::{fcos_loss, ImageBoxes};
+use crate::model::fcos::targets::{level_shapes, Points};
+use crate::model::fcos::{Fcos, LevelOutput};
 use crate::model::layers::norm::NormKind;
 use crate::ops::pixel::PixelLabels;
 
 /// The workloads `densekd bench` knows, lightest memory first: a process keeps what it
 /// allocated, so each peak RSS includes what came before it.
-pub const WORKLOADS: [&str; 6] = [
+pub const WORKLOADS: [&str; 7] = [
     "mobilenet_v2-infer",
     "resnet18-infer",
     "resnet50-infer",
     "mobilenet_v2-train",
     "resnet18-train",
     "deeplabv3-train",
+    "fcos-train",
 ];
 
 /// The shipped config whose model and crop `deeplabv3-train` steps.
 const DEEPLABV3_CONFIG: &str = include_str!("../../configs/deeplabv3_shapes.toml");
+
+/// The shipped config whose model, loss and image size `fcos-train` steps.
+const FCOS_CONFIG: &str = include_str!("../../configs/fcos_shapes.toml");
 
 /// A parsed workload name.
 #[derive(Debug, Clone, Copy)]
@@ -45,6 +53,9 @@ pub enum Workload {
     /// `deeplabv3-train`: a train step of `configs/deeplabv3_shapes.toml`'s model (its crop
     /// size, pixel loss with the auxiliary head) on `--batch` images.
     DeepLabV3,
+    /// `fcos-train`: a train step of `configs/fcos_shapes.toml`'s model and loss on `--batch`
+    /// square images of its training size with three fixed boxes each.
+    Fcos,
 }
 
 /// One timed unit of work.
@@ -53,24 +64,64 @@ pub trait Step {
     fn step(&mut self) -> Result<()>;
 }
 
+/// A shipped config's `[table]` section and the integer at `size_path` (an image side).
+fn shipped<T: serde::de::DeserializeOwned>(
+    (file, text): (&str, &str),
+    table: &str,
+    size_path: &[&str],
+) -> Result<(T, usize)> {
+    let bad = |what: String| Error::config(file, what);
+    let value: toml::Value = toml::from_str(text).map_err(|e| bad(e.to_string()))?;
+    let section: T = value
+        .get(table)
+        .cloned()
+        .ok_or_else(|| bad(format!("no [{table}] table")))?
+        .try_into()
+        .map_err(|e: toml::de::Error| bad(e.to_string()))?;
+    let size = size_path
+        .iter()
+        .try_fold(&value, |v, key| match key.parse::<usize>() {
+            Ok(i) => v.get(i),
+            Err(_) => v.get(*key),
+        })
+        .and_then(toml::Value::as_integer)
+        .ok_or_else(|| bad(format!("no {}", size_path.join("."))))?;
+    Ok((section, size as usize))
+}
+
 /// The shipped DeepLabV3 config's `[deeplabv3]` section and crop side.
 pub fn deeplabv3_setup() -> Result<(DeepLabV3Section, usize)> {
-    let bad = |what: &str| Error::config("configs/deeplabv3_shapes.toml", what.to_string());
-    let value: toml::Value = toml::from_str(DEEPLABV3_CONFIG).map_err(|e| bad(&e.to_string()))?;
-    let section: DeepLabV3Section = value
-        .get("deeplabv3")
-        .cloned()
-        .ok_or_else(|| bad("no [deeplabv3] table"))?
-        .try_into()
-        .map_err(|e: toml::de::Error| bad(&e.to_string()))?;
-    let crop = value
-        .get("data")
-        .and_then(|d| d.get("seg_augment"))
-        .and_then(|a| a.get("crop"))
-        .and_then(|c| c.get(0))
-        .and_then(toml::Value::as_integer)
-        .ok_or_else(|| bad("no data.seg_augment.crop"))?;
-    Ok((section, crop as usize))
+    let file = ("configs/deeplabv3_shapes.toml", DEEPLABV3_CONFIG);
+    shipped(file, "deeplabv3", &["data", "seg_augment", "crop", "0"])
+}
+
+/// The shipped FCOS config's `[fcos]` section and training image side.
+pub fn fcos_setup() -> Result<(FcosSection, usize)> {
+    let file = ("configs/fcos_shapes.toml", FCOS_CONFIG);
+    shipped(file, "fcos", &["data", "augment", "shorter"])
+}
+
+/// `fcos-train`'s ground truth: three boxes `[x0, y0, x1, y1]` per image of side `size`, and
+/// their classes.
+fn fcos_boxes(batch: usize, size: usize, classes: usize) -> Vec<ImageBoxes> {
+    let s = size as f64 / 256.0;
+    (0..batch)
+        .map(|i| {
+            let d = 4.0 * i as f64;
+            let boxes = [
+                [16.0 + d, 24.0, 112.0 + d, 120.0],
+                [128.0, 40.0 + d, 232.0, 200.0 + d],
+                [56.0, 144.0, 136.0 + d / 2.0, 248.0],
+            ];
+            ImageBoxes {
+                boxes: boxes
+                    .iter()
+                    .map(|b| b.map(|v| (v * s).min(size as f64)))
+                    .collect(),
+                classes: (0..3).map(|j| (i + 3 * j) % classes).collect(),
+            }
+        })
+        .collect()
 }
 
 impl Workload {
@@ -82,8 +133,10 @@ impl Workload {
                 format!("`{name}` is not one of {}", WORKLOADS.join(", ")),
             )
         };
-        if name == "deeplabv3-train" {
-            return Ok(Workload::DeepLabV3);
+        match name {
+            "deeplabv3-train" => return Ok(Workload::DeepLabV3),
+            "fcos-train" => return Ok(Workload::Fcos),
+            _ => {}
         }
         let (arch, mode) = name.rsplit_once('-').ok_or_else(unknown)?;
         let arch = match arch {
@@ -115,6 +168,7 @@ impl Workload {
                         "arch": m.backbone.arch,
                         "backbone_norm": m.backbone.norm,
                         "output_stride": m.backbone.output_stride,
+                        "last_conv": m.backbone.last_conv,
                         "frozen_stages": m.backbone.frozen_stages,
                         "num_classes": m.num_classes,
                         "aspp_rates": m.aspp_rates,
@@ -123,6 +177,28 @@ impl Workload {
                         "aux_head": m.aux_head,
                         "input_scale": m.input_scale,
                         "aux_weight": section.loss.aux_weight,
+                    }),
+                ))
+            }
+            Workload::Fcos => {
+                let (section, size) = fcos_setup()?;
+                let (m, l) = (&section.model, &section.loss);
+                let targets = fcos_boxes(options.batch, size, m.num_classes);
+                Ok((
+                    size,
+                    json!({
+                        "arch": m.backbone.arch,
+                        "backbone_norm": m.backbone.norm,
+                        "frozen_stages": m.backbone.frozen_stages,
+                        "last_conv": m.backbone.last_conv,
+                        "strides": m.strides,
+                        "channels": m.channels,
+                        "head_convs": m.head_convs,
+                        "norm_groups": m.norm_groups,
+                        "num_classes": m.num_classes,
+                        "center_sampling_radius": l.center_sampling_radius,
+                        "boxes": targets.iter().map(|t| &t.boxes).collect::<Vec<_>>(),
+                        "classes": targets.iter().map(|t| &t.classes).collect::<Vec<_>>(),
                     }),
                 ))
             }
@@ -201,6 +277,23 @@ impl Workload {
                     })
                 };
                 let model = section.model.init::<Training>(&device)?;
+                Ok(Box::new(TrainStep::new(model, loss)))
+            }
+            Workload::Fcos => {
+                let (section, size) = fcos_setup()?;
+                let (n, m) = (options.batch, &section.model);
+                let targets = fcos_boxes(n, size, m.num_classes);
+                let shape = [n, 3, size, size];
+                let x =
+                    Tensor::<Training, 4>::random(shape, Distribution::Normal(0.0, 1.0), &device);
+                let shapes = level_shapes((size, size), &m.strides);
+                let points = Points::new((size, size), &shapes, &m.strides);
+                let model = m.init::<Training>(&device)?;
+                let loss = move |model: &Fcos<Training>| {
+                    let flat = LevelOutput::flatten(&model.forward(x.clone()).levels);
+                    let terms = fcos_loss(&flat, &points, &targets, &section.loss);
+                    Ok(terms.weighted(&section.loss))
+                };
                 Ok(Box::new(TrainStep::new(model, loss)))
             }
         }
