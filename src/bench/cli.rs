@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 pub struct BenchArgs {
     /// Workloads, comma-separated (default: all of mobilenet_v2-infer, resnet18-infer,
     /// resnet50-infer, mobilenet_v2-train, resnet18-train, deeplabv3-train, fcos-train,
-    /// lsap-300x50, eval-coco).
+    /// detr-train (densekd alone), lsap-300x50, eval-coco).
     #[arg(long, value_delimiter = ',')]
     pub workloads: Vec<String>,
     /// Images per step.

@@ -68,10 +68,10 @@ pub struct WorkloadResult {
     pub agrees: Option<bool>,
     /// densekd's timings.
     pub densekd: Side,
-    /// PyTorch's timings.
-    pub pytorch: Side,
+    /// PyTorch's timings (none for a workload densekd runs alone).
+    pub pytorch: Option<Side>,
     /// densekd median / PyTorch median (above 1: densekd is slower).
-    pub time_ratio: f64,
+    pub time_ratio: Option<f64>,
     /// Sample pairs during which other processes used more than a fifth of a core.
     pub contended: Vec<bool>,
 }
@@ -109,14 +109,14 @@ impl Sampler {
         self.started = Some(CpuSample::now(reference));
     }
 
-    /// Ends a sample pair with both sides' seconds.
-    pub fn end(&mut self, reference: u32, ours: f64, theirs: f64) {
+    /// Ends a sample pair with both sides' seconds (the reference's, if it ran).
+    pub fn end(&mut self, reference: u32, ours: f64, theirs: Option<f64>) {
         let busy = self
             .started
             .take()
             .map_or(0.0, |s| s.others_busy(reference));
         self.ours.push(ours);
-        self.theirs.push(theirs);
+        self.theirs.extend(theirs);
         self.contended.push(busy > 0.2);
     }
 }
@@ -150,23 +150,36 @@ fn run_all(
             }
             _ => {
                 let workload = Workload::parse(name)?;
-                let (size, model) = workload.reference_setup(options)?;
-                flops = Some(reference.setup(name, options, size, model)?);
+                let paired = match workload.reference_setup(options)? {
+                    Some((size, model)) => {
+                        flops = Some(reference.setup(name, options, size, model)?);
+                        true
+                    }
+                    None => false,
+                };
+                let theirs = |reference: &mut Reference| match paired {
+                    true => reference.step().map(Some),
+                    false => Ok(None),
+                };
                 workload::reset_peak_rss();
                 let mut ours = workload.build(options)?;
                 for _ in 0..options.warmup {
                     ours.step()?;
-                    reference.step()?;
+                    theirs(reference)?;
                 }
                 for _ in 0..options.steps {
                     sampler.begin(reference.pid());
                     let start = Instant::now();
                     ours.step()?;
                     let ours_s = start.elapsed().as_secs_f64();
-                    let theirs_s = reference.step()?;
+                    let theirs_s = theirs(reference)?;
                     sampler.end(reference.pid(), ours_s, theirs_s);
                 }
-                rss = Some((workload::peak_rss_bytes(), reference.peak_rss()?));
+                let their_rss = match paired {
+                    true => Some(reference.peak_rss()?),
+                    false => None,
+                };
+                rss = Some((workload::peak_rss_bytes(), their_rss));
             }
         }
         let Sampler {
@@ -176,12 +189,17 @@ fn run_all(
             ..
         } = sampler;
         let side = |s: Vec<f64>, rss: Option<u64>| summarise(s, &contended, flops, rss);
-        let (densekd, pytorch) = (side(ours, rss.map(|r| r.0)), side(theirs, rss.map(|r| r.1)));
-        let time_ratio = densekd.median_s / pytorch.median_s;
+        let densekd = side(ours, rss.map(|r| r.0));
+        let pytorch = (!theirs.is_empty()).then(|| side(theirs, rss.and_then(|r| r.1)));
+        let time_ratio = pytorch.as_ref().map(|p| densekd.median_s / p.median_s);
         eprintln!(
-            "{name}: densekd {:.2} ms, reference {:.2} ms, ratio {time_ratio:.2}{}{}",
+            "{name}: densekd {:.2} ms{}{}{}",
             1e3 * densekd.median_s,
-            1e3 * pytorch.median_s,
+            match (&pytorch, time_ratio) {
+                (Some(p), Some(r)) =>
+                    format!(", reference {:.2} ms, ratio {r:.2}", 1e3 * p.median_s),
+                _ => " (densekd alone)".to_string(),
+            },
             match agrees {
                 Some(true) => ", same result",
                 Some(false) => ", DIFFERENT RESULT",
@@ -318,27 +336,33 @@ impl BenchReport {
         );
         let pair = |a: Option<f64>, b: Option<f64>, digits: usize| match (a, b) {
             (Some(a), Some(b)) => format!("{a:.digits$} / {b:.digits$}"),
+            (Some(a), None) => format!("{a:.digits$} / –"),
             _ => "–".to_string(),
         };
         for r in &self.results {
-            let ms = |s: &Side| {
-                format!(
+            let ms = |s: Option<&Side>| match s {
+                Some(s) => format!(
                     "{:.2} ({:.2}–{:.2})",
                     1e3 * s.median_s,
                     1e3 * s.min_s,
                     1e3 * s.max_s
-                )
+                ),
+                None => "–".to_string(),
             };
             // Three significant digits for ratios far below 1 (eval-coco is ~0.01×).
-            let digits = if r.time_ratio < 0.1 { 4 } else { 2 };
+            let ratio = match r.time_ratio {
+                Some(t) if t < 0.1 => format!("{t:.4}×"),
+                Some(t) => format!("{t:.2}×"),
+                None => "–".to_string(),
+            };
+            let theirs = |f: fn(&Side) -> Option<f64>| r.pytorch.as_ref().and_then(f);
             out.push_str(&format!(
-                "| {} | {} | {} | {:.digits$}× | {} | {} | {} | {} of {} |\n",
+                "| {} | {} | {} | {ratio} | {} | {} | {} | {} of {} |\n",
                 r.workload,
-                ms(&r.densekd),
-                ms(&r.pytorch),
-                r.time_ratio,
-                pair(r.densekd.gflops, r.pytorch.gflops, 1),
-                pair(r.densekd.peak_rss_mib, r.pytorch.peak_rss_mib, 0),
+                ms(Some(&r.densekd)),
+                ms(r.pytorch.as_ref()),
+                pair(r.densekd.gflops, theirs(|s| s.gflops), 1),
+                pair(r.densekd.peak_rss_mib, theirs(|s| s.peak_rss_mib), 0),
                 match r.agrees {
                     Some(true) => "yes",
                     Some(false) => "**no**",
@@ -398,6 +422,7 @@ mod tests {
             "mobilenet_v2-train",
             "deeplabv3-train",
             "fcos-train",
+            "detr-train",
         ] {
             let mut step = Workload::parse(name)
                 .and_then(|w| w.build(&options))

@@ -108,7 +108,7 @@ pub fn eval_coco(
             .iter()
             .zip(&stats)
             .all(|(a, b)| (a - b).abs() <= 1e-12);
-        sampler.end(reference.pid(), ours_s, theirs_s);
+        sampler.end(reference.pid(), ours_s, Some(theirs_s));
     }
     Ok(agree)
 }
@@ -133,7 +133,7 @@ pub fn lsap(steps: usize, reference: &mut Reference, sampler: &mut Sampler) -> R
         let ours_s = start.elapsed().as_secs_f64() / LSAP_REPEATS as f64;
         let (theirs_s, theirs_total) = reference.lsap(&matrix, LSAP_REPEATS)?;
         agree &= (total - theirs_total).abs() <= 1e-9 * total.abs().max(1.0);
-        sampler.end(reference.pid(), ours_s, theirs_s);
+        sampler.end(reference.pid(), ours_s, Some(theirs_s));
     }
     Ok(agree)
 }

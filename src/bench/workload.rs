@@ -11,20 +11,26 @@ use serde_json::{json, Value};
 
 use crate::backend::{device, Inference, Training};
 use crate::bench::BenchOptions;
+use crate::data::config::DataConfig;
+use crate::data::detection::DetBatch;
 use crate::error::{Error, Result};
 use crate::model::backbone::{Arch, Backbone, BackboneConfig};
 use crate::model::deeplabv3::config::DeepLabV3Section;
 use crate::model::deeplabv3::DeepLabV3;
+use crate::model::detr::config::DetrSection;
+use crate::model::detr::task::DetrTask;
+use crate::model::detr::Detr;
 use crate::model::fcos::config::FcosSection;
 use crate::model::fcos::loss::{fcos_loss, ImageBoxes};
 use crate::model::fcos::targets::{level_shapes, Points};
 use crate::model::fcos::{Fcos, LevelOutput};
 use crate::model::layers::norm::NormKind;
 use crate::ops::pixel::PixelLabels;
+use crate::task::{Task, TaskInputs};
 
 /// The workloads `densekd bench` knows, lightest memory first: a process keeps what it
 /// allocated, so each peak RSS includes what came before it.
-pub const WORKLOADS: [&str; 7] = [
+pub const WORKLOADS: [&str; 8] = [
     "mobilenet_v2-infer",
     "resnet18-infer",
     "resnet50-infer",
@@ -32,6 +38,7 @@ pub const WORKLOADS: [&str; 7] = [
     "resnet18-train",
     "deeplabv3-train",
     "fcos-train",
+    "detr-train",
 ];
 
 /// The shipped config whose model and crop `deeplabv3-train` steps.
@@ -39,6 +46,9 @@ const DEEPLABV3_CONFIG: &str = include_str!("../../configs/deeplabv3_shapes.toml
 
 /// The shipped config whose model, loss and image size `fcos-train` steps.
 const FCOS_CONFIG: &str = include_str!("../../configs/fcos_shapes.toml");
+
+/// The shipped config whose model, loss and first training batch `detr-train` steps.
+const DETR_CONFIG: &str = include_str!("../../configs/detr_shapes.toml");
 
 /// A parsed workload name.
 #[derive(Debug, Clone, Copy)]
@@ -56,6 +66,10 @@ pub enum Workload {
     /// `fcos-train`: a train step of `configs/fcos_shapes.toml`'s model and loss on `--batch`
     /// square images of its training size with three fixed boxes each.
     Fcos,
+    /// `detr-train`: a train step of `configs/detr_shapes.toml`'s model and loss (denoising
+    /// and dense head included) on its first training batch of the built-in data, densekd
+    /// alone (no PyTorch DETR of this design exists to compare with).
+    Detr,
 }
 
 /// One timed unit of work.
@@ -64,41 +78,78 @@ pub trait Step {
     fn step(&mut self) -> Result<()>;
 }
 
+/// A shipped config parsed, and a function reading one of its tables, naming the file on error.
+fn parse_shipped(
+    (file, text): (&'static str, &str),
+) -> Result<(
+    toml::Value,
+    impl Fn(&toml::Value, &str) -> Result<toml::Value>,
+)> {
+    let value: toml::Value =
+        toml::from_str(text).map_err(|e| Error::config(file, e.to_string()))?;
+    let at = move |v: &toml::Value, path: &str| {
+        path.split('.')
+            .try_fold(v, |v, key| match key.parse::<usize>() {
+                Ok(i) => v.get(i),
+                Err(_) => v.get(key),
+            })
+            .cloned()
+            .ok_or_else(|| Error::config(file, format!("no `{path}`")))
+    };
+    Ok((value, at))
+}
+
+/// Deserialises a value read from a shipped config.
+fn typed<T: serde::de::DeserializeOwned>(file: &str, value: toml::Value) -> Result<T> {
+    value
+        .try_into()
+        .map_err(|e: toml::de::Error| Error::config(file, e.to_string()))
+}
+
 /// A shipped config's `[table]` section and the integer at `size_path` (an image side).
 fn shipped<T: serde::de::DeserializeOwned>(
-    (file, text): (&str, &str),
+    source: (&'static str, &str),
     table: &str,
-    size_path: &[&str],
+    size_path: &str,
 ) -> Result<(T, usize)> {
-    let bad = |what: String| Error::config(file, what);
-    let value: toml::Value = toml::from_str(text).map_err(|e| bad(e.to_string()))?;
-    let section: T = value
-        .get(table)
-        .cloned()
-        .ok_or_else(|| bad(format!("no [{table}] table")))?
-        .try_into()
-        .map_err(|e: toml::de::Error| bad(e.to_string()))?;
-    let size = size_path
-        .iter()
-        .try_fold(&value, |v, key| match key.parse::<usize>() {
-            Ok(i) => v.get(i),
-            Err(_) => v.get(*key),
-        })
-        .and_then(toml::Value::as_integer)
-        .ok_or_else(|| bad(format!("no {}", size_path.join("."))))?;
-    Ok((section, size as usize))
+    let (value, at) = parse_shipped(source)?;
+    let size: i64 = typed(source.0, at(&value, size_path)?)?;
+    Ok((typed(source.0, at(&value, table)?)?, size as usize))
 }
 
 /// The shipped DeepLabV3 config's `[deeplabv3]` section and crop side.
 pub fn deeplabv3_setup() -> Result<(DeepLabV3Section, usize)> {
     let file = ("configs/deeplabv3_shapes.toml", DEEPLABV3_CONFIG);
-    shipped(file, "deeplabv3", &["data", "seg_augment", "crop", "0"])
+    shipped(file, "deeplabv3", "data.seg_augment.crop.0")
 }
 
 /// The shipped FCOS config's `[fcos]` section and training image side.
 pub fn fcos_setup() -> Result<(FcosSection, usize)> {
     let file = ("configs/fcos_shapes.toml", FCOS_CONFIG);
-    shipped(file, "fcos", &["data", "augment", "shorter"])
+    shipped(file, "fcos", "data.augment.shorter")
+}
+
+/// The shipped DETR config's task (built-in data, fresh backbone: the bench downloads nothing)
+/// and its first training batch.
+fn detr_setup() -> Result<(DetrTask, DetBatch)> {
+    let source = ("configs/detr_shapes.toml", DETR_CONFIG);
+    let (value, at) = parse_shipped(source)?;
+    let section: DetrSection = typed(source.0, at(&value, "detr")?)?;
+    let data: DataConfig = typed(source.0, at(&value, "data")?)?;
+    let seed: u64 = typed(source.0, at(&value, "seed")?)?;
+    let batch_size: usize = typed(source.0, at(&value, "optim.batch_size")?)?;
+    let inputs = TaskInputs {
+        seed,
+        data: &data,
+        batch_size,
+        backbone_weights: None,
+        backbone_lr_mult: 1.0,
+    };
+    let task = DetrTask::new(&inputs, &section)?;
+    let batch = Task::<Training>::train_batches(&task, 0, 0)
+        .next()
+        .ok_or_else(|| Error::config(source.0, "no training batch"))??;
+    Ok((task, batch))
 }
 
 /// `fcos-train`'s ground truth: three boxes `[x0, y0, x1, y1]` per image of side `size`, and
@@ -136,6 +187,7 @@ impl Workload {
         match name {
             "deeplabv3-train" => return Ok(Workload::DeepLabV3),
             "fcos-train" => return Ok(Workload::Fcos),
+            "detr-train" => return Ok(Workload::Detr),
             _ => {}
         }
         let (arch, mode) = name.rsplit_once('-').ok_or_else(unknown)?;
@@ -155,14 +207,15 @@ impl Workload {
     }
 
     /// The image side and the architecture the reference builds (`null` for classifiers,
-    /// which the name describes).
-    pub fn reference_setup(&self, options: &BenchOptions) -> Result<(usize, Value)> {
-        match self {
-            Workload::Classifier { .. } => Ok((options.size, Value::Null)),
+    /// which the name describes); `None` for a workload densekd runs alone.
+    pub fn reference_setup(&self, options: &BenchOptions) -> Result<Option<(usize, Value)>> {
+        let setup = match self {
+            Workload::Detr => return Ok(None),
+            Workload::Classifier { .. } => (options.size, Value::Null),
             Workload::DeepLabV3 => {
                 let (section, crop) = deeplabv3_setup()?;
                 let m = &section.model;
-                Ok((
+                (
                     crop,
                     json!({
                         "arch": m.backbone.arch,
@@ -178,13 +231,13 @@ impl Workload {
                         "input_scale": m.input_scale,
                         "aux_weight": section.loss.aux_weight,
                     }),
-                ))
+                )
             }
             Workload::Fcos => {
                 let (section, size) = fcos_setup()?;
                 let (m, l) = (&section.model, &section.loss);
                 let targets = fcos_boxes(options.batch, size, m.num_classes);
-                Ok((
+                (
                     size,
                     json!({
                         "arch": m.backbone.arch,
@@ -200,9 +253,10 @@ impl Workload {
                         "boxes": targets.iter().map(|t| &t.boxes).collect::<Vec<_>>(),
                         "classes": targets.iter().map(|t| &t.classes).collect::<Vec<_>>(),
                     }),
-                ))
+                )
             }
-        }
+        };
+        Ok(Some(setup))
     }
 
     /// Builds the model and its input.
@@ -293,6 +347,15 @@ impl Workload {
                     let flat = LevelOutput::flatten(&model.forward(x.clone()).levels);
                     let terms = fcos_loss(&flat, &points, &targets, &section.loss);
                     Ok(terms.weighted(&section.loss))
+                };
+                Ok(Box::new(TrainStep::new(model, loss)))
+            }
+            Workload::Detr => {
+                let (task, batch) = detr_setup()?;
+                let model = task.init_model::<Training>(&device)?;
+                let loss = move |model: &Detr<Training>| {
+                    let forward = Task::<Training>::forward(&task, model, &batch)?;
+                    Ok(Task::<Training>::loss(&task, &forward, &batch)?.total)
                 };
                 Ok(Box::new(TrainStep::new(model, loss)))
             }
