@@ -93,6 +93,37 @@ fn named_grids() {
 }
 
 #[test]
+fn the_long_od_detr_grid_runs_the_default_schedule_with_od_detr_shapes_settings() {
+    let grid = named_grid("od-detr-long").expect("od-detr-long");
+    let names: Vec<&str> = grid.variants.iter().map(|v| v.name.as_str()).collect();
+    assert_eq!(names, ["baseline", "ema", "full"], "variant order");
+    assert!(grid.base_overrides.is_empty(), "the default schedule");
+    let options = ExperimentOptions {
+        seeds: 3,
+        out: PathBuf::from("out-long"),
+        overrides: Vec::new(),
+        progress: false,
+    };
+    let runs = plan(&grid, &options).expect("plan");
+    let default = TrainConfig::load(&config_path(), &[]).expect("default");
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/od_detr_shapes.toml");
+    let shipped = TrainConfig::load(&shipped, &[]).expect("od_detr_shapes");
+    for run in &runs {
+        assert_eq!(run.config.optim, default.optim, "{}", run.variant);
+        let DistillConfig::OdDetr(c) = &run.config.distill else {
+            assert_eq!(run.variant, "baseline");
+            continue;
+        };
+        match run.variant.as_str() {
+            // The full method is exactly the shipped OD-DETR config.
+            "full" => assert_eq!(run.config.distill, shipped.distill),
+            "ema" => assert!(!(c.guided_matching || c.pd || c.aux)),
+            other => panic!("unexpected variant {other}"),
+        }
+    }
+}
+
+#[test]
 fn the_rdd_grid_trains_its_teacher_first_and_names_it_in_the_variants() {
     let grid = named_grid("rdd").expect("rdd");
     let names: Vec<&str> = grid.variants.iter().map(|v| v.name.as_str()).collect();
