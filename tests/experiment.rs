@@ -78,6 +78,7 @@ fn named_grids() {
         Path::new("configs/experiments/../detr_shapes.toml")
     );
     assert!(grid.variants[0].overrides.is_empty());
+    assert_eq!(grid.variants[0].student_of.as_deref(), Some("ema"));
     assert_eq!(
         grid.variants[3].overrides,
         [
@@ -105,14 +106,30 @@ fn the_long_od_detr_grid_runs_the_default_schedule_with_od_detr_shapes_settings(
         progress: false,
     };
     let runs = plan(&grid, &options).expect("plan");
+    let trained: Vec<(&str, usize)> = runs
+        .iter()
+        .map(|r| (r.variant.as_str(), r.seed_index))
+        .collect();
+    // The baseline is the EMA-only runs' student (tests/train.rs: identical bit for bit).
+    assert_eq!(grid.variants[0].student_of.as_deref(), Some("ema"));
+    assert_eq!(
+        trained,
+        [
+            ("ema", 0),
+            ("full", 0),
+            ("ema", 1),
+            ("full", 1),
+            ("ema", 2),
+            ("full", 2)
+        ]
+    );
     let default = TrainConfig::load(&config_path(), &[]).expect("default");
     let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/od_detr_shapes.toml");
     let shipped = TrainConfig::load(&shipped, &[]).expect("od_detr_shapes");
     for run in &runs {
         assert_eq!(run.config.optim, default.optim, "{}", run.variant);
         let DistillConfig::OdDetr(c) = &run.config.distill else {
-            assert_eq!(run.variant, "baseline");
-            continue;
+            panic!("{} does not run OD-DETR", run.variant);
         };
         match run.variant.as_str() {
             // The full method is exactly the shipped OD-DETR config.
@@ -230,10 +247,12 @@ fn lr_grid() -> Grid {
             Variant {
                 name: "low".into(),
                 overrides: vec!["optim.lr=1e-5".into()],
+                student_of: None,
             },
             Variant {
                 name: "high".into(),
                 overrides: vec!["optim.lr=1e-3".into()],
+                student_of: None,
             },
         ],
         base_overrides: vec!["optim.epochs=2".into(), "optim.lr=5e-4".into()],
@@ -290,6 +309,47 @@ fn plan_orders_overrides_and_seeds() {
     };
     let e = plan(&lr_grid(), &bad).expect_err("unknown key");
     assert!(e.to_string().contains("lrr"), "{e}");
+
+    // A variant reporting another's student trains nothing itself, and must name a variant that
+    // trains, without overrides of its own.
+    let borrowing = |student_of: &str, overrides: Vec<String>| {
+        let mut grid = lr_grid();
+        grid.variants.push(Variant {
+            name: "same".into(),
+            overrides,
+            student_of: Some(student_of.into()),
+        });
+        grid
+    };
+    let runs = plan(&borrowing("low", Vec::new()), &options_one()).expect("plan");
+    let trained: Vec<&str> = runs.iter().map(|r| r.variant.as_str()).collect();
+    assert_eq!(trained, ["low", "high"]);
+    let mut chained = borrowing("low", Vec::new());
+    chained.variants.push(Variant {
+        name: "chained".into(),
+        overrides: Vec::new(),
+        student_of: Some("same".into()),
+    });
+    for (grid, message) in [
+        (borrowing("nope", Vec::new()), "names no variant"),
+        (
+            borrowing("low", vec!["optim.lr=1".into()]),
+            "sets overrides",
+        ),
+        (chained, "trains no runs of its own"),
+    ] {
+        let e = plan(&grid, &options_one()).expect_err(message);
+        assert!(e.to_string().contains(message), "{e}");
+    }
+}
+
+fn options_one() -> ExperimentOptions {
+    ExperimentOptions {
+        seeds: 1,
+        out: PathBuf::from("out"),
+        overrides: Vec::new(),
+        progress: false,
+    }
 }
 
 #[test]
@@ -380,9 +440,21 @@ fn report_aggregates_finished_runs() {
         variants.push(VariantRuns {
             name: name.to_string(),
             overrides: vec![format!("x.name=\"{name}\"")],
+            student_of: None,
             runs,
         });
     }
+    // ema-student: no runs of its own, the student of ema's.
+    variants.push(VariantRuns {
+        name: "ema-student".to_string(),
+        overrides: Vec::new(),
+        student_of: Some("ema".to_string()),
+        runs: variants[1]
+            .runs
+            .iter()
+            .map(|r| r.clone().student_only())
+            .collect(),
+    });
     let overrides = vec!["optim.epochs=3".to_string()];
     let report = aggregate(
         "toy",
@@ -395,7 +467,10 @@ fn report_aggregates_finished_runs() {
             labels: vec!["student".into(), "ema".into()],
         },
     );
-    assert_eq!(report.total_wall_s, 350.0);
+    assert_eq!(
+        report.total_wall_s, 350.0,
+        "a borrowed student's run counts once"
+    );
     let baseline = &report.variants[0];
     assert_eq!(
         baseline.student().curve,
@@ -409,7 +484,7 @@ fn report_aggregates_finished_runs() {
     assert_eq!(json["seeds"], 2);
     let v = json["variants"].as_array().expect("variants");
     let names: Vec<&str> = v.iter().filter_map(|x| x["name"].as_str()).collect();
-    assert_eq!(names, ["baseline", "ema", "ema+a"]);
+    assert_eq!(names, ["baseline", "ema", "ema+a", "ema-student"]);
 
     let b = &v[0];
     assert_eq!(b["seeds"], 2);
@@ -448,6 +523,17 @@ fn report_aggregates_finished_runs() {
     for key in ["AP_mean", "AP_std", "instability_mean", "wall_s_mean"] {
         assert!(a[key].is_null(), "{key}: {a}");
     }
+    assert!(a["student_of"].is_null(), "{a}");
+
+    let s = &v[3];
+    assert_eq!(s["student_of"], "ema");
+    assert_eq!(s["seeds"], 1);
+    assert!(close(&s["AP_mean"], 0.5), "ema's student: {s}");
+    assert!(close(&s["instability_mean"], 0.2), "{s}");
+    assert!(close(&s["wall_s_mean"], 50.0), "{s}");
+    for key in ["ema_AP_mean", "ema_AP50_mean", "ema_instability_mean"] {
+        assert!(s[key].is_null(), "not the student: {key}: {s}");
+    }
 
     let md = report.to_markdown();
     let at = |name: &str| md.find(&format!("| {name} |")).expect(name);
@@ -463,6 +549,10 @@ fn report_aggregates_finished_runs() {
     );
     assert!(md.contains("`optim.epochs=3`"), "{md}");
     assert!(md.contains("350 s"), "{md}");
+    assert!(
+        md.contains("- `ema-student`: none; no runs of its own: the student of `ema`'s runs"),
+        "{md}"
+    );
 
     write_report(&report, out).expect("write report");
     for file in ["report.json", "report.md", "ap.png", "instability.png"] {
@@ -641,6 +731,10 @@ fn cli_runs_the_od_detr_grid() {
         variants[0]["ema_AP_mean"].is_null(),
         "the baseline has no teacher"
     );
+    // The baseline is the EMA-only run's student, trained once.
+    assert_eq!(variants[0]["student_of"], "ema");
+    assert_eq!(variants[0]["AP_mean"], variants[1]["AP_mean"]);
+    assert!(!out.join("baseline").exists(), "the baseline trains no run");
     for v in variants {
         assert_eq!(v["seeds"], 1);
         assert!(v["AP_mean"].is_number());

@@ -141,6 +141,53 @@ fn od_detr_run_resumes_exactly_and_reports_the_ema_teacher() {
     assert!(a.join("instability.png").exists());
 }
 
+/// The parameter bytes of a `.safetensors` file (what follows the header, whose metadata holds
+/// the run's config).
+fn parameter_bytes(path: &Path) -> Vec<u8> {
+    let bytes = std::fs::read(path).expect("safetensors");
+    let header: [u8; 8] = bytes[..8].try_into().expect("header length");
+    bytes[8 + u64::from_le_bytes(header) as usize..].to_vec()
+}
+
+/// The EMA-only variant (OD-DETR with all three mechanisms off) reads nothing back from its
+/// average, so its student trains exactly as without distillation: the od-detr-long grid reports
+/// its student as the baseline instead of training the baseline again.
+#[test]
+fn an_ema_only_runs_student_is_the_run_without_distillation() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (plain, ema) = (tmp.path().join("plain"), tmp.path().join("ema"));
+    let alone = run(&config(&[]), &plain, false, None);
+    let with_ema = run(
+        &config(&[
+            "distill.method=\"od-detr\"",
+            "distill.guided_matching=false",
+            "distill.pd=false",
+            "distill.aux=false",
+        ]),
+        &ema,
+        false,
+        None,
+    );
+    assert_eq!(alone.final_eval[0], with_ema.final_eval[0], "student stats");
+    assert_eq!(with_ema.final_eval[1].0, "ema");
+    assert_eq!(
+        parameter_bytes(&plain.join("model.safetensors")),
+        parameter_bytes(&ema.join("model.safetensors")),
+        "student parameters"
+    );
+    let student = |dir: &Path| -> Vec<serde_json::Value> {
+        lines(dir)
+            .into_iter()
+            .filter(|l| l["kind"] == "train" || l["model"] == "student")
+            .collect()
+    };
+    assert_eq!(
+        student(&plain),
+        student(&ema),
+        "losses and student evaluations"
+    );
+}
+
 #[test]
 fn resumed_run_matches_uninterrupted_run() {
     let tmp = tempfile::tempdir().expect("tmp");

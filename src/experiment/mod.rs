@@ -41,6 +41,18 @@ pub struct Variant {
     /// `dotted.key=value` overrides, as [`TrainConfig::load`] accepts them.
     #[serde(default, rename = "set")]
     pub overrides: Vec<String>,
+    /// Another variant whose student trains exactly as this one's would (no distillation against
+    /// an EMA that nothing reads back): this variant trains no runs of its own and reports the
+    /// student of that variant's runs.
+    #[serde(default)]
+    pub student_of: Option<String>,
+}
+
+impl Variant {
+    /// The variant whose runs this one reports: its own name, or [`Variant::student_of`].
+    pub fn runs_of(&self) -> &str {
+        self.student_of.as_deref().unwrap_or(&self.name)
+    }
 }
 
 /// A frozen teacher that an experiment trains once, before its variants, into `OUT/teacher`.
@@ -247,6 +259,7 @@ pub fn plan(grid: &Grid, options: &ExperimentOptions) -> Result<Vec<PlannedRun>>
                 ),
             ));
         }
+        check_student_of(grid, v)?;
     }
     let shared = shared_overrides(grid, options);
     let base_seed = TrainConfig::load(&grid.config, &shared)?.seed;
@@ -255,7 +268,7 @@ pub fn plan(grid: &Grid, options: &ExperimentOptions) -> Result<Vec<PlannedRun>>
         let seed = base_seed.checked_add(k as u64).ok_or_else(|| {
             Error::config("seed", format!("{base_seed} + {k} does not fit in 64 bits"))
         })?;
-        for v in &grid.variants {
+        for v in grid.variants.iter().filter(|v| v.student_of.is_none()) {
             let mut overrides = shared.clone();
             for o in &v.overrides {
                 overrides.push(with_teacher(grid, options, &v.name, o)?);
@@ -277,6 +290,32 @@ pub fn plan(grid: &Grid, options: &ExperimentOptions) -> Result<Vec<PlannedRun>>
         }
     }
     Ok(runs)
+}
+
+/// A variant that borrows another's student names a variant of the grid that trains its own
+/// runs, and sets nothing itself (its overrides would never be trained).
+fn check_student_of(grid: &Grid, v: &Variant) -> Result<()> {
+    let Some(source) = &v.student_of else {
+        return Ok(());
+    };
+    let context = || format!("experiment {} variant {}", grid.name, v.name);
+    if !v.overrides.is_empty() {
+        return Err(Error::config(
+            context(),
+            format!("sets overrides but reports the student of `{source}`'s runs, which they would not change"),
+        ));
+    }
+    match grid.variants.iter().find(|w| &w.name == source) {
+        Some(w) if w.student_of.is_none() => Ok(()),
+        Some(_) => Err(Error::config(
+            context(),
+            format!("`student_of = \"{source}\"` names a variant that trains no runs of its own"),
+        )),
+        None => Err(Error::config(
+            context(),
+            format!("`student_of = \"{source}\"` names no variant of the grid"),
+        )),
+    }
 }
 
 /// `assignment` with [`TEACHER_PLACEHOLDER`] replaced by the teacher's run folder; an error
@@ -416,14 +455,18 @@ pub fn collect_report(
     let mut variants = Vec::with_capacity(grid.variants.len());
     for v in &grid.variants {
         let mut records = Vec::new();
-        for run in runs.iter().filter(|r| r.variant == v.name) {
+        for run in runs.iter().filter(|r| r.variant == v.runs_of()) {
             if let Some(record) = read_run(&run.dir, spec.metrics.headline)? {
-                records.push(record);
+                records.push(match v.student_of {
+                    Some(_) => record.student_only(),
+                    None => record,
+                });
             }
         }
         variants.push(VariantRuns {
             name: v.name.clone(),
             overrides: v.overrides.clone(),
+            student_of: v.student_of.clone(),
             runs: records,
         });
     }
@@ -480,9 +523,9 @@ pub fn run_experiment(grid: &Grid, options: &ExperimentOptions) -> Result<Report
     }
     let count = |s: RunState| states.iter().filter(|&&x| x == s).count();
     eprintln!(
-        "experiment {}: {} variants × {} seeds = {} runs into {} ({} finished, {} to resume, {} to train); backend {}",
+        "experiment {}: {} trained variants × {} seeds = {} runs into {} ({} finished, {} to resume, {} to train); backend {}",
         grid.name,
-        grid.variants.len(),
+        grid.variants.iter().filter(|v| v.student_of.is_none()).count(),
         options.seeds,
         runs.len(),
         options.out.display(),

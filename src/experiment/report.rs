@@ -44,6 +44,18 @@ pub struct RunRecord {
     pub final_instability: BTreeMap<String, f64>,
 }
 
+impl RunRecord {
+    /// The record with the student's numbers only, for a variant that reports another
+    /// variant's student.
+    pub fn student_only(mut self) -> RunRecord {
+        self.final_stats.retain(|label, _| label == STUDENT);
+        self.curve.retain(|label, _| label == STUDENT);
+        self.instability_curve.retain(|label, _| label == STUDENT);
+        self.final_instability.retain(|label, _| label == STUDENT);
+        self
+    }
+}
+
 /// Reads the run in `dir`: `None` when it has no `summary.json` (not finished), else its summary
 /// and metrics, with the curve of the statistic `headline`. Malformed files are errors naming
 /// the file and the field or line.
@@ -198,6 +210,8 @@ pub struct VariantSummary {
     pub name: String,
     /// The variant's own overrides.
     pub overrides: Vec<String>,
+    /// The variant whose runs' student this one reports, when it trains none of its own.
+    pub student_of: Option<String>,
     /// Finished seeds.
     pub seeds: usize,
     /// Per model label of the spec, `student` first (all `None` / empty for a label the
@@ -226,7 +240,9 @@ pub struct VariantRuns {
     pub name: String,
     /// The variant's own overrides.
     pub overrides: Vec<String>,
-    /// Its finished runs.
+    /// The variant whose runs' student these are, when it trains none of its own.
+    pub student_of: Option<String>,
+    /// Its finished runs (another variant's, student only, with `student_of`).
     pub runs: Vec<RunRecord>,
 }
 
@@ -306,6 +322,7 @@ pub fn aggregate(
         .map(|v| VariantSummary {
             name: v.name.clone(),
             overrides: v.overrides.clone(),
+            student_of: v.student_of.clone(),
             seeds: v.runs.len(),
             models: spec
                 .labels
@@ -323,8 +340,10 @@ pub fn aggregate(
         seeds,
         spec: spec.clone(),
         variants: rows,
+        // A borrowed student's runs are counted with the variant that trained them.
         total_wall_s: variants
             .iter()
+            .filter(|v| v.student_of.is_none())
             .flat_map(|v| &v.runs)
             .map(|r| r.wall_s)
             .sum(),
@@ -392,6 +411,7 @@ impl Report {
                 let mut row = Map::new();
                 row.insert("name".into(), json!(v.name));
                 row.insert("overrides".into(), json!(v.overrides));
+                row.insert("student_of".into(), json!(v.student_of));
                 row.insert("seeds".into(), json!(v.seeds));
                 for (label, m) in &v.models {
                     let prefix = prefix(label);
@@ -524,10 +544,13 @@ impl Report {
         );
         for v in &self.variants {
             let own: Vec<String> = v.overrides.iter().map(|o| format!("`{o}`")).collect();
-            let own = if own.is_empty() {
-                "none".to_string()
-            } else {
-                own.join(" ")
+            let own = match (&v.student_of, own.is_empty()) {
+                (Some(source), _) => format!(
+                    "none; no runs of its own: the student of `{source}`'s runs, which trains \
+                     exactly as this variant would (its wall s is theirs)"
+                ),
+                (None, true) => "none".to_string(),
+                (None, false) => own.join(" "),
             };
             let _ = writeln!(md, "- `{}`: {own}", v.name);
         }
