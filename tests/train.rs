@@ -188,6 +188,35 @@ fn an_ema_only_runs_student_is_the_run_without_distillation() {
     );
 }
 
+/// SGD's momentum is checkpointed with the run (exact resume), and the poly schedule sets each
+/// step's rate.
+#[test]
+fn sgd_with_the_poly_schedule_resumes_exactly() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    let cfg = config(&[
+        "optim.optimizer=\"sgd\"",
+        "optim.momentum=0.9",
+        "optim.schedule=\"poly\"",
+        "optim.power=0.9",
+        "optim.lr=0.01",
+        "optim.min_lr_ratio=0.1",
+        "optim.warmup_steps=0",
+    ]);
+    let summary = check_resume(&cfg, &a, &b);
+    assert!(summary.final_eval[0].1.iter().all(|(_, v)| v.is_finite()));
+    let rates: Vec<f64> = lines(&a)
+        .iter()
+        .filter(|l| l["kind"] == "train")
+        .map(|l| l["lr"].as_f64().expect("lr"))
+        .collect();
+    assert_eq!(rates.len(), 8);
+    for (k, lr) in rates.iter().enumerate() {
+        let poly = 0.001 + 0.009 * (1.0 - k as f64 / 8.0).powf(0.9);
+        assert!((lr - poly).abs() < 1e-12, "step {}: {lr} vs {poly}", k + 1);
+    }
+}
+
 #[test]
 fn resumed_run_matches_uninterrupted_run() {
     let tmp = tempfile::tempdir().expect("tmp");

@@ -1,6 +1,6 @@
 //! The training loop, independent of the model kind ([`Task`]) and of the distillation method
 //! ([`Distiller`]): the student and the distiller's trainable modules are optimised together
-//! (AdamW with per-group learning-rate multipliers, warm-up and decay, global gradient
+//! (AdamW or SGD with per-group learning-rate multipliers, warm-up and decay, global gradient
 //! clipping, data-parallel replicas), with periodic evaluation, `metrics.jsonl`, plots, atomic
 //! checkpoints with exact resume, and the exported inference weights.
 
@@ -19,7 +19,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use burn::module::Module;
-use burn::optim::{AdamWConfig, Optimizer};
+use burn::optim::Optimizer;
 use burn::tensor::backend::AutodiffBackend;
 use serde_json::Value;
 
@@ -30,7 +30,7 @@ use crate::task::number;
 use crate::task::{ModelStats, Task};
 use checkpoint::{load_record, record_bytes, Checkpoints, LoopState, Saved};
 use collective::{Collective, World};
-use config::{CheckpointConfig, EvalConfig, OptimConfig};
+use config::{CheckpointConfig, EvalConfig, OptimConfig, OptimizerKind};
 use evaluation::{check_teachers, evaluate_all, log_diagnostics, plot, probe_all, Probes};
 use metrics::MetricsLog;
 use optim::{clip_global_norm, clip_values, step_groups};
@@ -99,6 +99,34 @@ where
     T: Task<B> + Sync,
     D: Distiller<B, T> + Sync,
 {
+    match config.optim.optimizer {
+        OptimizerKind::Adamw => {
+            let optim = optim::adamw_config(&config.optim).init::<B, Trained<B, T, D>>();
+            fit_with(task, distiller, student, config, options, device, optim)
+        }
+        OptimizerKind::Sgd => {
+            let optim = optim::sgd_config(&config.optim).init::<B, Trained<B, T, D>>();
+            fit_with(task, distiller, student, config, options, device, optim)
+        }
+    }
+}
+
+/// [`fit`] with the optimiser `optim`.
+fn fit_with<B, T, D, O>(
+    task: &T,
+    distiller: &mut D,
+    student: T::Model,
+    config: &LoopConfig,
+    options: &RunOptions,
+    device: &B::Device,
+    mut optim: O,
+) -> Result<RunSummary>
+where
+    B: AutodiffBackend,
+    T: Task<B> + Sync,
+    D: Distiller<B, T> + Sync,
+    O: Optimizer<Trained<B, T, D>, B>,
+{
     let start = Instant::now();
     let run_dir = &options.run_dir;
     let per_epoch = task.batches_per_epoch();
@@ -113,10 +141,6 @@ where
     // (and gives every data-parallel replica the same values).
     trainable.visit(&mut optim::Materialise);
     let mut model: Trained<B, T, D> = (student, trainable);
-    let mut optim = AdamWConfig::new()
-        .with_weight_decay(config.optim.weight_decay as f32)
-        .with_epsilon(config.optim.eps as f32)
-        .init::<B, Trained<B, T, D>>();
     let checkpoints = Checkpoints::new(run_dir);
     let collective = match &options.world {
         Some(world) => Some(Collective::<B::InnerBackend>::join(world, device)?),

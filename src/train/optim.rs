@@ -1,13 +1,39 @@
-//! Optimiser plumbing shared by every task: global gradient-norm clipping across parameter
-//! groups (torch's `clip_grad_norm_`; burn's own clipping is per tensor) and one AdamW step
-//! per group at its own learning rate.
+//! Optimiser plumbing shared by every task: the AdamW and SGD settings, global gradient-norm
+//! clipping across parameter groups (torch's `clip_grad_norm_`; burn's own clipping is per
+//! tensor) and one optimiser step per group at its own learning rate.
 
 use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param, ParamId};
-use burn::optim::{GradientsParams, Optimizer};
+use burn::optim::decay::WeightDecayConfig;
+use burn::optim::momentum::MomentumConfig;
+use burn::optim::{AdamWConfig, GradientsParams, Optimizer, SgdConfig};
 
 use crate::task::ParamGroup;
+use crate::train::config::OptimConfig;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Tensor};
+
+/// AdamW as `optim` sets it: decoupled weight decay and `eps`.
+pub fn adamw_config(optim: &OptimConfig) -> AdamWConfig {
+    AdamWConfig::new()
+        .with_weight_decay(optim.weight_decay as f32)
+        .with_epsilon(optim.eps as f32)
+}
+
+/// SGD as `optim` sets it, with `torch.optim.SGD`'s semantics: momentum without dampening
+/// (burn's default dampening is 0.1), optionally Nesterov, weight decay added to the gradient.
+pub fn sgd_config(optim: &OptimConfig) -> SgdConfig {
+    let momentum = (optim.momentum > 0.0).then_some(MomentumConfig {
+        momentum: optim.momentum,
+        dampening: 0.0,
+        nesterov: optim.nesterov,
+    });
+    let decay = (optim.weight_decay > 0.0).then_some(WeightDecayConfig {
+        penalty: optim.weight_decay as f32,
+    });
+    SgdConfig::new()
+        .with_momentum(momentum)
+        .with_weight_decay(decay)
+}
 
 /// Stores every gradient back contiguous: conv weight gradients come out of the backward pass
 /// transposed, and every later element-wise pass over them (summing replicas, the norm, the
@@ -248,5 +274,49 @@ mod tests {
             .to_vec::<f32>()
             .expect("f32");
         assert!((clipped[0] - 0.6).abs() < 1e-5 && (clipped[1] - 0.8).abs() < 1e-5);
+    }
+
+    /// `sgd_config` against `torch.optim.SGD` (tests/fixtures/make_sgd_fixtures.py): a [2, 3]
+    /// parameter with a fixed gradient and learning rate per step, four steps.
+    #[test]
+    fn sgd_follows_torch() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/sgd.json");
+        let text = std::fs::read_to_string(path).expect("tests/fixtures/sgd.json");
+        let fixture: serde_json::Value = serde_json::from_str(&text).expect("json");
+        let floats = |v: &serde_json::Value| -> Vec<f32> {
+            let values = v.as_array().expect("array").iter();
+            values.map(|x| x.as_f64().expect("number") as f32).collect()
+        };
+        let device = Default::default();
+        let cases = fixture["cases"].as_array().expect("cases");
+        assert_eq!(cases.len(), 4);
+        for case in cases {
+            let what = case["description"].as_str().expect("description");
+            let mut config: OptimConfig =
+                toml::from_str("batch_size = 1\nepochs = 1\nlr = 1.0").expect("optim section");
+            config.momentum = case["momentum"].as_f64().expect("momentum");
+            config.nesterov = case["nesterov"].as_bool().expect("nesterov");
+            config.weight_decay = case["weight_decay"].as_f64().expect("weight decay");
+            let mut optim = sgd_config(&config).init::<Training, Linear<Training>>();
+            let tensor = |values: Vec<f32>| {
+                Tensor::<Training, 2>::from_data(TensorData::new(values, [2, 3]), &device)
+            };
+            let mut model: Linear<Training> = Linear {
+                weight: Param::from_tensor(tensor(floats(&case["w0"])).require_grad()),
+                bias: None,
+            };
+            let steps = case["grads"].as_array().expect("grads");
+            let lrs = floats(&case["lrs"]);
+            let expected = case["after_each_step"].as_array().expect("trajectory");
+            for (k, ((g, lr), want)) in steps.iter().zip(lrs).zip(expected).enumerate() {
+                let mut grads = (model.weight.val() * tensor(floats(g))).sum().backward();
+                let grads = GradientsParams::from_module(&mut grads, &model);
+                model = optim.step(lr as f64, model, grads);
+                let got = model.weight.val().into_data().to_vec::<f32>().expect("f32");
+                for (a, b) in got.iter().zip(floats(want)) {
+                    assert!((a - b).abs() < 1e-6, "{what}, step {k}: {got:?} vs {want}");
+                }
+            }
+        }
     }
 }

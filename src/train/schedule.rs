@@ -2,7 +2,7 @@
 
 use crate::train::config::{OptimConfig, Schedule};
 
-/// Linear warm-up, then constant, step or cosine decay.
+/// Linear warm-up, then constant, step, cosine or poly decay.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LrSchedule {
     base: f64,
@@ -13,6 +13,7 @@ pub struct LrSchedule {
     milestones: Vec<usize>,
     gamma: f64,
     min_ratio: f64,
+    power: f64,
 }
 
 impl LrSchedule {
@@ -27,6 +28,7 @@ impl LrSchedule {
             milestones: optim.milestones.clone(),
             gamma: optim.gamma,
             min_ratio: optim.min_lr_ratio,
+            power: optim.power,
         }
     }
 
@@ -44,11 +46,15 @@ impl LrSchedule {
                 let passed = self.milestones.iter().filter(|&&m| epoch >= m).count();
                 self.base * self.gamma.powi(passed as i32)
             }
-            Schedule::Cosine => {
+            Schedule::Cosine | Schedule::Poly => {
                 let span = self.total.saturating_sub(self.warmup).max(1) as f64;
                 let t = (step.saturating_sub(self.warmup) as f64 / span).min(1.0);
                 let min = self.base * self.min_ratio;
-                min + (self.base - min) * 0.5 * (1.0 + (std::f64::consts::PI * t).cos())
+                let left = match self.kind {
+                    Schedule::Poly => (1.0 - t).powf(self.power),
+                    _ => 0.5 * (1.0 + (std::f64::consts::PI * t).cos()),
+                };
+                min + (self.base - min) * left
             }
         };
         if step < self.warmup {
@@ -65,6 +71,9 @@ mod tests {
 
     fn optim(kind: Schedule) -> OptimConfig {
         OptimConfig {
+            optimizer: crate::train::config::OptimizerKind::Adamw,
+            momentum: 0.9,
+            nesterov: false,
             batch_size: 1,
             epochs: 10,
             replicas: 1,
@@ -80,6 +89,7 @@ mod tests {
             milestones: vec![5, 8],
             gamma: 0.1,
             min_lr_ratio: 0.01,
+            power: 0.9,
         }
     }
 
@@ -102,5 +112,19 @@ mod tests {
         assert!((mid - (0.01 + 0.99 * 0.5)).abs() < 1e-12, "{mid}");
         assert!((s.lr(100) - 0.01).abs() < 1e-12);
         assert!(s.lr(60) < s.lr(59));
+    }
+
+    #[test]
+    fn poly_decays_from_base_to_floor_with_its_power() {
+        let mut o = optim(Schedule::Poly);
+        o.warmup_steps = 0;
+        let s = LrSchedule::new(&o, 10);
+        // mmseg's PolyLR: eta_min + (base − eta_min)·(1 − step/total)^power.
+        assert_eq!(s.lr(0), 1.0);
+        let at = |step: f64| 0.01 + 0.99 * (1.0 - step / 100.0).powf(0.9);
+        for step in [1, 37, 50, 99] {
+            assert!((s.lr(step) - at(step as f64)).abs() < 1e-12, "step {step}");
+        }
+        assert!((s.lr(100) - 0.01).abs() < 1e-12);
     }
 }

@@ -19,7 +19,7 @@ use crate::model::fcos::config::FcosSection;
 use crate::task::TaskInputs;
 pub use overrides::{apply_override, differing_keys};
 use overrides::{key_line, read_with_bases, Sources};
-pub use sections::{CheckpointConfig, EvalConfig, OptimConfig, Schedule};
+pub use sections::{CheckpointConfig, EvalConfig, OptimConfig, OptimizerKind, Schedule};
 
 /// The model kinds, as their config sections are named.
 pub const MODEL_KINDS: &[&str] = &["detr", "fcos", "deeplabv3"];
@@ -272,6 +272,24 @@ impl TrainConfig {
             if !(v.is_finite() && v >= 0.0) {
                 return Err(Error::config(key, format!("must be ≥ 0, got {v}")));
             }
+        }
+        if !(0.0..1.0).contains(&o.momentum) {
+            return Err(Error::config(
+                "optim.momentum",
+                format!("must be in [0, 1), got {}", o.momentum),
+            ));
+        }
+        if o.nesterov && !(o.optimizer == OptimizerKind::Sgd && o.momentum > 0.0) {
+            return Err(Error::config(
+                "optim.nesterov",
+                "needs optim.optimizer = \"sgd\" and a positive optim.momentum",
+            ));
+        }
+        if !(o.power.is_finite() && o.power > 0.0) {
+            return Err(Error::config(
+                "optim.power",
+                format!("must be positive, got {}", o.power),
+            ));
         }
         if let Some(&m) = o.milestones.iter().find(|&&m| m == 0 || m > o.epochs) {
             return Err(Error::config(

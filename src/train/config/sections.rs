@@ -12,12 +12,36 @@ pub enum Schedule {
     Step,
     /// Cosine from the base rate to `min_lr_ratio` × base at the last step.
     Cosine,
+    /// Polynomial, `min + (base − min)·(1 − t)^power` over the steps after warm-up, with `min`
+    /// = `min_lr_ratio` × base (mmseg's `PolyLR`, the segmentation recipes' schedule).
+    Poly,
 }
 
-/// AdamW, its schedule and the length of training.
+/// The update rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OptimizerKind {
+    /// AdamW with decoupled weight decay and `eps`.
+    Adamw,
+    /// SGD with `momentum` (PyTorch's: no dampening, optionally Nesterov) and L2 weight decay
+    /// added to the gradient, as `torch.optim.SGD`: the detection and segmentation papers'
+    /// recipes.
+    Sgd,
+}
+
+/// The optimiser, its schedule and the length of training.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OptimConfig {
+    /// The update rule.
+    #[serde(default = "default_optimizer")]
+    pub optimizer: OptimizerKind,
+    /// SGD's momentum (0 = plain SGD).
+    #[serde(default = "default_momentum")]
+    pub momentum: f64,
+    /// SGD with Nesterov momentum.
+    #[serde(default)]
+    pub nesterov: bool,
     /// Images per step.
     pub batch_size: usize,
     /// Passes over the training set.
@@ -34,7 +58,7 @@ pub struct OptimConfig {
     /// Backbone learning rate as a fraction of `lr`.
     #[serde(default = "default_backbone_mult")]
     pub backbone_lr_mult: f64,
-    /// Decoupled weight decay.
+    /// Weight decay: decoupled for AdamW, L2 added to the gradient for SGD.
     #[serde(default = "default_weight_decay")]
     pub weight_decay: f64,
     /// AdamW's ε. PyTorch's 1e-8 by default: burn's own default (1e-5) is comparable to the
@@ -65,9 +89,22 @@ pub struct OptimConfig {
     /// Step-schedule factor.
     #[serde(default = "default_gamma")]
     pub gamma: f64,
-    /// Final rate of the cosine schedule as a fraction of `lr`.
+    /// Final rate of the cosine and poly schedules as a fraction of `lr`.
     #[serde(default)]
     pub min_lr_ratio: f64,
+    /// Exponent of the poly schedule.
+    #[serde(default = "default_power")]
+    pub power: f64,
+}
+
+fn default_optimizer() -> OptimizerKind {
+    OptimizerKind::Adamw
+}
+fn default_momentum() -> f64 {
+    0.9
+}
+fn default_power() -> f64 {
+    0.9
 }
 
 fn default_replicas() -> usize {
