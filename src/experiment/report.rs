@@ -3,6 +3,11 @@
 //! ([`write_report`]: `report.json`, `report.md`, a plot of the headline statistic such as
 //! `ap.png`, `instability.png`), for the statistics of the runs' model kind and the model labels
 //! of their distillers.
+//!
+//! One file although it passes 600 lines: the record, the aggregate and the three renderings
+//! are one schema (the keys `report.json` and `report.md` name are those the aggregate fills),
+//! and splitting readers from renderers would spread that schema over files that must change
+//! together.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
