@@ -15,6 +15,7 @@ pub mod pkd;
 pub mod rdd;
 pub mod seg_kd;
 pub mod teacher;
+pub mod teacher_cache;
 
 use std::marker::PhantomData;
 

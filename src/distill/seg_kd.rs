@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::Tensor;
+use burn::tensor::{Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 use crate::data::segmentation::SegBatch;
@@ -17,6 +17,7 @@ use crate::distill::cwd::{channel_wise_divergence, CwdConfig};
 use crate::distill::pixel_kd::{pixel_kd, PixelKdConfig};
 use crate::distill::rdd::{tfe_head_loss, tfe_weights, tse_head_loss, RddConfig, RddStage};
 use crate::distill::teacher::FrozenTeacher;
+use crate::distill::teacher_cache::TeacherCache;
 use crate::distill::Distiller;
 use crate::error::{Error, Result};
 use crate::model::deeplabv3::task::SegTask;
@@ -24,6 +25,9 @@ use crate::model::deeplabv3::{upsample, DeepLabV3, SegOutput};
 use crate::model::layers::conv::conv2d;
 use crate::ops::pixel::PixelLabels;
 use crate::task::{InnerModel, Losses, Task};
+
+/// What seg-kd's teacher-cache entries hold: DeepLabV3's head features, logits and aux logits.
+const CACHE_SCHEMA: &str = "deeplabv3:features,logits,aux_logits";
 
 /// The label of the frozen teacher in logs and reports.
 pub const TEACHER_LABEL: &str = "teacher";
@@ -47,6 +51,11 @@ pub struct SegKdConfig {
     /// RDD in place of the student's pixel loss.
     #[serde(default)]
     pub rdd: Option<RddConfig>,
+    /// A folder caching the teacher's outputs per batch, shared by runs with the same teacher
+    /// and seed (results are unchanged; each entry holds a batch's maps, ~150 kB per image for
+    /// the shipped teacher).
+    #[serde(default)]
+    pub teacher_cache: Option<PathBuf>,
 }
 
 impl SegKdConfig {
@@ -90,6 +99,7 @@ pub struct SegKdModules<B: Backend> {
 pub struct SegKd<B: AutodiffBackend> {
     config: SegKdConfig,
     teacher: FrozenTeacher<DeepLabV3<B::InnerBackend>>,
+    cache: Option<TeacherCache>,
     /// Head channels of (student, teacher).
     channels: (usize, usize),
     total_steps: usize,
@@ -122,26 +132,66 @@ impl<B: AutodiffBackend> SegKd<B> {
             section.model.channels,
             teacher.model.classifier.conv.conv.weight.dims()[0],
         );
+        let cache = config
+            .teacher_cache
+            .as_deref()
+            .map(|dir| TeacherCache::open(dir, &teacher.source, CACHE_SCHEMA))
+            .transpose()?;
         Ok(SegKd {
             config,
             teacher,
+            cache,
             channels,
             total_steps,
             step: 0,
         })
     }
 
-    /// The teacher's forward pass on `batch`, as constants of the student's graph.
-    fn teacher_output(&self, batch: &SegBatch, device: &B::Device) -> TeacherOutput<B> {
-        let out = self
-            .teacher
-            .model
-            .forward(batch.images_tensor::<B>(device).inner());
-        TeacherOutput {
-            features: Tensor::from_inner(out.features),
-            logits: Tensor::from_inner(out.logits),
-            aux_logits: out.aux_logits.map(Tensor::from_inner),
+    /// The teacher's forward pass on `batch`, as constants of the student's graph, and whether
+    /// it came from the cache (`None` without one).
+    fn teacher_output(
+        &self,
+        batch: &SegBatch,
+        device: &B::Device,
+    ) -> Result<(TeacherOutput<B>, Option<bool>)> {
+        let forward = || {
+            let out = self
+                .teacher
+                .model
+                .forward(batch.images_tensor::<B>(device).inner());
+            TeacherOutput {
+                features: Tensor::from_inner(out.features),
+                logits: Tensor::from_inner(out.logits),
+                aux_logits: out.aux_logits.map(Tensor::from_inner),
+            }
+        };
+        let Some(cache) = &self.cache else {
+            return Ok((forward(), None));
+        };
+        let names: &[&str] = match self.teacher.model.aux_classifier {
+            Some(_) => &["features", "logits", "aux_logits"],
+            None => &["features", "logits"],
+        };
+        let entry = cache.entry(&batch.shape, &batch.images);
+        if let Some(mut data) = cache.load(&entry, names)? {
+            let tensor = |d: TensorData| Tensor::from_data(d, device);
+            let aux_logits = (data.len() == 3).then(|| tensor(data.remove(2)));
+            let logits = tensor(data.remove(1));
+            let features = tensor(data.remove(0));
+            let out = TeacherOutput {
+                features,
+                logits,
+                aux_logits,
+            };
+            return Ok((out, Some(true)));
         }
+        let out = forward();
+        let data = |t: &Tensor<B, 4>| t.to_data().convert::<f32>();
+        let mut stored = vec![data(&out.features), data(&out.logits)];
+        stored.extend(out.aux_logits.as_ref().map(data));
+        let named: Vec<(&str, &TensorData)> = names.iter().copied().zip(&stored).collect();
+        cache.store(&entry, &named);
+        Ok((out, Some(false)))
     }
 
     /// RDD's replacement of the task loss, with `loss_ce` / `loss_aux` named as the task's.
@@ -239,7 +289,7 @@ impl<B: AutodiffBackend> Distiller<B, SegTask> for SegKd<B> {
     ) -> Result<Losses<B>> {
         let out = task.forward(student, batch)?;
         let device = out.logits.device();
-        let teacher = self.teacher_output(batch, &device);
+        let (teacher, cached) = self.teacher_output(batch, &device)?;
         let labels = task.labels::<B>(batch, &device);
         let c = &self.config;
         let mut losses = match &c.rdd {
@@ -266,6 +316,10 @@ impl<B: AutodiffBackend> Distiller<B, SegTask> for SegKd<B> {
                 channel_wise_divergence(s, t, cwd.temperature),
                 cwd.weight,
             );
+        }
+        if let Some(hit) = cached {
+            let hit = Tensor::from_floats([f32::from(u8::from(hit))], &device);
+            losses.terms.push(("teacher_cached".into(), hit));
         }
         Ok(losses)
     }
