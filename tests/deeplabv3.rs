@@ -200,9 +200,7 @@ fn seg_kd_with_rdd_distils_from_a_frozen_teacher_and_resumes_exactly() {
         train_with_options(&cached_config, &options(&dir, false, None)).expect(run);
         let mut cached = lines(&dir);
         for l in cached.iter_mut().filter(|l| l["kind"] == "train") {
-            let flag = l
-                .as_object_mut()
-                .and_then(|o| o.remove("teacher_cached"));
+            let flag = l.as_object_mut().and_then(|o| o.remove("teacher_cached"));
             assert_eq!(flag.and_then(|f| f.as_f64()), Some(hit), "{run}: {l}");
         }
         assert_eq!(cached, log, "{run}: a cached run differs");

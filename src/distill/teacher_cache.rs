@@ -48,11 +48,7 @@ impl TeacherCache {
         for p in pixels {
             hash.update(p.to_le_bytes());
         }
-        let name: String = hash
-            .finalize()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let name: String = hash.finalize().iter().map(|b| format!("{b:02x}")).collect();
         self.dir.join(format!("{name}.safetensors"))
     }
 
@@ -76,7 +72,9 @@ impl TeacherCache {
         names
             .iter()
             .map(|&name| {
-                let view = file.tensor(name).map_err(|e| corrupt(name, e.to_string()))?;
+                let view = file
+                    .tensor(name)
+                    .map_err(|e| corrupt(name, e.to_string()))?;
                 if view.dtype() != Dtype::F32 {
                     return Err(corrupt(name, format!("dtype {:?}, not F32", view.dtype())));
                 }
@@ -137,7 +135,10 @@ mod tests {
         let a = TensorData::new(vec![1.5f32, f32::MIN_POSITIVE, -0.0], [1, 3]);
         let b = TensorData::new(vec![7.0f32; 4], [2, 2]);
         cache.store(&entry, &[("a", &a), ("b", &b)]);
-        let back = cache.load(&entry, &["b", "a"]).expect("load").expect("stored");
+        let back = cache
+            .load(&entry, &["b", "a"])
+            .expect("load")
+            .expect("stored");
         assert_eq!(back, vec![b, a]);
 
         assert!(cache
