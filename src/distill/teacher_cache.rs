@@ -12,6 +12,7 @@ use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use sha2::{Digest, Sha256};
 
 use crate::error::{write_atomic, Error, Result};
+use crate::train::checkpoint::hex;
 
 /// A folder of cached teacher outputs for one teacher.
 #[derive(Debug)]
@@ -45,10 +46,14 @@ impl TeacherCache {
         for &d in shape {
             hash.update((d as u64).to_le_bytes());
         }
-        for p in pixels {
-            hash.update(p.to_le_bytes());
+        // In blocks: one `update` per pixel would dominate a cache hit's cost.
+        let mut block = Vec::with_capacity(4 * 4096);
+        for chunk in pixels.chunks(4096) {
+            block.clear();
+            block.extend(chunk.iter().flat_map(|p| p.to_le_bytes()));
+            hash.update(&block);
         }
-        let name: String = hash.finalize().iter().map(|b| format!("{b:02x}")).collect();
+        let name = hex(&hash.finalize());
         self.dir.join(format!("{name}.safetensors"))
     }
 

@@ -72,10 +72,7 @@ pub fn resolve(spec: &Path, cache: &Path) -> Result<PathBuf> {
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    crate::train::checkpoint::hex(&Sha256::digest(bytes))
 }
 
 fn verify(bytes: &[u8], want: &str) -> std::result::Result<(), String> {
