@@ -3,7 +3,7 @@
 densekd starts this script once and interleaves its own steps with ours, so both sides see the
 same machine state. Protocol (one JSON object per line each way):
   {"cmd": "setup", "workload": "resnet18-train", "batch": 8, "size": 224, "threads": 2,
-   "model": null | {architecture of a workload built from a shipped config}}
+   "device": "cpu" | "cuda", "model": null | {architecture of a workload built from a shipped config}}
       -> {"ok": true, "flops": <forward FLOPs per step, x3 for a train step>}
   {"cmd": "version"}   -> {"ok": true, "torch": "2.15.0"}
   {"cmd": "step"}      -> {"ok": true, "seconds": <wall time of one step>}
@@ -167,7 +167,7 @@ def peak_rss():
 
 
 class Workload:
-    def __init__(self, name, batch, size, threads, model=None):
+    def __init__(self, name, batch, size, threads, device="cpu", model=None):
         arch, mode = name.rsplit("-", 1)
         known = arch in MODELS or (arch in ("deeplabv3", "fcos") and mode == "train")
         if not known or mode not in ("train", "infer"):
@@ -193,6 +193,7 @@ class Workload:
             self.model = MODELS[arch](num_classes=1000)
             self.y = torch.randint(0, 1000, (batch,))
             self.forward = lambda: torch.nn.functional.cross_entropy(self.model(self.x), self.y)
+        self.to(torch.device(device))
         if self.train:
             self.model.train()
             trainable = [p for p in self.model.parameters() if p.requires_grad]
@@ -206,6 +207,13 @@ class Workload:
         # A train step is a forward pass and a backward pass of twice its cost.
         self.flops = counter.get_total_flops() * (3 if self.train else 1)
         reset_peak_rss()
+
+    def to(self, device):
+        """Moves the model, inputs and targets to `device` (the steps' `.item()` waits for it)."""
+        self.model.to(device)
+        move = lambda t: t.to(device) if torch.is_tensor(t) else {k: move(v) for k, v in t.items()}
+        self.x = [move(t) for t in self.x] if isinstance(self.x, list) else move(self.x)
+        self.y = [move(t) for t in self.y] if isinstance(self.y, list) else move(self.y)
 
     def step(self):
         start = time.perf_counter()
@@ -263,7 +271,8 @@ def main():
                 out = {"ok": True, "torch": torch.__version__}
             elif msg["cmd"] == "setup":
                 workload = Workload(
-                    msg["workload"], msg["batch"], msg["size"], msg["threads"], msg.get("model")
+                    msg["workload"], msg["batch"], msg["size"], msg["threads"],
+                    msg.get("device", "cpu"), msg.get("model"),
                 )
                 out = {"ok": True, "flops": workload.flops}
             elif msg["cmd"] == "step":

@@ -218,6 +218,24 @@ fn seg_kd_with_rdd_distils_from_a_frozen_teacher_and_resumes_exactly() {
         assert_eq!(cached, log, "{run}: a cached run differs");
     }
 
+    // KD at the labels' resolution: the same first step, another KD term (upsampled maps).
+    let mut at_labels = sets.clone();
+    at_labels.extend(["distill.kd.resolution=\"labels\"", "optim.epochs=1"]);
+    let labels_dir = tmp.path().join("kd-labels");
+    let labels_config = tiny_config(tmp.path(), &at_labels);
+    train_with_options(&labels_config, &options(&labels_dir, false, None)).expect("kd-labels");
+    let first_train = |log: &[serde_json::Value]| {
+        let l = log.iter().find(|l| l["kind"] == "train").cloned();
+        l.expect("a train line")
+    };
+    let (a, b) = (first_train(&log), first_train(&lines(&labels_dir)));
+    assert_eq!(a["loss_ce"], b["loss_ce"]);
+    let (ka, kb) = (a["loss_kd"].as_f64(), b["loss_kd"].as_f64());
+    assert!(
+        kb.is_some_and(|k| k.is_finite() && k > 0.0) && ka != kb,
+        "{ka:?} vs {kb:?}"
+    );
+
     // The connector stays out of the export: it holds what a plain run's does.
     let plain = tmp.path().join("plain");
     let plain_config = tiny_config(

@@ -149,7 +149,8 @@ impl Reference {
     }
 
     /// Builds `workload` on the reference side (`model`: the architecture of workloads built
-    /// from a shipped config, `size`: their image side): its FLOPs per step.
+    /// from a shipped config, `size`: their image side), on the GPU when densekd runs on CUDA:
+    /// its FLOPs per step.
     pub fn setup(
         &mut self,
         workload: &str,
@@ -163,6 +164,7 @@ impl Reference {
             "batch": options.batch,
             "size": size,
             "threads": options.threads,
+            "device": if crate::backend::name() == "cuda" { "cuda" } else { "cpu" },
             "model": model,
         }))?;
         Ok(reply["flops"].as_f64().unwrap_or(f64::NAN))

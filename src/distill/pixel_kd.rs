@@ -1,6 +1,7 @@
 //! Pixel-wise knowledge distillation (Hinton KD at every pixel, as CIRKD's `CriterionKD`):
 //! `T² / (N·h·w) · Σ_pixels KL(softmax(z_t / T) ‖ softmax(z_s / T))`, at the logits'
-//! resolution, over every pixel (ignored ones included, as the reference code does).
+//! resolution (CIRKD) or at the labels' (both logits upsampled as for the cross-entropy), over
+//! every pixel (ignored ones included, as the reference code does).
 
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
@@ -17,6 +18,20 @@ pub struct PixelKdConfig {
     pub weight: f64,
     /// Softmax temperature T (CIRKD and RDD: 1).
     pub temperature: f64,
+    /// Where the divergence is taken: the student's logit map (CIRKD) or the label map.
+    pub resolution: KdResolution,
+}
+
+/// The spatial resolution pixel-wise KD compares the two predictions at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KdResolution {
+    /// The student's logits (the teacher's resized to them), as CIRKD and RDD.
+    #[default]
+    Logits,
+    /// The labels' size: both logits bilinearly upsampled, as the cross-entropy sees them. A
+    /// student at a coarse output stride then learns the teacher's boundaries, not their average.
+    Labels,
 }
 
 impl Default for PixelKdConfig {
@@ -24,6 +39,7 @@ impl Default for PixelKdConfig {
         PixelKdConfig {
             weight: 1.0,
             temperature: 1.0,
+            resolution: KdResolution::Logits,
         }
     }
 }
@@ -59,4 +75,22 @@ pub fn pixel_kd<B: Backend>(
     let t = temperature;
     softmax_kl_sum(student.div_scalar(t), teacher.div_scalar(t), 1)
         .mul_scalar(t * t / (n * h * w) as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolution_is_read_by_name_and_defaults_to_the_logits() {
+        let parse = |text: &str| toml::from_str::<PixelKdConfig>(text);
+        let default = parse("weight = 0.5").expect("default");
+        assert_eq!(default.resolution, KdResolution::Logits);
+        let labels = parse("resolution = \"labels\"").expect("labels");
+        assert_eq!(labels.resolution, KdResolution::Labels);
+        let err = parse("resolution = \"pixels\"")
+            .expect_err("unknown")
+            .to_string();
+        assert!(err.contains("pixels") && err.contains("labels"), "{err}");
+    }
 }

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::segmentation::SegBatch;
 use crate::distill::cwd::{channel_wise_divergence, CwdConfig};
-use crate::distill::pixel_kd::{pixel_kd, PixelKdConfig};
+use crate::distill::pixel_kd::{pixel_kd, KdResolution, PixelKdConfig};
 use crate::distill::rdd::{tfe_head_loss, tfe_weights, tse_head_loss, RddConfig, RddStage};
 use crate::distill::teacher::FrozenTeacher;
 use crate::distill::teacher_cache::TeacherCache;
@@ -298,7 +298,15 @@ impl<B: AutodiffBackend> Distiller<B, SegTask> for SegKd<B> {
         };
         let t_logits = matched(teacher.logits.clone(), &out.logits);
         if let Some(kd) = &c.kd {
-            let term = pixel_kd(out.logits.clone(), t_logits.clone(), kd.temperature);
+            let (s, t) = match kd.resolution {
+                KdResolution::Logits => (out.logits.clone(), t_logits.clone()),
+                KdResolution::Labels => {
+                    let [_, h, w] = labels.shape;
+                    let up = |t: &Tensor<B, 4>| upsample(t.clone(), [h, w]);
+                    (up(&out.logits), up(&teacher.logits))
+                }
+            };
+            let term = pixel_kd(s, t, kd.temperature);
             losses.add("loss_kd", term, kd.weight);
         }
         if let Some(cwd) = &c.cwd_logits {

@@ -10,9 +10,7 @@ pub mod task;
 use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Dropout, DropoutConfig};
-use burn::tensor::module::interpolate;
-use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
-use burn::tensor::{activation::relu, backend::Backend, Tensor};
+use burn::tensor::{activation::relu, backend::Backend, Tensor, TensorData};
 
 use crate::model::backbone::{Backbone, BackboneFeatures};
 use crate::model::layers::conv::{conv, conv2d};
@@ -276,15 +274,33 @@ impl<B: Backend> DeepLabV3<B> {
     }
 }
 
-/// Bilinear resize of logits to `[h, w]` as PyTorch's `F.interpolate(align_corners=False)`.
+/// Bilinear resize of logits to `[h, w]` as PyTorch's `F.interpolate(align_corners=False)`,
+/// written as a product by a row and a column interpolation matrix so that every backend can
+/// differentiate it (burn's CubeCL backends have no bilinear-interpolation gradient).
 pub fn upsample<B: Backend>(logits: Tensor<B, 4>, [h, w]: [usize; 2]) -> Tensor<B, 4> {
-    let [_, _, lh, lw] = logits.dims();
+    let [n, c, lh, lw] = logits.dims();
     if (lh, lw) == (h, w) {
         return logits;
     }
-    interpolate(
-        logits,
-        [h, w],
-        InterpolateOptions::new(InterpolateMode::Bilinear).with_align_corners(false),
-    )
+    let device = logits.device();
+    let cols = interpolation_matrix::<B>(lw, w, &device).transpose();
+    let rows = interpolation_matrix::<B>(lh, h, &device).unsqueeze::<3>();
+    let x = logits.reshape([n * c * lh, lw]).matmul(cols);
+    rows.matmul(x.reshape([n * c, lh, w])).reshape([n, c, h, w])
+}
+
+/// The `[to, from]` matrix of 1-D linear interpolation from `from` to `to` samples with
+/// PyTorch's `align_corners = False` convention (source `(i + ½)·from/to − ½`, clamped at 0).
+fn interpolation_matrix<B: Backend>(from: usize, to: usize, device: &B::Device) -> Tensor<B, 2> {
+    let mut m = vec![0f32; to * from];
+    let scale = from as f64 / to as f64;
+    for i in 0..to {
+        let src = ((i as f64 + 0.5) * scale - 0.5).max(0.0);
+        let i0 = (src.floor() as usize).min(from - 1);
+        let i1 = (i0 + 1).min(from - 1);
+        let t = (src - i0 as f64) as f32;
+        m[i * from + i0] += 1.0 - t;
+        m[i * from + i1] += t;
+    }
+    Tensor::from_data(TensorData::new(m, [to, from]), device)
 }
