@@ -6,7 +6,7 @@ use burn::nn::{Linear, LinearConfig};
 use burn::tensor::{backend::Backend, Tensor};
 
 use super::{BackboneConfig, BackboneFeatures};
-use crate::model::layers::conv::{conv, conv2d};
+use crate::model::layers::conv::conv;
 use crate::model::layers::norm::{Norm2d, NormKind};
 
 /// torchvision's `_make_divisible`: round to a multiple of `divisor` without losing > 10 %.
@@ -48,7 +48,7 @@ impl<B: Backend> ConvNormAct<B> {
     }
 
     fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        self.bn.forward(conv2d(&self.conv, x)).clamp(0.0, 6.0)
+        self.bn.after_conv(&self.conv, x).clamp(0.0, 6.0)
     }
 }
 
@@ -95,7 +95,7 @@ impl<B: Backend> InvertedResidual<B> {
         }
         y = self
             .project_bn
-            .forward(conv2d(&self.project, self.depthwise.forward(y)));
+            .after_conv(&self.project, self.depthwise.forward(y));
         if self.residual {
             y + x
         } else {

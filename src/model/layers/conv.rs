@@ -6,6 +6,7 @@
 //! instead (measurements: `docs/performance.md`). Convolutions whose weight takes no
 //! gradient (frozen, inference) keep burn's kernel.
 
+use burn::module::{Param, ParamId};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::PaddingConfig2d;
 use burn::tensor::{backend::Backend, Tensor};
@@ -31,29 +32,61 @@ pub fn conv(
 /// `conv.forward(x)`, as a batched matrix product when `conv` is a trained pointwise
 /// convolution (1×1, stride 1, no padding, dilation or groups).
 pub fn conv2d<B: Backend>(conv: &Conv2d<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
-    let weight = conv.weight.val();
+    if !trained_pointwise(conv) {
+        return conv.forward(x);
+    }
+    let bias = conv.bias.as_ref().map(|b| b.val());
+    pointwise(conv.weight.val(), bias, x)
+}
+
+/// [`conv2d`] with `weight` and `bias` (computed from `conv`'s, e.g. with a norm folded in) in
+/// place of `conv`'s own; `conv`'s geometry and whether its weight trains choose the kernel.
+pub fn conv2d_with<B: Backend>(
+    conv: &Conv2d<B>,
+    weight: Tensor<B, 4>,
+    bias: Option<Tensor<B, 1>>,
+    x: Tensor<B, 4>,
+) -> Tensor<B, 4> {
+    if trained_pointwise(conv) {
+        return pointwise(weight, bias, x);
+    }
+    let mut replaced = conv.clone();
+    replaced.weight = Param::initialized(conv.weight.id, weight);
+    replaced.bias = bias.map(|b| Param::initialized(ParamId::new(), b));
+    replaced.forward(x)
+}
+
+/// Whether `conv` is 1×1, stride 1, unpadded, undilated, ungrouped, with a trained weight.
+fn trained_pointwise<B: Backend>(conv: &Conv2d<B>) -> bool {
     let unpadded = matches!(
         conv.padding,
         PaddingConfig2d::Valid | PaddingConfig2d::Explicit(0, 0, 0, 0)
     );
-    let pointwise = conv.kernel_size == [1, 1]
+    conv.kernel_size == [1, 1]
         && conv.stride == [1, 1]
         && conv.dilation == [1, 1]
         && conv.groups == 1
-        && unpadded;
-    if !(pointwise && weight.is_require_grad()) {
-        return conv.forward(x);
-    }
+        && unpadded
+        && conv.weight.val().is_require_grad()
+}
+
+/// A pointwise convolution as the batched product `weight · x`, plus `bias`.
+fn pointwise<B: Backend>(
+    weight: Tensor<B, 4>,
+    bias: Option<Tensor<B, 1>>,
+    x: Tensor<B, 4>,
+) -> Tensor<B, 4> {
     let [b, c_in, h, w] = x.dims();
     let c_out = weight.dims()[0];
     let y = weight
         .reshape([1, c_out, c_in])
-        .matmul(x.reshape([b, c_in, h * w]))
-        .reshape([b, c_out, h, w]);
-    match &conv.bias {
-        Some(bias) => y + bias.val().reshape([1, c_out, 1, 1]),
+        .matmul(x.reshape([b, c_in, h * w]));
+    // The bias as one value per row of the contiguous product (flex's fast broadcast).
+    let y = match bias {
+        Some(bias) => y + bias.reshape([1, c_out, 1]).repeat_dim(0, b),
         None => y,
-    }
+    };
+    y.reshape([b, c_out, h, w])
 }
 
 #[cfg(test)]

@@ -3,9 +3,12 @@
 //! data-parallel replicas and batches of one).
 
 use burn::module::{Module, Param, ParamId};
+use burn::nn::conv::Conv2d;
 use burn::nn::{BatchNorm, BatchNormConfig, GroupNorm, GroupNormConfig};
 use burn::tensor::{backend::Backend, Tensor};
 use serde::{Deserialize, Serialize};
+
+use crate::model::layers::conv::{conv2d, conv2d_with};
 
 /// How a backbone normalises activations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -52,10 +55,16 @@ impl<B: Backend> FrozenBatchNorm2d<B> {
 
     /// Normalises `[N, C, H, W]`.
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let (scale, shift) = self.scale_shift();
+        channel_affine(x, scale, shift)
+    }
+
+    /// The per-channel scale and shift the layer applies.
+    fn scale_shift(&self) -> (Tensor<B, 1>, Tensor<B, 1>) {
         // torchvision uses eps = 1e-5 and folds the statistics into one scale and shift.
         let scale = self.weight.val() * self.running_var.val().add_scalar(1e-5).sqrt().recip();
         let shift = self.bias.val() - self.running_mean.val() * scale.clone();
-        channel_affine(x, scale, shift)
+        (scale, shift)
     }
 }
 
@@ -149,12 +158,102 @@ impl<B: Backend> Norm2d<B> {
         }
     }
 
+    /// `self.forward(conv2d(conv, x))`. A frozen layer is folded into the convolution instead
+    /// (weight × scale, bias × scale + shift): two passes over the output fewer each way.
+    pub fn after_conv(&self, conv: &Conv2d<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let Norm2d::Frozen(n) = self else {
+            return self.forward(conv2d(conv, x));
+        };
+        let (scale, shift) = n.scale_shift();
+        let c = scale.dims()[0];
+        let bias = match &conv.bias {
+            Some(b) => b.val() * scale.clone() + shift,
+            None => shift,
+        };
+        // One scale per row of the weight viewed as a matrix (flex's fast broadcast).
+        let weight = conv.weight.val();
+        let dims = weight.dims();
+        let weight = (weight.reshape([c as i32, -1]) * scale.reshape([c, 1])).reshape(dims);
+        conv2d_with(conv, weight, Some(bias), x)
+    }
+
     /// Normalises `[N, C, H, W]`.
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         match self {
             Norm2d::Frozen(n) => n.forward(x),
             Norm2d::Batch(n) => batch_norm(n, x),
             Norm2d::Group(n) => group_norm(n, x),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::layers::conv::conv;
+    use burn::backend::Autodiff;
+    use burn::tensor::Distribution;
+
+    type B = Autodiff<crate::backend::Inference>;
+
+    #[test]
+    fn a_folded_frozen_norm_matches_conv_then_norm_with_gradients() {
+        let device = Default::default();
+        B::seed(&device, 3);
+        let random = |c: usize, lo: f64, hi: f64| {
+            fixed(Tensor::<B, 1>::random(
+                [c],
+                Distribution::Uniform(lo, hi),
+                &device,
+            ))
+        };
+        // Pointwise (the matrix-product path), depthwise, and a dense 3×3 with a bias.
+        for (cin, cout, k, groups, bias) in
+            [(6, 5, 1, 1, false), (6, 6, 3, 6, false), (4, 5, 3, 1, true)]
+        {
+            let mut c = conv(cin, cout, k, 1, 1, groups)
+                .with_bias(bias)
+                .init::<B>(&device);
+            c.weight = Param::from_tensor(c.weight.val().require_grad());
+            let norm = Norm2d::Frozen(FrozenBatchNorm2d {
+                weight: random(cout, 0.5, 2.0),
+                bias: random(cout, -1.0, 1.0),
+                running_mean: random(cout, -1.0, 1.0),
+                running_var: random(cout, 0.1, 3.0),
+            });
+            let x = Tensor::<B, 4>::random([2, cin, 7, 6], Distribution::Default, &device);
+            let probe = Tensor::<B, 4>::random([2, cout, 7, 6], Distribution::Default, &device);
+            let run = |folded: bool| {
+                let x = x.clone().detach().require_grad();
+                let y = match folded {
+                    true => norm.after_conv(&c, x.clone()),
+                    false => norm.forward(conv2d(&c, x.clone())),
+                };
+                let grads = (y.clone() * probe.clone()).sum().backward();
+                let host = |t: Tensor<crate::backend::Inference, 4>| {
+                    t.into_data().to_vec::<f32>().expect("f32")
+                };
+                [
+                    host(y.inner()),
+                    host(x.grad(&grads).expect("x grad")),
+                    host(c.weight.val().grad(&grads).expect("weight grad")),
+                ]
+            };
+            let (folded, plain) = (run(true), run(false));
+            for (what, (a, b)) in ["output", "input grad", "weight grad"]
+                .iter()
+                .zip(folded.iter().zip(&plain))
+            {
+                let err = a
+                    .iter()
+                    .zip(b)
+                    .map(|(p, q)| (p - q).abs())
+                    .fold(0.0, f32::max);
+                assert!(
+                    err < 1e-4,
+                    "k {k}, groups {groups}, {what}: max |difference| {err}"
+                );
+            }
         }
     }
 }
