@@ -4,7 +4,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{lines, options};
+use common::{lines, options, serial};
 use densekd::data::export::write_split;
 use densekd::data::synth::{Split, SynthConfig};
 use densekd::train::config::TrainConfig;
@@ -55,6 +55,7 @@ fn tiny_config(data: &Path, extra: &[&str]) -> TrainConfig {
 
 #[test]
 fn tiny_deeplabv3_memorises_four_images() {
+    let _serial = serial();
     let tmp = tempfile::tempdir().expect("tmp");
     let synth = SynthConfig {
         size: 64,
@@ -137,6 +138,7 @@ fn seg_kd(teacher: &Path) -> Vec<String> {
 
 #[test]
 fn seg_kd_with_rdd_distils_from_a_frozen_teacher_and_resumes_exactly() {
+    let _serial = serial();
     let tmp = tempfile::tempdir().expect("tmp");
     let synth = SynthConfig {
         size: 64,

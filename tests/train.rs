@@ -29,13 +29,9 @@ fn config(extra: &[&str]) -> TrainConfig {
     TrainConfig::load(&path, &sets).expect("config")
 }
 
-/// Trainings of this binary's tests run one at a time: the backend's random generator is
-/// process-global and each run seeds it per step, so two runs in parallel threads would draw
-/// from each other's streams (a real run owns its process).
-static TRAINING: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
 fn run(config: &TrainConfig, dir: &Path, resume: bool, stop_after: Option<usize>) -> RunSummary {
-    let _one_at_a_time = TRAINING.lock().unwrap_or_else(|e| e.into_inner());
+    // One training at a time: the backend's generator is process-global (`common::serial`).
+    let _one_at_a_time = common::serial();
     let options = RunOptions {
         run_dir: dir.to_path_buf(),
         resume,

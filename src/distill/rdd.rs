@@ -19,7 +19,7 @@ use burn::tensor::Tensor;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::model::deeplabv3::upsample;
+use crate::model::layers::resize::{resize, Sampling};
 use crate::ops::pixel::{hard_pixels, pixel_cross_entropy, weighted_mean, PixelLabels};
 
 /// Which of RDD's stages run (the ablations "TFE only" and "TSE only" run one throughout).
@@ -182,7 +182,7 @@ pub fn tfe_head_loss<B: Backend>(
     rd: Tensor<B, 3>,
 ) -> Tensor<B, 1> {
     let [_, h, w] = labels.shape;
-    let ce = pixel_cross_entropy(upsample(logits, [h, w]), labels);
+    let ce = pixel_cross_entropy(resize(logits, [h, w], Sampling::Bilinear), labels);
     let valid = labels.tensor(labels.valid(), &rd.device());
     (ce * rd * valid).mean()
 }
@@ -217,8 +217,8 @@ pub fn tse_head_loss<B: Backend>(
     config: &RddConfig,
 ) -> (Tensor<B, 1>, f64) {
     let [_, h, w] = labels.shape;
-    let ce = pixel_cross_entropy(upsample(student, [h, w]), labels);
-    let teacher_ce = pixel_cross_entropy(upsample(teacher, [h, w]), labels);
+    let ce = pixel_cross_entropy(resize(student, [h, w], Sampling::Bilinear), labels);
+    let teacher_ce = pixel_cross_entropy(resize(teacher, [h, w], Sampling::Bilinear), labels);
     let prob = |ce: Tensor<B, 3>| -> Vec<f32> {
         ce.detach()
             .neg()

@@ -21,8 +21,9 @@ use crate::distill::teacher_cache::TeacherCache;
 use crate::distill::Distiller;
 use crate::error::{Error, Result};
 use crate::model::deeplabv3::task::SegTask;
-use crate::model::deeplabv3::{upsample, DeepLabV3, SegOutput};
+use crate::model::deeplabv3::{DeepLabV3, SegOutput};
 use crate::model::layers::conv::conv2d;
+use crate::model::layers::resize::{resize, Sampling};
 use crate::ops::pixel::PixelLabels;
 use crate::task::{InnerModel, Losses, Task};
 
@@ -265,7 +266,7 @@ struct TeacherOutput<B: Backend> {
 /// `teacher` resized to `student`'s spatial size (teachers may run at another output stride).
 fn matched<B: Backend>(teacher: Tensor<B, 4>, student: &Tensor<B, 4>) -> Tensor<B, 4> {
     let [_, _, h, w] = student.dims();
-    upsample(teacher, [h, w])
+    resize(teacher, [h, w], Sampling::Bilinear)
 }
 
 impl<B: AutodiffBackend> Distiller<B, SegTask> for SegKd<B> {
@@ -302,7 +303,7 @@ impl<B: AutodiffBackend> Distiller<B, SegTask> for SegKd<B> {
                 KdResolution::Logits => (out.logits.clone(), t_logits.clone()),
                 KdResolution::Labels => {
                     let [_, h, w] = labels.shape;
-                    let up = |t: &Tensor<B, 4>| upsample(t.clone(), [h, w]);
+                    let up = |t: &Tensor<B, 4>| resize(t.clone(), [h, w], Sampling::Bilinear);
                     (up(&out.logits), up(&teacher.logits))
                 }
             };

@@ -7,7 +7,7 @@ use burn::tensor::Tensor;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::model::deeplabv3::upsample;
+use crate::model::layers::resize::{resize, Sampling};
 use crate::ops::pixel::{hard_pixels, pixel_cross_entropy, weighted_mean, PixelLabels};
 
 /// Online hard example mining (mmseg's `OHEMPixelSampler`).
@@ -84,7 +84,7 @@ impl SegLossConfig {
         labels: &PixelLabels<B>,
     ) -> Tensor<B, 1> {
         let [_, h, w] = labels.shape;
-        let ce = pixel_cross_entropy(upsample(logits, [h, w]), labels);
+        let ce = pixel_cross_entropy(resize(logits, [h, w], Sampling::Bilinear), labels);
         let mut weights = labels.class_weights(self.class_weights.as_deref());
         if let Some(o) = &self.ohem {
             let prob: Vec<f32> = ce

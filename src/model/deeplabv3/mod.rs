@@ -10,11 +10,12 @@ pub mod task;
 use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Dropout, DropoutConfig};
-use burn::tensor::{activation::relu, backend::Backend, Tensor, TensorData};
+use burn::tensor::{activation::relu, backend::Backend, Tensor};
 
 use crate::model::backbone::{Backbone, BackboneFeatures};
 use crate::model::layers::conv::{conv, conv2d};
 use crate::model::layers::norm::{Norm2d, NormKind};
+use crate::model::layers::resize::{resize, Sampling};
 pub use config::DeepLabV3Config;
 
 /// Conv → norm → ReLU (torchvision's `Conv2d, BatchNorm2d, ReLU` triples).
@@ -184,9 +185,9 @@ impl<B: Backend> DeepLabV3<B> {
     pub fn forward(&self, images: Tensor<B, 4>) -> SegOutput<B> {
         let [_, _, h, w] = images.dims();
         let scaled = |x: usize| ((x as f64 * self.input_scale).round() as usize).max(1);
-        let backbone = self
-            .backbone
-            .features(upsample(images, [scaled(h), scaled(w)]));
+        let backbone =
+            self.backbone
+                .features(resize(images, [scaled(h), scaled(w)], Sampling::Bilinear));
         let head = &self.classifier;
         let features = head.conv.forward(head.aspp.forward(backbone.c5.clone()));
         let logits = conv2d(&head.out, features.clone());
@@ -272,35 +273,4 @@ impl<B: Backend> DeepLabV3<B> {
         rules.extend(head);
         rules
     }
-}
-
-/// Bilinear resize of logits to `[h, w]` as PyTorch's `F.interpolate(align_corners=False)`,
-/// written as a product by a row and a column interpolation matrix so that every backend can
-/// differentiate it (burn's CubeCL backends have no bilinear-interpolation gradient).
-pub fn upsample<B: Backend>(logits: Tensor<B, 4>, [h, w]: [usize; 2]) -> Tensor<B, 4> {
-    let [n, c, lh, lw] = logits.dims();
-    if (lh, lw) == (h, w) {
-        return logits;
-    }
-    let device = logits.device();
-    let cols = interpolation_matrix::<B>(lw, w, &device).transpose();
-    let rows = interpolation_matrix::<B>(lh, h, &device).unsqueeze::<3>();
-    let x = logits.reshape([n * c * lh, lw]).matmul(cols);
-    rows.matmul(x.reshape([n * c, lh, w])).reshape([n, c, h, w])
-}
-
-/// The `[to, from]` matrix of 1-D linear interpolation from `from` to `to` samples with
-/// PyTorch's `align_corners = False` convention (source `(i + ½)·from/to − ½`, clamped at 0).
-fn interpolation_matrix<B: Backend>(from: usize, to: usize, device: &B::Device) -> Tensor<B, 2> {
-    let mut m = vec![0f32; to * from];
-    let scale = from as f64 / to as f64;
-    for i in 0..to {
-        let src = ((i as f64 + 0.5) * scale - 0.5).max(0.0);
-        let i0 = (src.floor() as usize).min(from - 1);
-        let i1 = (i0 + 1).min(from - 1);
-        let t = (src - i0 as f64) as f32;
-        m[i * from + i0] += 1.0 - t;
-        m[i * from + i1] += t;
-    }
-    Tensor::from_data(TensorData::new(m, [to, from]), device)
 }

@@ -15,7 +15,8 @@ use crate::error::{Error, Result};
 use crate::eval::seg::SegEvaluator;
 use crate::model::deeplabv3::config::DeepLabV3Section;
 use crate::model::deeplabv3::export::{export_deeplabv3, load_segmenter, SegmenterInfo};
-use crate::model::deeplabv3::{upsample, DeepLabV3, SegOutput};
+use crate::model::deeplabv3::{DeepLabV3, SegOutput};
+use crate::model::layers::resize::{resize, Sampling};
 use crate::ops::pixel::PixelLabels;
 use crate::task::{
     backbone_and_rest, InnerModel, Losses, Metrics, ParamGroup, Stats, Task, TaskInputs,
@@ -272,9 +273,10 @@ impl<B: AutodiffBackend> Task<B> for SegTask {
 pub fn predict_labels<B: Backend>(model: &DeepLabV3<B>, batch: &SegBatch) -> Vec<u8> {
     let device = model.classifier.out.weight.device();
     let [_, _, h, w] = batch.shape;
-    let logits = upsample(
+    let logits = resize(
         model.forward(batch.images_tensor::<B>(&device)).logits,
         [h, w],
+        Sampling::Bilinear,
     );
     logits
         .argmax(1)

@@ -14,13 +14,12 @@ pub mod task;
 use burn::module::{Module, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{GroupNorm, GroupNormConfig, Initializer, PaddingConfig2d};
-use burn::tensor::module::interpolate;
-use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
 use burn::tensor::{activation::relu, backend::Backend, Tensor};
 
 use crate::model::backbone::Backbone;
 use crate::model::layers::conv::conv2d;
 use crate::model::layers::norm::group_norm;
+use crate::model::layers::resize::{resize, Sampling};
 pub use config::FcosConfig;
 
 /// A `k×k` convolution (stride `stride`, size-keeping padding) with weights drawn by `init`
@@ -109,11 +108,7 @@ impl<B: Backend> Fpn<B> {
         for (i, stage) in (0..n - 1).rev().zip(stages) {
             let lateral = conv2d(&self.inner_blocks[i], stage);
             let [_, _, h, w] = lateral.dims();
-            let top_down = interpolate(
-                last_inner,
-                [h, w],
-                InterpolateOptions::new(InterpolateMode::Nearest),
-            );
+            let top_down = resize(last_inner, [h, w], Sampling::Nearest);
             last_inner = lateral + top_down;
             out.push(self.layer_blocks[i].forward(last_inner.clone()));
         }

@@ -1,11 +1,12 @@
 //! Layers shared by the model kinds: convolution, normalisation, MLP, attention (global and
-//! deformable) and position encodings.
+//! deformable), position encodings and resizing.
 
 pub mod conv;
 pub mod deformable;
 pub mod mlp;
 pub mod norm;
 pub mod position;
+pub mod resize;
 pub mod transformer;
 
 use crate::error::{Error, Result};
