@@ -6,6 +6,7 @@ use burn::nn::{Linear, LinearConfig};
 use burn::tensor::{backend::Backend, Tensor};
 
 use super::{BackboneConfig, BackboneFeatures};
+use crate::model::layers::activation::relu6;
 use crate::model::layers::conv::conv;
 use crate::model::layers::norm::{Norm2d, NormKind};
 
@@ -48,7 +49,7 @@ impl<B: Backend> ConvNormAct<B> {
     }
 
     fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        self.bn.after_conv(&self.conv, x).clamp(0.0, 6.0)
+        relu6(self.bn.after_conv(&self.conv, x))
     }
 }
 

@@ -1,6 +1,7 @@
-//! Layers shared by the model kinds: convolution, normalisation, MLP, attention (global and
-//! deformable), position encodings and resizing.
+//! Layers shared by the model kinds: activation, convolution, normalisation, MLP, attention
+//! (global and deformable), position encodings and resizing.
 
+pub mod activation;
 pub mod conv;
 pub mod deformable;
 pub mod mlp;
