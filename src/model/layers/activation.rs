@@ -1,7 +1,7 @@
 //! ReLU6 as one autodiff operation. burn's autodiff has no clamp: `clamp(0, 6)` records two
 //! comparisons and two mask fills forward and two mask fills backward, about 15 % of a
-//! MobileNetV2 training step on flex; here it is the backend's one clamp pass forward and one
-//! masked copy of the gradient backward.
+//! MobileNetV2 training step on flex; here it is the backend's one clamp pass forward, and
+//! backward the gradient masked by the stored output, with no boolean masks kept in between.
 
 use std::any::Any;
 
