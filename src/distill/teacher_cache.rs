@@ -1,11 +1,12 @@
 //! An on-disk cache of a frozen teacher's outputs, one safetensors file per batch, keyed by the
-//! teacher's weights and the batch's exact pixels. Batches are a function of the seed alone, so
-//! the variants of an experiment that share a seed run the teacher once per batch instead of once
-//! per variant; a cached output is bit-identical to a recomputed one.
+//! teacher's weights, the densekd build and the batch's exact pixels. Batches are a function of
+//! the seed alone, so the variants of an experiment that share a seed run the teacher once per
+//! batch instead of once per variant; a cached output is bit-identical to a recomputed one.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
 
 use burn::tensor::TensorData;
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
@@ -18,7 +19,7 @@ use crate::train::checkpoint::hex;
 #[derive(Debug)]
 pub struct TeacherCache {
     dir: PathBuf,
-    /// SHA-256 of the teacher's weights file and of what the caller stores.
+    /// SHA-256 of the teacher's weights file, of what the caller stores and of this build.
     teacher: [u8; 32],
     /// Set after a failed write (e.g. a full disk): the run goes on without storing.
     write_failed: AtomicBool,
@@ -32,6 +33,7 @@ impl TeacherCache {
         let mut hash = Sha256::new();
         hash.update(&bytes);
         hash.update(schema.as_bytes());
+        hash.update(build_digest());
         Ok(TeacherCache {
             dir: dir.to_path_buf(),
             teacher: hash.finalize().into(),
@@ -117,6 +119,28 @@ impl TeacherCache {
             eprintln!("warning: teacher cache disabled for this run: {e}");
         }
     }
+}
+
+/// SHA-256 of the running program. Another build may round the teacher's forward pass
+/// differently (kernels, fused operations), so its entries would no longer be bit-identical to
+/// a recomputed output: a rebuilt densekd starts a fresh set.
+fn build_digest() -> [u8; 32] {
+    static DIGEST: OnceLock<[u8; 32]> = OnceLock::new();
+    *DIGEST.get_or_init(|| {
+        let mut hash = Sha256::new();
+        let read = std::env::current_exe()
+            .and_then(std::fs::File::open)
+            .and_then(|mut exe| std::io::copy(&mut exe, &mut hash));
+        if let Err(e) = read {
+            eprintln!(
+                "warning: cannot read the running program ({e}): teacher-cache entries are \
+                 keyed by the version {} only",
+                env!("CARGO_PKG_VERSION")
+            );
+            hash.update(env!("CARGO_PKG_VERSION"));
+        }
+        hash.finalize().into()
+    })
 }
 
 #[cfg(test)]
