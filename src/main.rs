@@ -556,7 +556,15 @@ fn skipped_images(skipped: &[Error], total: usize) -> Result<()> {
     ))
 }
 
+/// mimalloc's `mi_option_purge_delay` (its `mimalloc.h` enum; the Rust bindings name no constant).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
 fn main() -> ExitCode {
+    // Never hand freed memory back to the kernel: a training step frees and reallocates the
+    // same buffers, and each purged one came back as freshly zeroed (huge) pages, about 8 % of
+    // a DeepLabV3 step in the kernel (docs/performance.md).
+    // SAFETY: sets one process-wide integer option; mimalloc reads it on its next purge.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Data(DataCommand::Synth(args)) => synth(args),
