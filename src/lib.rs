@@ -14,6 +14,7 @@
 pub mod backend;
 pub mod bench;
 pub mod data;
+pub mod digest;
 pub mod distill;
 pub mod error;
 pub mod eval;

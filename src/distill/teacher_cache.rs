@@ -12,8 +12,8 @@ use burn::tensor::TensorData;
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use sha2::{Digest, Sha256};
 
+use crate::digest::hex;
 use crate::error::{write_atomic, Error, Result};
-use crate::train::checkpoint::hex;
 
 /// A folder of cached teacher outputs for one teacher.
 #[derive(Debug)]

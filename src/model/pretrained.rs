@@ -5,7 +5,7 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use sha2::{Digest, Sha256};
+use crate::digest::sha256_hex;
 
 use crate::error::{write_atomic, Error, Result};
 
@@ -69,10 +69,6 @@ pub fn resolve(spec: &Path, cache: &Path) -> Result<PathBuf> {
         )
     })?;
     fetch(checkpoint, cache)
-}
-
-fn sha256_hex(bytes: &[u8]) -> String {
-    crate::train::checkpoint::hex(&Sha256::digest(bytes))
 }
 
 fn verify(bytes: &[u8], want: &str) -> std::result::Result<(), String> {

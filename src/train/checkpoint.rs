@@ -6,10 +6,10 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::digest::sha256_hex;
 use burn::record::{BinBytesRecorder, FullPrecisionSettings, Record, Recorder};
 use burn::tensor::backend::Backend;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use crate::error::{write_atomic, Error, Result};
 
@@ -54,14 +54,9 @@ impl FileSum {
         FileSum {
             name: name.to_string(),
             bytes: bytes.len(),
-            sha256: hex(&Sha256::digest(bytes)),
+            sha256: sha256_hex(bytes),
         }
     }
-}
-
-/// Lower-case hexadecimal of `bytes` (digests in file names and manifests).
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[derive(Serialize, Deserialize)]
@@ -227,7 +222,7 @@ fn verify(path: &Path, bytes: &[u8], sum: &FileSum) -> Result<()> {
             sum.bytes
         ));
     }
-    if hex(&Sha256::digest(bytes)) != sum.sha256 {
+    if sha256_hex(bytes) != sum.sha256 {
         return damaged("its SHA-256 differs from the one recorded in state.json".into());
     }
     Ok(())
