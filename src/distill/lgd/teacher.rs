@@ -11,6 +11,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{activation::relu, Bool, Int, Tensor, TensorData};
 
 use crate::model::fcos::loss::ImageBoxes;
+use crate::model::layers::norm::{normalise, unit_affine, NormGroups};
 use crate::ops::boxes::box_mask;
 
 /// LayerNorm over the last dimension without affine parameters (ε = 1e-5).
@@ -21,9 +22,8 @@ fn layer_norm<B: Backend>(x: Tensor<B, 2>) -> Tensor<B, 2> {
 
 /// GroupNorm with one group and no affine: every sample normalised over all its values.
 fn group_norm1<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
-    let [n, c, h, w] = x.dims();
-    let flat = x.reshape([n, c * h * w]);
-    layer_norm(flat).reshape([n, c, h, w])
+    let (ones, zeros) = unit_affine(x.dims()[1], &x.device());
+    normalise(x, NormGroups::Image(1), ones, zeros, 1e-5).output
 }
 
 /// `Lin → LayerNorm → ReLU`.

@@ -4,6 +4,7 @@
 pub mod activation;
 pub mod conv;
 pub mod deformable;
+pub mod fused_norm;
 pub mod mlp;
 pub mod norm;
 pub mod position;

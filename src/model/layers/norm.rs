@@ -9,6 +9,8 @@ use burn::tensor::{backend::Backend, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::model::layers::conv::{conv2d, conv2d_with};
+use crate::model::layers::fused_norm;
+pub use crate::model::layers::fused_norm::NormGroups;
 
 /// How a backbone normalises activations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -82,48 +84,107 @@ fn channel_affine<B: Backend>(
     (x.reshape([n, c, h * w]) * per_row(scale) + per_row(shift)).reshape([n, c, h, w])
 }
 
-/// burn's `GroupNorm` forward (biased variance, ε inside the root) with the affine laid out as
-/// [`channel_affine`].
-pub(crate) fn group_norm<B: Backend>(gn: &GroupNorm<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
+/// A normalised `[N, C, H, W]` tensor and each statistics group's mean and biased variance
+/// (per channel for batch norm, per image and group for group norm; not tracked).
+pub struct Normalised<B: Backend> {
+    /// `(x − mean) / √(var + ε) · gamma[c] + beta[c]`.
+    pub output: Tensor<B, 4>,
+    /// Group means.
+    pub mean: Tensor<B, 1>,
+    /// Group variances (biased).
+    pub var: Tensor<B, 1>,
+}
+
+/// Normalises `x` by the statistics of `groups` and applies the per-channel affine: flex's
+/// fused kernels ([`fused_norm`]), burn's ops on other backends.
+pub fn normalise<B: Backend>(
+    x: Tensor<B, 4>,
+    groups: NormGroups,
+    gamma: Tensor<B, 1>,
+    beta: Tensor<B, 1>,
+    eps: f64,
+) -> Normalised<B> {
+    fused_norm::fused(x.clone(), groups, gamma.clone(), beta.clone(), eps)
+        .unwrap_or_else(|| composed(x, groups, gamma, beta, eps))
+}
+
+/// [`normalise`] as burn's `GroupNorm` and `BatchNorm` compute it (biased variance, ε inside
+/// the root), with the channel broadcasts laid out as [`channel_affine`].
+fn composed<B: Backend>(
+    x: Tensor<B, 4>,
+    groups: NormGroups,
+    gamma: Tensor<B, 1>,
+    beta: Tensor<B, 1>,
+    eps: f64,
+) -> Normalised<B> {
     let [n, c, h, w] = x.dims();
-    let g = gn.num_groups;
-    let x = x.reshape([n, g, (c / g) * h * w]);
-    let centred = x.clone() - x.mean_dim(2);
-    let std = centred
-        .clone()
-        .square()
-        .mean_dim(2)
-        .add_scalar(gn.epsilon)
-        .sqrt();
-    let normalised = (centred / std).reshape([n, c, h, w]);
-    match (&gn.gamma, &gn.beta) {
-        (Some(gamma), Some(beta)) => channel_affine(normalised, gamma.val(), beta.val()),
-        _ => normalised,
+    match groups {
+        NormGroups::Image(g) => {
+            let x = x.reshape([n, g, (c / g) * h * w]);
+            let mean = x.clone().mean_dim(2);
+            let centred = x - mean.clone();
+            let var = centred.clone().square().mean_dim(2);
+            let normalised = centred / var.clone().add_scalar(eps).sqrt();
+            Normalised {
+                output: channel_affine(normalised.reshape([n, c, h, w]), gamma, beta),
+                mean: mean.detach().reshape([n * g]),
+                var: var.detach().reshape([n * g]),
+            }
+        }
+        NormGroups::Channel => {
+            let x = x.reshape([n, c, h * w]);
+            let per_row = |t: Tensor<B, 3>| t.repeat_dim(0, n);
+            let mean = x.clone().mean_dim(2).mean_dim(0);
+            let centred = x - per_row(mean.clone());
+            let var = centred.clone().square().mean_dim(2).mean_dim(0);
+            let scale = gamma.reshape([1, c, 1]) * var.clone().add_scalar(eps).sqrt().recip();
+            let output = centred * per_row(scale) + per_row(beta.reshape([1, c, 1]));
+            Normalised {
+                output: output.reshape([n, c, h, w]),
+                mean: mean.detach().reshape([c]),
+                var: var.detach().reshape([c]),
+            }
+        }
     }
 }
 
-/// burn's `BatchNorm` forward (same statistics, running-average update and result) with the
-/// channel broadcasts laid out for flex's fast paths, as [`channel_affine`].
+/// burn's `GroupNorm` forward.
+pub(crate) fn group_norm<B: Backend>(gn: &GroupNorm<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
+    let (gamma, beta) = match (&gn.gamma, &gn.beta) {
+        (Some(gamma), Some(beta)) => (gamma.val(), beta.val()),
+        _ => unit_affine(x.dims()[1], &x.device()),
+    };
+    normalise(x, NormGroups::Image(gn.num_groups), gamma, beta, gn.epsilon).output
+}
+
+/// The identity affine over `c` channels: scale 1, shift 0.
+pub(crate) fn unit_affine<B: Backend>(
+    c: usize,
+    device: &B::Device,
+) -> (Tensor<B, 1>, Tensor<B, 1>) {
+    (Tensor::ones([c], device), Tensor::zeros([c], device))
+}
+
+/// burn's `BatchNorm` forward: the same statistics, running-average update and result.
 fn batch_norm<B: Backend>(bn: &BatchNorm<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
-    let [n, c, h, w] = x.dims();
     if !B::ad_enabled(&x.device()) {
         let scale = bn.gamma.val() * bn.running_var.value().add_scalar(bn.epsilon).sqrt().recip();
         let shift = bn.beta.val() - bn.running_mean.value() * scale.clone();
         return channel_affine(x, scale, shift);
     }
-    let x = x.reshape([n, c, h * w]);
-    let per_row = |t: Tensor<B, 3>| t.repeat_dim(0, n);
-    let mean = x.clone().mean_dim(2).mean_dim(0);
-    let centred = x - per_row(mean.clone());
-    let var = centred.clone().square().mean_dim(2).mean_dim(0);
+    let y = normalise(
+        x,
+        NormGroups::Channel,
+        bn.gamma.val(),
+        bn.beta.val(),
+        bn.epsilon,
+    );
     let m = bn.momentum;
-    let stat = |t: Tensor<B, 3>| t.detach().reshape([c]).mul_scalar(m);
     bn.running_mean
-        .update(bn.running_mean.value_sync().mul_scalar(1.0 - m) + stat(mean));
+        .update(bn.running_mean.value_sync().mul_scalar(1.0 - m) + y.mean.mul_scalar(m));
     bn.running_var
-        .update(bn.running_var.value_sync().mul_scalar(1.0 - m) + stat(var.clone()));
-    let scale = bn.gamma.val().reshape([1, c, 1]) * var.add_scalar(bn.epsilon).sqrt().recip();
-    (centred * per_row(scale) + per_row(bn.beta.val().reshape([1, c, 1]))).reshape([n, c, h, w])
+        .update(bn.running_var.value_sync().mul_scalar(1.0 - m) + y.var.mul_scalar(m));
+    y.output
 }
 
 /// A backbone normalisation layer of either kind.
@@ -195,6 +256,83 @@ mod tests {
     use burn::tensor::Distribution;
 
     type B = Autodiff<crate::backend::Inference>;
+
+    /// flex's fused kernels against burn's composed ops: outputs, statistics and the gradients
+    /// of input, scale and shift, for batch norm and group norm (several groups, one group).
+    #[test]
+    fn fused_normalisation_matches_the_composed_ops_with_gradients() {
+        let device = Default::default();
+        B::seed(&device, 5);
+        let uniform = |lo: f64, hi: f64| Distribution::Uniform(lo, hi);
+        for (groups, shape) in [
+            (NormGroups::Channel, [3, 5, 7, 6]),
+            (NormGroups::Image(2), [2, 6, 5, 9]),
+            (NormGroups::Image(1), [2, 4, 3, 3]),
+        ] {
+            let c = shape[1];
+            let x = Tensor::<B, 4>::random(shape, uniform(-2.0, 3.0), &device);
+            let gamma = Tensor::<B, 1>::random([c], uniform(0.5, 2.0), &device);
+            let beta = Tensor::<B, 1>::random([c], uniform(-1.0, 1.0), &device);
+            let probe = Tensor::<B, 4>::random(shape, Distribution::Default, &device);
+            let run = |fused: bool| {
+                let leaf = |t: &Tensor<B, 1>| t.clone().detach().require_grad();
+                let (x, gamma, beta) =
+                    (x.clone().detach().require_grad(), leaf(&gamma), leaf(&beta));
+                let y = match fused {
+                    true => fused_norm::fused(x.clone(), groups, gamma.clone(), beta.clone(), 1e-5)
+                        .expect("flex runs the fused kernels"),
+                    false => composed(x.clone(), groups, gamma.clone(), beta.clone(), 1e-5),
+                };
+                let grads = (y.output.clone() * probe.clone()).sum().backward();
+                let host = |t: Tensor<crate::backend::Inference, 1>| {
+                    t.into_data().to_vec::<f32>().expect("f32")
+                };
+                let flat = |t: Tensor<B, 4>| host(t.inner().flatten(0, 3));
+                [
+                    flat(y.output),
+                    host(y.mean.inner()),
+                    host(y.var.inner()),
+                    host(x.grad(&grads).expect("x grad").flatten(0, 3)),
+                    host(gamma.grad(&grads).expect("gamma grad")),
+                    host(beta.grad(&grads).expect("beta grad")),
+                ]
+            };
+            let (fused, plain) = (run(true), run(false));
+            let what = ["output", "mean", "var", "x grad", "gamma grad", "beta grad"];
+            for (what, (a, b)) in what.iter().zip(fused.iter().zip(&plain)) {
+                assert_eq!(a.len(), b.len(), "{groups:?} {what}");
+                let err = a
+                    .iter()
+                    .zip(b)
+                    .map(|(p, q)| (p - q).abs())
+                    .fold(0.0, f32::max);
+                assert!(err < 1e-4, "{groups:?} {what}: max |difference| {err}");
+            }
+        }
+    }
+
+    /// The fused kernels give the same bits with one thread and with several.
+    #[test]
+    fn fused_normalisation_does_not_depend_on_the_thread_count() {
+        let device = Default::default();
+        B::seed(&device, 6);
+        // Large enough (4.2 M elements) for the kernels to split their rows.
+        let x = Tensor::<B, 4>::random([4, 64, 128, 128], Distribution::Default, &device);
+        let probe = Tensor::<B, 4>::random([4, 64, 128, 128], Distribution::Default, &device);
+        for groups in [NormGroups::Channel, NormGroups::Image(8)] {
+            let run = |threads: usize| {
+                crate::backend::with_op_threads(threads, || {
+                    let x = x.clone().detach().require_grad();
+                    let (gamma, beta) = unit_affine::<B>(64, &device);
+                    let y = normalise(x.clone(), groups, gamma, beta, 1e-5).output;
+                    let grads = (y.clone() * probe.clone()).sum().backward();
+                    let grad = x.grad(&grads).expect("x grad");
+                    (y.inner().into_data(), grad.into_data())
+                })
+            };
+            assert_eq!(run(1), run(3), "{groups:?}");
+        }
+    }
 
     #[test]
     fn a_folded_frozen_norm_matches_conv_then_norm_with_gradients() {

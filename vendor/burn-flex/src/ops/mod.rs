@@ -116,6 +116,8 @@ pub mod interpolate;
 pub mod mask;
 pub mod matmul;
 mod module;
+// densekd patch: fused batch and group normalisation (ops/norm.rs).
+pub mod norm;
 pub mod pool;
 mod qtensor;
 pub mod reduce;
