@@ -115,6 +115,8 @@ mod int;
 pub mod interpolate;
 pub mod mask;
 pub mod matmul;
+// densekd patch: plane-by-plane 2D max pooling (ops/max_pool2d.rs).
+mod max_pool2d;
 mod module;
 // densekd patch: fused batch and group normalisation (ops/norm.rs).
 pub mod norm;

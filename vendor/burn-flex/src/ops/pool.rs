@@ -437,6 +437,39 @@ pub fn max_pool2d_with_indices_f32(
     dilation: [usize; 2],
     ceil_mode: bool,
 ) -> (FlexTensor, FlexTensor) {
+    // densekd patch: the plane-by-plane kernel (max_pool2d.rs).
+    let (output, indices) = max_pool2d_planes(x, kernel_size, stride, padding, dilation, ceil_mode, true);
+    (output, indices.expect("asked for indices"))
+}
+
+/// densekd patch: [`super::max_pool2d::max_pool2d_f32`] with the output size computed here.
+fn max_pool2d_planes(
+    x: FlexTensor,
+    kernel_size: [usize; 2],
+    stride: [usize; 2],
+    padding: [usize; 2],
+    dilation: [usize; 2],
+    ceil_mode: bool,
+    with_indices: bool,
+) -> (FlexTensor, Option<FlexTensor>) {
+    let shape = x.layout().shape();
+    let size = |i: usize| {
+        pool_output_size(shape[2 + i], kernel_size[i], padding[i], stride[i], dilation[i], ceil_mode)
+    };
+    let out = [size(0), size(1)];
+    super::max_pool2d::max_pool2d_f32(x, kernel_size, stride, padding, dilation, out, with_indices)
+}
+
+/// The 3D path's 2D max pooling with indices for f32 (the reference of the tests).
+#[cfg(test)]
+fn max_pool2d_with_indices_f32_3d(
+    x: FlexTensor,
+    kernel_size: [usize; 2],
+    stride: [usize; 2],
+    padding: [usize; 2],
+    dilation: [usize; 2],
+    ceil_mode: bool,
+) -> (FlexTensor, FlexTensor) {
     let x_3d = expand_2d_to_3d(&x);
     let (output, indices) = max_pool3d_with_indices_f32(
         x_3d,
@@ -521,7 +554,7 @@ pub fn max_pool2d_f32(
     dilation: [usize; 2],
     ceil_mode: bool,
 ) -> FlexTensor {
-    max_pool2d_with_indices_f32(x, kernel_size, stride, padding, dilation, ceil_mode).0
+    max_pool2d_planes(x, kernel_size, stride, padding, dilation, ceil_mode, false).0
 }
 
 /// 2D max pooling (without indices) for f64.
