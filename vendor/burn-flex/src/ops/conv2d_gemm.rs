@@ -28,11 +28,13 @@ use super::conv_common::add_bias;
 use super::module::{cast_from_f32, cast_to_f32};
 use super::threads::split_mut;
 
-/// Whether [`conv2d`] handles this convolution: all but those with few input channels (an RGB
-/// stem), which flex's own direct kernel runs faster.
-pub fn conv2d_applies(x: &FlexTensor, options: &ConvOptions<2>) -> bool {
-    let few_inputs = options.groups == 1 && x.layout().shape()[1] <= 4;
-    matches!(x.dtype(), DType::F32 | DType::F64) && !few_inputs
+/// Whether [`conv2d`] handles this convolution: all but those with a short reduction (a 3×3
+/// RGB stem: 27 products per output), which flex's own direct kernel runs faster. A 7×7 RGB
+/// stem (147) runs faster as a product.
+pub fn conv2d_applies(x: &FlexTensor, weight: &FlexTensor, options: &ConvOptions<2>) -> bool {
+    let w = weight.layout().shape();
+    let short = options.groups == 1 && w[1] * w[2] * w[3] < 32;
+    matches!(x.dtype(), DType::F32 | DType::F64) && !short
 }
 
 /// 2D convolution of an f32 or f64 tensor (see [`conv2d_applies`]).
