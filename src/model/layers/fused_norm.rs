@@ -6,6 +6,7 @@
 use std::any::Any;
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::{Autodiff, Flex};
@@ -51,6 +52,7 @@ pub fn fused<B: Backend>(
     Some(*out.downcast::<Normalised<B>>().ok()?)
 }
 
+/// `x`, `gamma`, `beta` on backend `B`.
 type Inputs<B> = (Tensor<B, 4>, Tensor<B, 1>, Tensor<B, 1>);
 
 /// A contiguous f32 view of a flex tensor, or `None` for another element type.
@@ -58,10 +60,12 @@ fn f32_values(t: &FlexTensor) -> Option<FlexTensor> {
     (t.dtype() == DType::F32).then(|| t.to_contiguous())
 }
 
+/// A contiguous flex tensor of `values`.
 fn flex_tensor(values: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
     FlexTensor::from_data(TensorData::new(values, shape))
 }
 
+/// A 1D tensor of `values` on the default device (the statistics, for running averages).
 fn host_tensor<B: Backend>(values: Vec<f32>) -> Tensor<B, 1> {
     Tensor::from_data(TensorData::from(values.as_slice()), &Default::default())
 }
@@ -125,9 +129,7 @@ fn recorded(
         eps,
     };
     let output = match NormBackward
-        .prepare::<burn::backend::autodiff::checkpoint::strategy::NoCheckpointing>([
-            x.node, gamma.node, beta.node,
-        ])
+        .prepare::<NoCheckpointing>([x.node, gamma.node, beta.node])
         .compute_bound()
         .stateful()
     {
