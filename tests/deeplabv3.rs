@@ -11,8 +11,8 @@ use densekd::train::config::TrainConfig;
 use densekd::train::run::train_with_options;
 
 /// `configs/deeplabv3_shapes.toml` made tiny: a 1/4-width ResNet-18 with one block per stage
-/// at output stride 8 on the images as they are, from scratch, a 32-wide head, AdamW with a
-/// cosine schedule, label maps read from `data`.
+/// at output stride 8 on the images as they are, from scratch, a 32-wide head, label maps read
+/// from `data`.
 fn tiny_config(data: &Path, extra: &[&str]) -> TrainConfig {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/deeplabv3_shapes.toml");
     let (images, labels) = (data.join("images/train"), data.join("labels/train"));
@@ -43,10 +43,6 @@ fn tiny_config(data: &Path, extra: &[&str]) -> TrainConfig {
                 "deeplabv3.model.aspp_rates=[1,2,3]",
                 "optim.replicas=1",
                 "optim.batch_size=4",
-                "optim.optimizer=\"adamw\"",
-                "optim.schedule=\"cosine\"",
-                "optim.weight_decay=1e-4",
-                "optim.backbone_lr_mult=0.1",
                 "checkpoint.every_steps=0",
             ]
             .iter()
