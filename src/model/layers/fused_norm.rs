@@ -112,18 +112,12 @@ fn recorded(
         gamma.into_primitive().tensor(),
         beta.into_primitive().tensor(),
     );
-    let input = f32_values(&x.primitive)?;
-    let (y, mean, var) = forward(
-        input.clone(),
-        &gamma.primitive,
-        &beta.primitive,
-        groups,
-        eps,
-    )?;
+    let (input, scale) = (f32_values(&x.primitive)?, f32_values(&gamma.primitive)?);
+    let (y, mean, var) = forward(input.clone(), &scale, &beta.primitive, groups, eps)?;
     let state = NormState {
         shape: layout(&input, groups),
         x: input,
-        gamma: f32_values(&gamma.primitive)?,
+        gamma: scale,
         mean: mean.clone(),
         var: var.clone(),
         eps,

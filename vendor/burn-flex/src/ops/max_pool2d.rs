@@ -12,6 +12,7 @@ use alloc::vec::Vec;
 use burn_backend::DType;
 use burn_std::{Bytes, Shape};
 
+use super::pool::pool_output_size;
 use super::threads::split_mut;
 use crate::{FlexTensor, Layout};
 
@@ -34,11 +35,15 @@ pub(crate) fn max_pool2d_f32(
     stride: [usize; 2],
     padding: [usize; 2],
     dilation: [usize; 2],
-    out: [usize; 2],
+    ceil_mode: bool,
     with_indices: bool,
 ) -> (FlexTensor, Option<FlexTensor>) {
     let x = x.to_contiguous();
     let shape = x.layout().shape();
+    let size = |i: usize| {
+        pool_output_size(shape[2 + i], kernel[i], padding[i], stride[i], dilation[i], ceil_mode)
+    };
+    let out = [size(0), size(1)];
     let (planes, in_h, in_w) = (shape[0] * shape[1], shape[2], shape[3]);
     let out_shape = Shape::from(vec![shape[0], shape[1], out[0], out[1]]);
     let data: &[f32] = x.storage();

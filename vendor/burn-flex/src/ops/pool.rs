@@ -129,7 +129,7 @@ macro_rules! adaptive_avg_pool3d_backward_typed {
 // ============================================================================
 
 /// Calculate pooling output size for a single dimension.
-fn pool_output_size(
+pub(super) fn pool_output_size(
     input: usize,
     kernel: usize,
     padding: usize,
@@ -438,48 +438,10 @@ pub fn max_pool2d_with_indices_f32(
     ceil_mode: bool,
 ) -> (FlexTensor, FlexTensor) {
     // densekd patch: the plane-by-plane kernel (max_pool2d.rs).
-    let (output, indices) = max_pool2d_planes(x, kernel_size, stride, padding, dilation, ceil_mode, true);
-    (output, indices.expect("asked for indices"))
-}
-
-/// densekd patch: [`super::max_pool2d::max_pool2d_f32`] with the output size computed here.
-fn max_pool2d_planes(
-    x: FlexTensor,
-    kernel_size: [usize; 2],
-    stride: [usize; 2],
-    padding: [usize; 2],
-    dilation: [usize; 2],
-    ceil_mode: bool,
-    with_indices: bool,
-) -> (FlexTensor, Option<FlexTensor>) {
-    let shape = x.layout().shape();
-    let size = |i: usize| {
-        pool_output_size(shape[2 + i], kernel_size[i], padding[i], stride[i], dilation[i], ceil_mode)
-    };
-    let out = [size(0), size(1)];
-    super::max_pool2d::max_pool2d_f32(x, kernel_size, stride, padding, dilation, out, with_indices)
-}
-
-/// The 3D path's 2D max pooling with indices for f32 (the reference of the tests).
-#[cfg(test)]
-fn max_pool2d_with_indices_f32_3d(
-    x: FlexTensor,
-    kernel_size: [usize; 2],
-    stride: [usize; 2],
-    padding: [usize; 2],
-    dilation: [usize; 2],
-    ceil_mode: bool,
-) -> (FlexTensor, FlexTensor) {
-    let x_3d = expand_2d_to_3d(&x);
-    let (output, indices) = max_pool3d_with_indices_f32(
-        x_3d,
-        [1, kernel_size[0], kernel_size[1]],
-        [1, stride[0], stride[1]],
-        [0, padding[0], padding[1]],
-        [1, dilation[0], dilation[1]],
-        ceil_mode,
+    let (output, indices) = super::max_pool2d::max_pool2d_f32(
+        x, kernel_size, stride, padding, dilation, ceil_mode, true,
     );
-    (squeeze_3d_to_2d(output), squeeze_3d_to_2d(indices))
+    (output, indices.expect("asked for indices"))
 }
 
 /// 2D max pooling with indices for f64.
@@ -554,7 +516,7 @@ pub fn max_pool2d_f32(
     dilation: [usize; 2],
     ceil_mode: bool,
 ) -> FlexTensor {
-    max_pool2d_planes(x, kernel_size, stride, padding, dilation, ceil_mode, false).0
+    super::max_pool2d::max_pool2d_f32(x, kernel_size, stride, padding, dilation, ceil_mode, false).0
 }
 
 /// 2D max pooling (without indices) for f64.
