@@ -50,6 +50,79 @@ fn matches_scipy_on_fixtures() {
             a.pairs.iter().map(|p| p.0 as u64).collect::<Vec<_>>(),
             "{name}: matched rows"
         );
+        // The same algorithm and tie-breaking as SciPy: the same optimum, even among equal ones.
+        let scipy_cols: Vec<u64> = case["col_ind"]
+            .as_array()
+            .expect("col_ind")
+            .iter()
+            .map(|x| x.as_u64().expect("u64"))
+            .collect();
+        assert_eq!(
+            scipy_cols,
+            a.pairs.iter().map(|p| p.1 as u64).collect::<Vec<_>>(),
+            "{name}: matched columns"
+        );
+    }
+}
+
+/// The least total over every way to give each row of the smaller side a distinct column.
+fn brute_force_minimum(cost: &[f64], rows: usize, cols: usize) -> f64 {
+    fn search(cost: &[f64], cols: usize, row: usize, rows: usize, used: &mut [bool]) -> f64 {
+        if row == rows {
+            return 0.0;
+        }
+        let mut best = f64::INFINITY;
+        for c in 0..cols {
+            if !used[c] {
+                used[c] = true;
+                let rest = search(cost, cols, row + 1, rows, used);
+                best = best.min(cost[row * cols + c] + rest);
+                used[c] = false;
+            }
+        }
+        best
+    }
+    if rows <= cols {
+        search(cost, cols, 0, rows, &mut vec![false; cols])
+    } else {
+        let transposed: Vec<f64> = (0..cols)
+            .flat_map(|c| (0..rows).map(move |r| cost[r * cols + c]))
+            .collect();
+        search(&transposed, rows, 0, cols, &mut vec![false; rows])
+    }
+}
+
+#[test]
+fn optimal_against_brute_force_on_small_matrices_with_ties() {
+    // Small integer costs make many equal optima: the paths' tie-breaking is exercised.
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    for case in 0..400 {
+        let rows = 1 + (next() % 7) as usize;
+        let cols = 1 + (next() % 7) as usize;
+        let levels = if case % 2 == 0 { 4 } else { 1000 };
+        let cost: Vec<f64> = (0..rows * cols)
+            .map(|_| (next() % levels) as f64 - 2.0)
+            .collect();
+        let a = linear_sum_assignment(&cost, rows, cols).expect("solves");
+        assert_eq!(a.pairs.len(), rows.min(cols));
+        let mut used_rows = vec![false; rows];
+        let mut used_cols = vec![false; cols];
+        for &(r, c) in &a.pairs {
+            assert!(
+                !used_rows[r] && !used_cols[c],
+                "{rows}x{cols}: reused index"
+            );
+            used_rows[r] = true;
+            used_cols[c] = true;
+        }
+        let want = brute_force_minimum(&cost, rows, cols);
+        assert_eq!(a.total_cost, want, "case {case}: {rows}x{cols} {cost:?}");
     }
 }
 
@@ -72,5 +145,10 @@ fn f32_costs_and_hand_cases() {
         .expect_err("NaN")
         .to_string();
     assert!(err.contains("(0, 1)"), "{err}");
+    // A tall matrix is solved transposed; the entry is still named in the caller's terms.
+    let err = linear_sum_assignment(&[1.0, 2.0, 3.0, 4.0, f64::INFINITY, 6.0], 3, 2)
+        .expect_err("infinite")
+        .to_string();
+    assert!(err.contains("(2, 0)"), "{err}");
     assert!(linear_sum_assignment(&[1.0, 2.0, 3.0], 2, 2).is_err());
 }
