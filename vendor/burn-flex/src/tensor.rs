@@ -377,9 +377,34 @@ impl FlexTensor {
             copy_2d_tiled(
                 &mut dst, src, offset, shape[0], shape[1], strides[0], strides[1],
             );
+        } else if all_positive && n > 0 && self.layout.num_dims() <= COLLAPSE_MAX_RANK {
+            // ND positive strides (e.g. an attention head split's
+            // `[B, N, H, D]` → `[B, H, N, D]` permute): one tiled 2D
+            // copy of the two innermost dims per outer index, the outer
+            // indices walked by an odometer. densekd patch: these went
+            // through the per-element `StridedIter` below.
+            let nd = shape.len();
+            let (rows, cols) = (shape[nd - 2], shape[nd - 1]);
+            // SAFETY: capacity is n; the planes below cover every
+            // position once (`copy_2d_tiled` fills each whole).
+            unsafe { dst.set_len(n) };
+            let mut index = [0usize; COLLAPSE_MAX_RANK];
+            let mut base = offset;
+            for plane in dst.chunks_exact_mut(rows * cols) {
+                copy_2d_tiled(plane, src, base, rows, cols, strides[nd - 2], strides[nd - 1]);
+                for d in (0..nd - 2).rev() {
+                    index[d] += 1;
+                    base += strides[d];
+                    if index[d] < shape[d] {
+                        break;
+                    }
+                    base -= strides[d] * shape[d] as isize;
+                    index[d] = 0;
+                }
+            }
         } else {
-            // General fallback: covers negative strides (flipped
-            // tensors) and ND layouts that can't collapse to ≤2D.
+            // General fallback: negative strides (flipped tensors) and
+            // ranks above `COLLAPSE_MAX_RANK`.
             for idx in crate::strided_index::StridedIter::new(&self.layout) {
                 dst.push(src[idx]);
             }

@@ -388,14 +388,13 @@ where
         _ if lhs.layout().num_dims() == 2 => {
             apply_2d_strided(lhs_storage, rhs_storage, lhs.layout(), rhs.layout(), op)
         }
-        // General fallback
+        // densekd patch: other layouts are copied contiguous (a tiled
+        // copy, `FlexTensor::to_contiguous`) and combined element by
+        // element, instead of two per-element `StridedIter` walks.
         _ => {
-            let lhs_iter = StridedIter::new(lhs.layout());
-            let rhs_iter = StridedIter::new(rhs.layout());
-            lhs_iter
-                .zip(rhs_iter)
-                .map(|(li, ri)| op(lhs_storage[li], rhs_storage[ri]))
-                .collect()
+            let (lhs, rhs) = (lhs.to_contiguous(), rhs.to_contiguous());
+            let (l, r): (&[E], &[E]) = (lhs.storage(), rhs.storage());
+            l.iter().zip(r).map(|(&a, &b)| op(a, b)).collect()
         }
     };
 
