@@ -43,6 +43,11 @@ fn tiny_config(data: &Path, extra: &[&str]) -> TrainConfig {
                 "deeplabv3.model.aspp_rates=[1,2,3]",
                 "optim.replicas=1",
                 "optim.batch_size=4",
+                "optim.optimizer=\"adamw\"",
+                "optim.schedule=\"cosine\"",
+                "optim.lr=1e-3",
+                "optim.weight_decay=1e-4",
+                "optim.backbone_lr_mult=0.1",
                 "checkpoint.every_steps=0",
             ]
             .iter()
