@@ -1,8 +1,8 @@
 //! Exact rectangular minimum-cost assignment (Hungarian matching), as SciPy's
 //! `linear_sum_assignment`: Crouse's shortest augmenting path method, the algorithm of SciPy's
 //! solver with its tie-breaking, so both return the same pairs. Written here rather than taken
-//! from the `lsap` crate (a line-by-line port of SciPy's C++): that one was 1.3–1.4× slower than SciPy
-//! on DETR's 300 × 50 matrices (docs/performance.md).
+//! from the `lsap` crate (a line-by-line port of SciPy's C++), which was 1.3–1.4× slower than
+//! SciPy on DETR's 300 × 50 matrices (docs/performance.md).
 
 use crate::error::{Error, Result};
 
