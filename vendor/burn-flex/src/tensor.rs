@@ -365,24 +365,14 @@ impl FlexTensor {
                     }
                 }
             }
-        } else if shape.len() == 2 && all_positive {
-            // 2D positive-stride (transpose-like): tile both dims so
-            // reads stay in cache. The loop-nesting chooser inside
-            // `copy_2d_tiled` picks whichever ordering puts the
-            // smaller source stride on the innermost loop.
-            debug_assert_eq!(shape[0] * shape[1], n, "2D strides must cover all elements");
-            // SAFETY: capacity is n; `copy_2d_tiled` writes every
-            // `(row, col)` position exactly once.
-            unsafe { dst.set_len(n) };
-            copy_2d_tiled(
-                &mut dst, src, offset, shape[0], shape[1], strides[0], strides[1],
-            );
         } else if all_positive && n > 0 && self.layout.num_dims() <= COLLAPSE_MAX_RANK {
-            // ND positive strides (e.g. an attention head split's
-            // `[B, N, H, D]` → `[B, H, N, D]` permute): one tiled 2D
-            // copy of the two innermost dims per outer index, the outer
-            // indices walked by an odometer. densekd patch: these went
-            // through the per-element `StridedIter` below.
+            // Positive strides (transpose-like, or e.g. an attention
+            // head split's `[B, N, H, D]` → `[B, H, N, D]` permute): the
+            // two innermost dims copied tiled so reads stay in cache
+            // (`copy_2d_tiled` puts the smaller source stride innermost),
+            // once per outer index, the outer indices walked by an
+            // odometer. densekd patch: past 2D these went through the
+            // per-element `StridedIter` below.
             let nd = shape.len();
             let (rows, cols) = (shape[nd - 2], shape[nd - 1]);
             // SAFETY: capacity is n; the planes below cover every
