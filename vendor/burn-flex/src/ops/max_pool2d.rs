@@ -3,8 +3,9 @@
 //! flex pools every rank through one 3D loop that checks each tap's three coordinates
 //! against the input and tracks an index even when none is asked for: a ResNet stem's 3×3
 //! pool took 14 % of a ResNet-18 inference step. Here each output row's valid kernel rows and
-//! each output column's valid kernel columns are found once, planes are split over cores, and
-//! the result is the same: the first maximum in kernel-row-major order (a NaN found first
+//! each kernel column's valid output columns are found once, a whole output row is updated tap
+//! by tap with branch-free selects (a per-window compare branch mispredicted on most taps),
+//! planes are split over cores, and the result is the same: the first maximum in kernel-row-major order (a NaN found first
 //! stays), its index `ih · W + iw` within the plane, `-inf` and `-1` for an empty window.
 
 use alloc::vec;
@@ -50,28 +51,46 @@ pub(crate) fn max_pool2d_f32(
     let rows: Vec<(usize, usize)> = (0..out[0])
         .map(|o| taps(o, stride[0], dilation[0], padding[0], kernel[0], in_h))
         .collect();
-    let cols: Vec<(usize, usize)> = (0..out[1])
-        .map(|o| taps(o, stride[1], dilation[1], padding[1], kernel[1], in_w))
-        .collect();
     let out_hw = out[0] * out[1];
     let work = planes * out_hw * kernel[0] * kernel[1];
-    // The first maximum of one window: value and index within the plane.
-    let window = |plane: &[f32], oh: usize, ow: usize| -> (f32, i64) {
-        let (mut best, mut at) = (f32::NEG_INFINITY, -1i64);
-        let ((kh_lo, kh_hi), (kw_lo, kw_hi)) = (rows[oh], cols[ow]);
+    // Per kernel column: the output columns whose tap lies inside the row, and the first one's
+    // input column.
+    let cols: Vec<(usize, usize, usize)> = (0..kernel[1])
+        .map(|kw| {
+            let off = kw * dilation[1];
+            let lo = padding[1].saturating_sub(off).div_ceil(stride[1]);
+            let hi = (in_w + padding[1])
+                .checked_sub(off + 1)
+                .map_or(0, |last| last / stride[1] + 1)
+                .min(out[1]);
+            let lo = lo.min(hi);
+            (lo, hi, (lo * stride[1] + off).saturating_sub(padding[1]))
+        })
+        .collect();
+    // The first maximum of every window of one output row, taps visited in kernel-row-major
+    // order for all columns at once (branch-free selects): values and indices within the plane.
+    let pool_row = |plane: &[f32], oh: usize, best: &mut [f32], at: &mut [i64]| {
+        best.fill(f32::NEG_INFINITY);
+        at.fill(-1);
+        let (kh_lo, kh_hi) = rows[oh];
         for kh in kh_lo..kh_hi {
             let ih = oh * stride[0] + kh * dilation[0] - padding[0];
             let row = &plane[ih * in_w..(ih + 1) * in_w];
-            for kw in kw_lo..kw_hi {
-                let iw = ow * stride[1] + kw * dilation[1] - padding[1];
-                let v = row[iw];
-                if at < 0 || v > best {
-                    best = v;
-                    at = (ih * in_w + iw) as i64;
+            for &(lo, hi, iw0) in cols.iter().filter(|c| c.0 < c.1) {
+                let taps = row[iw0..].iter().step_by(stride[1]);
+                let base = (ih * in_w + iw0) as i64;
+                let step = stride[1] as i64;
+                for (j, ((&v, b), a)) in taps
+                    .zip(&mut best[lo..hi])
+                    .zip(&mut at[lo..hi])
+                    .enumerate()
+                {
+                    let take = v > *b || *a < 0;
+                    *b = if take { v } else { *b };
+                    *a = if take { base + j as i64 * step } else { *a };
                 }
             }
         }
-        (best, at)
     };
     let plane_of = |p: usize| &data[p * in_h * in_w..(p + 1) * in_h * in_w];
     let tensor = |bytes: Bytes, dtype: DType| {
@@ -80,10 +99,10 @@ pub(crate) fn max_pool2d_f32(
     if !with_indices {
         let mut y = vec![0.0f32; planes * out_hw];
         split_mut(&mut y, planes, out_hw, work, |range, y| {
+            let mut at = vec![0i64; out[1]];
             for (p, y) in range.zip(y.chunks_mut(out_hw)) {
-                let plane = plane_of(p);
-                for (i, v) in y.iter_mut().enumerate() {
-                    *v = window(plane, i / out[1], i % out[1]).0;
+                for (oh, y) in y.chunks_mut(out[1].max(1)).enumerate() {
+                    pool_row(plane_of(p), oh, y, &mut at);
                 }
             }
         });
@@ -91,10 +110,10 @@ pub(crate) fn max_pool2d_f32(
     }
     let mut indices = vec![0i64; planes * out_hw];
     split_mut(&mut indices, planes, out_hw, work, |range, idx| {
+        let mut best = vec![0f32; out[1]];
         for (p, idx) in range.zip(idx.chunks_mut(out_hw)) {
-            let plane = plane_of(p);
-            for (i, v) in idx.iter_mut().enumerate() {
-                *v = window(plane, i / out[1], i % out[1]).1;
+            for (oh, idx) in idx.chunks_mut(out[1].max(1)).enumerate() {
+                pool_row(plane_of(p), oh, &mut best, idx);
             }
         }
     });
