@@ -198,14 +198,31 @@ fn depthwise_convolutions_match_the_definition() {
     }
 }
 
+/// Small output maps put several images side by side in one product (4 at most, so a batch of
+/// 7 makes products of 4 and 3 images, and weight-gradient blocks of 2 and 1).
+#[test]
+fn small_maps_batched_into_one_product_match_the_definition() {
+    let batch7 = |c: Case| Case { batch: 7, ..c };
+    for c in [
+        case([8, 12, 7, 7, 3, 1, 1, 1, 1]),
+        case([6, 8, 9, 8, 3, 2, 1, 1, 2]),
+        case([6, 5, 5, 5, 1, 1, 0, 1, 1]),
+        case([6, 4, 6, 6, 1, 2, 0, 1, 1]),
+        case([4, 6, 4, 3, 3, 1, 2, 2, 1]),
+    ] {
+        check(batch7(c), false);
+        check(batch7(c), true);
+    }
+}
+
 #[test]
 fn non_contiguous_inputs_match_the_definition() {
     check(case([3, 4, 7, 9, 3, 2, 1, 1, 1]), true);
     check(case([4, 4, 11, 10, 3, 1, 1, 1, 4]), true);
 }
 
-/// Large enough to be split over threads (images, channels, weight-gradient blocks): one
-/// thread and several give the same bits.
+/// Large enough to be split over threads (images, image batches, channels, weight-gradient
+/// blocks): one thread and several give the same bits.
 #[test]
 fn thread_count_does_not_change_results() {
     let large = |c: Case| Case { batch: 5, ..c };
@@ -213,6 +230,10 @@ fn thread_count_does_not_change_results() {
         large(case([16, 16, 24, 24, 3, 1, 1, 1, 1])),
         large(case([32, 48, 30, 30, 1, 1, 0, 1, 1])),
         large(case([64, 64, 40, 40, 3, 1, 1, 1, 64])),
+        Case {
+            batch: 7,
+            ..case([64, 64, 7, 7, 3, 1, 1, 1, 1])
+        },
     ] {
         let mut results = Vec::new();
         for threads in [1, 2, 3] {

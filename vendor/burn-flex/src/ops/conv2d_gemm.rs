@@ -13,6 +13,12 @@
 //! The forward pass `Y_g = W_g · im2col(X_g)` writes each image's output rows in place; flex's
 //! own path converts the input to NHWC and writes the product back transposed. All three passes
 //! split their work over threads in fixed blocks (`threads.rs`).
+//!
+//! Small output maps (a ResNet's last stage: 7×7) make thin products: the GEMM re-packs the
+//! whole weight for 49 columns, wastes a quarter of its 64-row tiles, and the weight gradient
+//! reads and writes all of `dW` for a 49-long reduction. Such images are batched, a few per
+//! product (their columns side by side, [`Geometry::images_per_gemm`]); the grouping depends on
+//! the shapes only, so results stay independent of the thread count.
 
 use alloc::vec;
 use alloc::vec::Vec;
@@ -95,7 +101,7 @@ fn forward<T: Element + bytemuck::Pod + Float + 'static>(
     )
 }
 
-/// `Y_{b,g} = W_g · im2col(X_{b,g})`, images in parallel.
+/// `Y_{b,g} = W_g · im2col(X_{b,g})`, image batches in parallel.
 fn gemm_forward<T: Element + bytemuck::Pod + Float + 'static>(
     g: &Geometry,
     xs: &[T],
@@ -104,25 +110,42 @@ fn gemm_forward<T: Element + bytemuck::Pod + Float + 'static>(
     let (cin_g, cout_g) = (g.in_per_group(), g.out_per_group());
     let rows = cin_g * g.k_h * g.k_w;
     let out_hw = g.out_h * g.out_w;
-    let image = g.c_in * g.in_h * g.in_w;
-    let mut y = vec![T::zero(); g.batch * g.c_out * out_hw];
-    split_mut(&mut y, g.batch, g.c_out * out_hw, g.flops(), |images, y| {
-        let mut columns = Columns::new(g);
-        for (i, b) in images.enumerate() {
+    let ib = g.images_per_gemm();
+    let out_image = g.c_out * out_hw;
+    let mut y = vec![T::zero(); g.batch * out_image];
+    let batches = g.batch.div_ceil(ib);
+    split_mut(&mut y, batches, ib * out_image, g.flops(), |range, y| {
+        let mut columns = Columns::new(g, ib);
+        let mut product = vec![T::zero(); if ib > 1 { cout_g * ib * out_hw } else { 0 }];
+        for (batch, y) in range.zip(y.chunks_mut(ib * out_image)) {
+            let (b0, nb) = (batch * ib, ib.min(g.batch - batch * ib));
+            let n = nb * out_hw;
             for grp in 0..g.groups {
-                let col = columns.of(g, &xs[b * image..(b + 1) * image], grp * cin_g, cin_g);
+                let col = columns.of(g, xs, b0, nb, grp * cin_g, cin_g);
                 let w_g = &ws[grp * cout_g * rows..(grp + 1) * cout_g * rows];
-                let y_g = &mut y[(i * g.c_out + grp * cout_g) * out_hw..];
+                let dst = if nb == 1 {
+                    &mut y[grp * cout_g * out_hw..]
+                } else {
+                    &mut product[..]
+                };
                 // SAFETY: each matrix lies inside its slice (shapes from the geometry).
                 unsafe {
                     gemm_into(
-                        [cout_g, out_hw, rows],
-                        y_g.as_mut_ptr(),
-                        out_hw as isize,
+                        [cout_g, n, rows],
+                        dst.as_mut_ptr(),
+                        n as isize,
                         false,
                         (w_g.as_ptr(), 1, rows as isize),
-                        (col.as_ptr(), 1, out_hw as isize),
+                        (col.as_ptr(), 1, n as isize),
                     );
+                }
+                if nb > 1 {
+                    for (c, row) in product[..cout_g * n].chunks(n).enumerate() {
+                        for (i, part) in row.chunks(out_hw).enumerate() {
+                            let at = (i * g.c_out + grp * cout_g + c) * out_hw;
+                            y[at..at + out_hw].copy_from_slice(part);
+                        }
+                    }
                 }
             }
         }
@@ -185,6 +208,12 @@ fn gather_add<T: Float>(
     }
 }
 
+/// Output positions below which a product takes several images' columns.
+const GEMM_COLUMNS: usize = 512;
+
+/// The most images one product takes.
+const MAX_IMAGES_PER_GEMM: usize = 4;
+
 /// Geometry of one 2D convolution, read from its input, weight and output-gradient shapes.
 #[derive(Clone, Copy, Debug)]
 struct Geometry {
@@ -239,6 +268,12 @@ impl Geometry {
             * self.in_per_group()
             * self.k_h
             * self.k_w
+    }
+
+    /// Images per GEMM: as many as bring a product to about [`GEMM_COLUMNS`] output positions,
+    /// at most [`MAX_IMAGES_PER_GEMM`] (so a batch of 8 still splits over cores).
+    fn images_per_gemm(&self) -> usize {
+        (GEMM_COLUMNS / (self.out_h * self.out_w).max(1)).clamp(1, MAX_IMAGES_PER_GEMM)
     }
 
     /// 1×1, stride 1, no padding: the input already is its own im2col.
@@ -449,45 +484,98 @@ unsafe fn gemm_into<T: 'static + Float>(
     }
 }
 
-/// One thread's im2col buffer.
+/// One thread's im2col buffer, for up to `images` images side by side.
 struct Columns<T> {
     buf: Vec<T>,
 }
 
 impl<T: Float> Columns<T> {
-    fn new(g: &Geometry) -> Self {
-        let len = if g.pointwise() {
+    fn new(g: &Geometry, images: usize) -> Self {
+        let len = if g.pointwise() && images == 1 {
             0
         } else {
-            g.in_per_group() * g.k_h * g.k_w * g.out_h * g.out_w
+            g.in_per_group() * g.k_h * g.k_w * images * g.out_h * g.out_w
         };
         Self {
             buf: vec![T::zero(); len],
         }
     }
 
-    /// The im2col matrix of channels `c0..c0 + channels` of one image: the image's own rows
-    /// for a pointwise convolution.
-    fn of<'a>(&'a mut self, g: &Geometry, img: &'a [T], c0: usize, channels: usize) -> &'a [T] {
-        if g.pointwise() {
-            let plane = g.in_h * g.in_w;
-            return &img[c0 * plane..(c0 + channels) * plane];
+    /// The im2col matrix of channels `c0..c0 + channels` of images `b0..b0 + nb` of `x`, their
+    /// columns side by side: a single image's own rows for a pointwise convolution.
+    fn of<'a>(
+        &'a mut self,
+        g: &Geometry,
+        x: &'a [T],
+        b0: usize,
+        nb: usize,
+        c0: usize,
+        channels: usize,
+    ) -> &'a [T] {
+        let (plane, image) = (g.in_h * g.in_w, g.c_in * g.in_h * g.in_w);
+        if g.pointwise() && nb == 1 {
+            return &x[b0 * image + c0 * plane..b0 * image + (c0 + channels) * plane];
         }
-        im2col(g, img, c0, channels, &mut self.buf);
-        &self.buf
+        let n = nb * g.out_h * g.out_w;
+        for i in 0..nb {
+            let img = &x[(b0 + i) * image..(b0 + i + 1) * image];
+            im2col(
+                g,
+                img,
+                c0,
+                channels,
+                &mut self.buf,
+                n,
+                i * g.out_h * g.out_w,
+            );
+        }
+        &self.buf[..channels * g.k_h * g.k_w * n]
     }
 }
 
-/// Unfolds channels `c0..c0 + channels` of one image (NCHW, `img`) into `col`:
-/// rows (channel, kernel row, kernel column), columns the output positions.
-fn im2col<T: Float>(g: &Geometry, img: &[T], c0: usize, channels: usize, col: &mut [T]) {
+/// Rows `c0..c0 + channels` of images `b0..b0 + nb` of an NCHW tensor with `c` channels of
+/// `hw` positions, as one `[channels, nb · hw]` matrix (copied into `buf` unless `nb` is 1).
+#[allow(clippy::too_many_arguments)]
+fn image_rows<'a, T: Copy>(
+    t: &'a [T],
+    (c, hw): (usize, usize),
+    b0: usize,
+    nb: usize,
+    c0: usize,
+    channels: usize,
+    buf: &'a mut [T],
+) -> &'a [T] {
+    if nb == 1 {
+        return &t[(b0 * c + c0) * hw..(b0 * c + c0 + channels) * hw];
+    }
+    let n = nb * hw;
+    for (r, row) in buf[..channels * n].chunks_mut(n).enumerate() {
+        for (i, part) in row.chunks_mut(hw).enumerate() {
+            let at = ((b0 + i) * c + c0 + r) * hw;
+            part.copy_from_slice(&t[at..at + hw]);
+        }
+    }
+    &buf[..channels * n]
+}
+
+/// Unfolds channels `c0..c0 + channels` of one image (NCHW, `img`) into `col`: rows (channel,
+/// kernel row, kernel column) `ld` apart, the image's output positions from column `off`.
+fn im2col<T: Float>(
+    g: &Geometry,
+    img: &[T],
+    c0: usize,
+    channels: usize,
+    col: &mut [T],
+    ld: usize,
+    off: usize,
+) {
     let (plane, out_hw) = (g.in_h * g.in_w, g.out_h * g.out_w);
     for c in 0..channels {
         let src = &img[(c0 + c) * plane..(c0 + c + 1) * plane];
         for kh in 0..g.k_h {
             for kw in 0..g.k_w {
                 let row = (c * g.k_h + kh) * g.k_w + kw;
-                let dst = &mut col[row * out_hw..(row + 1) * out_hw];
+                let dst = &mut col[row * ld + off..row * ld + off + out_hw];
                 let (lo, hi) = g.out_cols(kw);
                 for oh in 0..g.out_h {
                     let out = &mut dst[oh * g.out_w..(oh + 1) * g.out_w];
@@ -512,16 +600,23 @@ fn im2col<T: Float>(g: &Geometry, img: &[T], c0: usize, channels: usize, col: &m
     }
 }
 
-/// Adds `col` (laid out as [`im2col`] writes it) back into channels `c0..c0 + channels` of one
-/// image gradient.
-fn col2im<T: Float>(g: &Geometry, col: &[T], c0: usize, channels: usize, img: &mut [T]) {
+/// Adds `col` (laid out as [`im2col`] writes it: rows `ld` apart, this image's positions from
+/// column `off`) back into channels `c0..c0 + channels` of one image gradient.
+fn col2im<T: Float>(
+    g: &Geometry,
+    col: &[T],
+    (ld, off): (usize, usize),
+    c0: usize,
+    channels: usize,
+    img: &mut [T],
+) {
     let (plane, out_hw) = (g.in_h * g.in_w, g.out_h * g.out_w);
     for c in 0..channels {
         let dst = &mut img[(c0 + c) * plane..(c0 + c + 1) * plane];
         for kh in 0..g.k_h {
             for kw in 0..g.k_w {
                 let row = (c * g.k_h + kh) * g.k_w + kw;
-                let src = &col[row * out_hw..(row + 1) * out_hw];
+                let src = &col[row * ld + off..row * ld + off + out_hw];
                 let (lo, hi) = g.out_cols(kw);
                 for oh in 0..g.out_h {
                     let Some(ih) = g.in_row(oh, kh) else {
@@ -573,7 +668,7 @@ fn scatter_add<T: Float>(
 /// blocks in order. A fixed count (not the thread count) keeps results machine-independent.
 const WEIGHT_GRAD_BLOCKS: usize = 4;
 
-/// `dW_g = Σ_b dY_{b,g} · im2col(X_{b,g})ᵀ`: images summed in order within each of
+/// `dW_g = Σ_b dY_{b,g} · im2col(X_{b,g})ᵀ`: image batches summed in order within each of
 /// [`WEIGHT_GRAD_BLOCKS`] blocks (computed in parallel), then the blocks in order.
 fn gemm_weight_grad<T: Element + bytemuck::Pod + Float + 'static>(
     g: &Geometry,
@@ -583,7 +678,7 @@ fn gemm_weight_grad<T: Element + bytemuck::Pod + Float + 'static>(
     let (cin_g, cout_g) = (g.in_per_group(), g.out_per_group());
     let rows = cin_g * g.k_h * g.k_w;
     let out_hw = g.out_h * g.out_w;
-    let image = g.c_in * g.in_h * g.in_w;
+    let ib = g.images_per_gemm();
     let blocks = WEIGHT_GRAD_BLOCKS.min(g.batch);
     let per_block = g.batch.div_ceil(blocks);
     let mut partial = vec![T::zero(); blocks * g.c_out * rows];
@@ -593,22 +688,34 @@ fn gemm_weight_grad<T: Element + bytemuck::Pod + Float + 'static>(
         g.c_out * rows,
         g.flops(),
         |blocks, dw_blocks| {
-            let mut columns = Columns::new(g);
+            let mut columns = Columns::new(g, ib);
+            let mut dy_buf = vec![T::zero(); if ib > 1 { cout_g * ib * out_hw } else { 0 }];
             for (blk, dw) in blocks.zip(dw_blocks.chunks_mut(g.c_out * rows)) {
-                for b in blk * per_block..((blk + 1) * per_block).min(g.batch) {
+                let end = ((blk + 1) * per_block).min(g.batch);
+                for b0 in (blk * per_block..end).step_by(ib) {
+                    let nb = ib.min(end - b0);
+                    let n = nb * out_hw;
                     for grp in 0..g.groups {
-                        let col = columns.of(g, &x[b * image..(b + 1) * image], grp * cin_g, cin_g);
-                        let dy_g = &dy[(b * g.c_out + grp * cout_g) * out_hw..];
+                        let col = columns.of(g, x, b0, nb, grp * cin_g, cin_g);
+                        let dy_g = image_rows(
+                            dy,
+                            (g.c_out, out_hw),
+                            b0,
+                            nb,
+                            grp * cout_g,
+                            cout_g,
+                            &mut dy_buf,
+                        );
                         let dw_g = &mut dw[grp * cout_g * rows..(grp + 1) * cout_g * rows];
                         // SAFETY: each matrix lies inside its slice (shapes from the geometry).
                         unsafe {
                             gemm_into(
-                                [cout_g, rows, out_hw],
+                                [cout_g, rows, n],
                                 dw_g.as_mut_ptr(),
                                 rows as isize,
                                 true,
-                                (dy_g.as_ptr(), 1, out_hw as isize),
-                                (col.as_ptr(), out_hw as isize, 1),
+                                (dy_g.as_ptr(), 1, n as isize),
+                                (col.as_ptr(), n as isize, 1),
                             );
                         }
                     }
@@ -626,7 +733,7 @@ fn gemm_weight_grad<T: Element + bytemuck::Pod + Float + 'static>(
     dw
 }
 
-/// `dX_{b,g} = col2im(W_gᵀ · dY_{b,g})`, images in parallel.
+/// `dX_{b,g} = col2im(W_gᵀ · dY_{b,g})`, image batches in parallel.
 fn gemm_input_grad<T: Element + bytemuck::Pod + Float + 'static>(
     g: &Geometry,
     w: &[T],
@@ -636,36 +743,48 @@ fn gemm_input_grad<T: Element + bytemuck::Pod + Float + 'static>(
     let rows = cin_g * g.k_h * g.k_w;
     let out_hw = g.out_h * g.out_w;
     let image = g.c_in * g.in_h * g.in_w;
+    let ib = g.images_per_gemm();
     let mut dx = vec![T::zero(); g.batch * image];
-    split_mut(&mut dx, g.batch, image, g.flops(), |images, dx| {
-        // A pointwise convolution's columns are the input gradient itself.
-        let mut col = if g.pointwise() {
-            Vec::new()
-        } else {
-            vec![T::zero(); rows * out_hw]
-        };
-        for (b, dx) in images.zip(dx.chunks_mut(image)) {
+    let batches = g.batch.div_ceil(ib);
+    split_mut(&mut dx, batches, ib * image, g.flops(), |range, dx| {
+        // A single pointwise image's columns are its input gradient itself.
+        let direct = g.pointwise() && ib == 1;
+        let mut col = vec![T::zero(); if direct { 0 } else { rows * ib * out_hw }];
+        let mut dy_buf = vec![T::zero(); if ib > 1 { cout_g * ib * out_hw } else { 0 }];
+        for (batch, dx) in range.zip(dx.chunks_mut(ib * image)) {
+            let (b0, nb) = (batch * ib, ib.min(g.batch - batch * ib));
+            let n = nb * out_hw;
             for grp in 0..g.groups {
                 let w_g = &w[grp * cout_g * rows..(grp + 1) * cout_g * rows];
-                let dy_g = &dy[(b * g.c_out + grp * cout_g) * out_hw..];
-                let dst = if g.pointwise() {
+                let dy_g = image_rows(
+                    dy,
+                    (g.c_out, out_hw),
+                    b0,
+                    nb,
+                    grp * cout_g,
+                    cout_g,
+                    &mut dy_buf,
+                );
+                let dst = if direct {
                     &mut dx[grp * rows * out_hw..(grp + 1) * rows * out_hw]
                 } else {
-                    &mut col[..]
+                    &mut col[..rows * n]
                 };
                 // SAFETY: each matrix lies inside its slice (shapes from the geometry).
                 unsafe {
                     gemm_into(
-                        [rows, out_hw, cout_g],
+                        [rows, n, cout_g],
                         dst.as_mut_ptr(),
-                        out_hw as isize,
+                        n as isize,
                         false,
                         (w_g.as_ptr(), rows as isize, 1),
-                        (dy_g.as_ptr(), 1, out_hw as isize),
+                        (dy_g.as_ptr(), 1, n as isize),
                     );
                 }
-                if !g.pointwise() {
-                    col2im(g, &col, grp * cin_g, cin_g, dx);
+                if !direct {
+                    for (i, dx) in dx.chunks_mut(image).take(nb).enumerate() {
+                        col2im(g, &col, (n, i * out_hw), grp * cin_g, cin_g, dx);
+                    }
                 }
             }
         }

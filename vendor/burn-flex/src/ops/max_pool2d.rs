@@ -42,7 +42,14 @@ pub(crate) fn max_pool2d_f32(
     let x = x.to_contiguous();
     let shape = x.layout().shape();
     let size = |i: usize| {
-        pool_output_size(shape[2 + i], kernel[i], padding[i], stride[i], dilation[i], ceil_mode)
+        pool_output_size(
+            shape[2 + i],
+            kernel[i],
+            padding[i],
+            stride[i],
+            dilation[i],
+            ceil_mode,
+        )
     };
     let out = [size(0), size(1)];
     let (planes, in_h, in_w) = (shape[0] * shape[1], shape[2], shape[3]);
@@ -67,31 +74,45 @@ pub(crate) fn max_pool2d_f32(
             (lo, hi, (lo * stride[1] + off).saturating_sub(padding[1]))
         })
         .collect();
+    // One input row split into its `stride[1]` phases (`row[q·s + r]` at `r·phase + q`), so
+    // that each kernel column's taps of an output row are contiguous.
+    let phase = in_w.div_ceil(stride[1]);
     // The first maximum of every window of one output row, taps visited in kernel-row-major
-    // order for all columns at once (branch-free selects): values and indices within the plane.
-    let pool_row = |plane: &[f32], oh: usize, best: &mut [f32], at: &mut [i64]| {
-        best.fill(f32::NEG_INFINITY);
-        at.fill(-1);
-        let (kh_lo, kh_hi) = rows[oh];
-        for kh in kh_lo..kh_hi {
-            let ih = oh * stride[0] + kh * dilation[0] - padding[0];
-            let row = &plane[ih * in_w..(ih + 1) * in_w];
-            for &(lo, hi, iw0) in cols.iter().filter(|c| c.0 < c.1) {
-                let taps = row[iw0..].iter().step_by(stride[1]);
-                let base = (ih * in_w + iw0) as i64;
-                let step = stride[1] as i64;
-                for (j, ((&v, b), a)) in taps
-                    .zip(&mut best[lo..hi])
-                    .zip(&mut at[lo..hi])
-                    .enumerate()
-                {
-                    let take = v > *b || *a < 0;
-                    *b = if take { v } else { *b };
-                    *a = if take { base + j as i64 * step } else { *a };
+    // order for all columns at once with selects (so it vectorises): values, and indices
+    // within the plane in `at` (a plane holds fewer than 2³¹ values: 8 GiB).
+    let pool_row =
+        |plane: &[f32], oh: usize, phases: &mut [f32], best: &mut [f32], at: &mut [i32]| {
+            best.fill(f32::NEG_INFINITY);
+            at.fill(-1);
+            let (kh_lo, kh_hi) = rows[oh];
+            for kh in kh_lo..kh_hi {
+                let ih = oh * stride[0] + kh * dilation[0] - padding[0];
+                let row = &plane[ih * in_w..(ih + 1) * in_w];
+                let src: &[f32] = if stride[1] == 1 {
+                    row
+                } else {
+                    for (q, chunk) in row.chunks(stride[1]).enumerate() {
+                        for (r, &v) in chunk.iter().enumerate() {
+                            phases[r * phase + q] = v;
+                        }
+                    }
+                    phases
+                };
+                for &(lo, hi, iw0) in cols.iter().filter(|c| c.0 < c.1) {
+                    let n = hi - lo;
+                    let start = (iw0 % stride[1]) * phase + iw0 / stride[1];
+                    let taps = &src[start..start + n];
+                    let (best, at) = (&mut best[lo..hi], &mut at[lo..hi]);
+                    let (base, step) = ((ih * in_w + iw0) as i32, stride[1] as i32);
+                    for j in 0..n {
+                        let v = taps[j];
+                        let take = (v > best[j]) | (at[j] < 0);
+                        best[j] = if take { v } else { best[j] };
+                        at[j] = if take { base + j as i32 * step } else { at[j] };
+                    }
                 }
             }
-        }
-    };
+        };
     let plane_of = |p: usize| &data[p * in_h * in_w..(p + 1) * in_h * in_w];
     let tensor = |bytes: Bytes, dtype: DType| {
         FlexTensor::new(bytes, Layout::contiguous(out_shape.clone()), dtype)
@@ -99,10 +120,10 @@ pub(crate) fn max_pool2d_f32(
     if !with_indices {
         let mut y = vec![0.0f32; planes * out_hw];
         split_mut(&mut y, planes, out_hw, work, |range, y| {
-            let mut at = vec![0i64; out[1]];
+            let (mut phases, mut at) = (vec![0f32; phase * stride[1]], vec![0i32; out[1]]);
             for (p, y) in range.zip(y.chunks_mut(out_hw)) {
                 for (oh, y) in y.chunks_mut(out[1].max(1)).enumerate() {
-                    pool_row(plane_of(p), oh, y, &mut at);
+                    pool_row(plane_of(p), oh, &mut phases, y, &mut at);
                 }
             }
         });
@@ -110,10 +131,14 @@ pub(crate) fn max_pool2d_f32(
     }
     let mut indices = vec![0i64; planes * out_hw];
     split_mut(&mut indices, planes, out_hw, work, |range, idx| {
-        let mut best = vec![0f32; out[1]];
+        let (mut phases, mut best) = (vec![0f32; phase * stride[1]], vec![0f32; out[1]]);
+        let mut at = vec![0i32; out[1]];
         for (p, idx) in range.zip(idx.chunks_mut(out_hw)) {
             for (oh, idx) in idx.chunks_mut(out[1].max(1)).enumerate() {
-                pool_row(plane_of(p), oh, &mut best, idx);
+                pool_row(plane_of(p), oh, &mut phases, &mut best, &mut at);
+                for (i, &a) in idx.iter_mut().zip(&at) {
+                    *i = a as i64;
+                }
             }
         }
     });
@@ -122,8 +147,13 @@ pub(crate) fn max_pool2d_f32(
         .enumerate()
         .flat_map(|(p, idx)| {
             let plane = plane_of(p);
-            idx.iter()
-                .map(move |&i| if i < 0 { f32::NEG_INFINITY } else { plane[i as usize] })
+            idx.iter().map(move |&i| {
+                if i < 0 {
+                    f32::NEG_INFINITY
+                } else {
+                    plane[i as usize]
+                }
+            })
         })
         .collect();
     (
