@@ -664,12 +664,18 @@ fn scatter_add<T: Float>(
     }
 }
 
+/// Output channels per group up to which the weight gradient is computed transposed (one
+/// 64-row tile of gemm's kernel: with more, the unpacked im2col matrix is re-read per tile).
+const TRANSPOSED_WEIGHT_GRAD_MAX_OUT: usize = 64;
+
 /// Image blocks of the weight gradient: each block's images are summed in order, then the
 /// blocks in order. A fixed count (not the thread count) keeps results machine-independent.
 const WEIGHT_GRAD_BLOCKS: usize = 4;
 
 /// `dW_g = Σ_b dY_{b,g} · im2col(X_{b,g})ᵀ`: image batches summed in order within each of
-/// [`WEIGHT_GRAD_BLOCKS`] blocks (computed in parallel), then the blocks in order.
+/// [`WEIGHT_GRAD_BLOCKS`] blocks (computed in parallel), then the blocks in order. With few
+/// output channels a block accumulates `dW_gᵀ` (`[rows, C_out]`): gemm then packs `dY` instead
+/// of transposing the whole im2col matrix into panels, and reads that unpacked once.
 fn gemm_weight_grad<T: Element + bytemuck::Pod + Float + 'static>(
     g: &Geometry,
     x: &[T],
@@ -681,6 +687,7 @@ fn gemm_weight_grad<T: Element + bytemuck::Pod + Float + 'static>(
     let ib = g.images_per_gemm();
     let blocks = WEIGHT_GRAD_BLOCKS.min(g.batch);
     let per_block = g.batch.div_ceil(blocks);
+    let transposed = cout_g <= TRANSPOSED_WEIGHT_GRAD_MAX_OUT;
     let mut partial = vec![T::zero(); blocks * g.c_out * rows];
     split_mut(
         &mut partial,
@@ -709,25 +716,50 @@ fn gemm_weight_grad<T: Element + bytemuck::Pod + Float + 'static>(
                         let dw_g = &mut dw[grp * cout_g * rows..(grp + 1) * cout_g * rows];
                         // SAFETY: each matrix lies inside its slice (shapes from the geometry).
                         unsafe {
-                            gemm_into(
-                                [cout_g, rows, n],
-                                dw_g.as_mut_ptr(),
-                                rows as isize,
-                                true,
-                                (dy_g.as_ptr(), 1, n as isize),
-                                (col.as_ptr(), n as isize, 1),
-                            );
+                            if transposed {
+                                gemm_into(
+                                    [rows, cout_g, n],
+                                    dw_g.as_mut_ptr(),
+                                    cout_g as isize,
+                                    true,
+                                    (col.as_ptr(), 1, n as isize),
+                                    (dy_g.as_ptr(), n as isize, 1),
+                                );
+                            } else {
+                                gemm_into(
+                                    [cout_g, rows, n],
+                                    dw_g.as_mut_ptr(),
+                                    rows as isize,
+                                    true,
+                                    (dy_g.as_ptr(), 1, n as isize),
+                                    (col.as_ptr(), n as isize, 1),
+                                );
+                            }
                         }
                     }
                 }
             }
         },
     );
-    let mut blocks = partial.chunks_exact(g.c_out * rows);
-    let mut dw = blocks.next().map(<[T]>::to_vec).unwrap_or_default();
-    for block in blocks {
-        for (d, &p) in dw.iter_mut().zip(block) {
-            *d = *d + p;
+    // The blocks summed in order (each group's `dW_gᵀ` transposed back).
+    let mut dw = vec![T::zero(); g.c_out * rows];
+    for block in partial.chunks_exact(g.c_out * rows) {
+        if !transposed {
+            for (d, &v) in dw.iter_mut().zip(block) {
+                *d = *d + v;
+            }
+            continue;
+        }
+        for (dw_g, dwt_g) in dw
+            .chunks_exact_mut(cout_g * rows)
+            .zip(block.chunks_exact(cout_g * rows))
+        {
+            for (r, dwt_row) in dwt_g.chunks_exact(cout_g).enumerate() {
+                for (co, &v) in dwt_row.iter().enumerate() {
+                    let d = &mut dw_g[co * rows + r];
+                    *d = *d + v;
+                }
+            }
         }
     }
     dw
