@@ -3,7 +3,7 @@
 //! burn's default `conv2d_weight_backward` is one convolution of the swapped batch with the
 //! output gradient as an (H_out × W_out) kernel: flex runs it as one narrow product per input
 //! channel, each re-reading the whole output gradient, and for grouped convolutions one such
-//! convolution per group. Here the weight gradient is one GEMM per image and group,
+//! convolution per group. Here the weight gradient is one GEMM per image (batch) and group,
 //! `dW_g += dY_g · im2col(X_g)ᵀ`, summed over the images in a fixed order, and the input
 //! gradient `col2im(W_gᵀ · dY_g)`. Pointwise convolutions use the input as its own im2col.
 //! Depthwise convolutions (one input and one output channel per group) skip im2col and GEMM:
