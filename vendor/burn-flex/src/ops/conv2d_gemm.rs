@@ -512,9 +512,9 @@ impl<T: Float> Columns<T> {
         c0: usize,
         channels: usize,
     ) -> &'a [T] {
-        let (plane, image) = (g.in_h * g.in_w, g.c_in * g.in_h * g.in_w);
+        let image = g.c_in * g.in_h * g.in_w;
         if g.pointwise() && nb == 1 {
-            return &x[b0 * image + c0 * plane..b0 * image + (c0 + channels) * plane];
+            return image_rows(x, (g.c_in, g.in_h * g.in_w), b0, 1, c0, channels, &mut []);
         }
         let n = nb * g.out_h * g.out_w;
         for i in 0..nb {

@@ -120,7 +120,10 @@ pub(crate) fn max_pool2d_f32(
     if !with_indices {
         let mut y = vec![0.0f32; planes * out_hw];
         split_mut(&mut y, planes, out_hw, work, |range, y| {
-            let (mut phases, mut at) = (vec![0f32; phase * stride[1]], vec![0i32; out[1]]);
+            let (mut phases, mut at) = (
+                vec![0f32; if stride[1] > 1 { phase * stride[1] } else { 0 }],
+                vec![0i32; out[1]],
+            );
             for (p, y) in range.zip(y.chunks_mut(out_hw)) {
                 for (oh, y) in y.chunks_mut(out[1].max(1)).enumerate() {
                     pool_row(plane_of(p), oh, &mut phases, y, &mut at);
@@ -131,7 +134,10 @@ pub(crate) fn max_pool2d_f32(
     }
     let mut indices = vec![0i64; planes * out_hw];
     split_mut(&mut indices, planes, out_hw, work, |range, idx| {
-        let (mut phases, mut best) = (vec![0f32; phase * stride[1]], vec![0f32; out[1]]);
+        let (mut phases, mut best) = (
+            vec![0f32; if stride[1] > 1 { phase * stride[1] } else { 0 }],
+            vec![0f32; out[1]],
+        );
         let mut at = vec![0i32; out[1]];
         for (p, idx) in range.zip(idx.chunks_mut(out_hw)) {
             for (oh, idx) in idx.chunks_mut(out[1].max(1)).enumerate() {
