@@ -374,6 +374,71 @@ fn loader_is_deterministic_whatever_the_worker_count() {
 }
 
 #[test]
+fn segmentation_flips_and_transpose_move_image_and_labels_together() {
+    // A 6×4 image whose red channel is its label, `y · 6 + x`: every pixel names its source.
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (imgs, labels) = (tmp.path().join("img"), tmp.path().join("lbl"));
+    std::fs::create_dir_all(&imgs).expect("mkdir");
+    std::fs::create_dir_all(&labels).expect("mkdir");
+    let (w, h) = (6u32, 4u32);
+    let image = RgbImage::from_fn(w, h, |x, y| Rgb([(y * w + x) as u8, 0, 0]));
+    image.save(imgs.join("x.png")).expect("save");
+    let map = LabelMap {
+        width: w,
+        height: h,
+        data: (0..(w * h) as u8).collect(),
+    };
+    write_label_map(&labels.join("x.png"), &map, false).expect("write");
+    let sample = |hflip: f64, vflip: f64, transpose: f64, crop: (u32, u32)| {
+        let aug = SegAugment {
+            scale_range: (1.0, 1.0),
+            crop,
+            hflip_prob: hflip,
+            vflip_prob: vflip,
+            transpose_prob: transpose,
+        };
+        aug.validate().expect("valid");
+        let src = LabelMapFolder::new(&imgs, &labels, ("", ""), 24, 255, Some(aug)).expect("pairs");
+        let mut rng = <ChaCha8Rng as rand::SeedableRng>::seed_from_u64(3);
+        let s = src.get(0, &mut rng).expect("loads");
+        for (px, &l) in s.image.pixels().zip(&s.label.data) {
+            assert_eq!(px[0], l, "image and labels moved together");
+        }
+        (s.label.width, s.label.height, s.label.data)
+    };
+    let source = |x: u32, y: u32| (y * w + x) as u8;
+    let expect = |ow: u32, oh: u32, f: &dyn Fn(u32, u32) -> u8| {
+        let data: Vec<u8> = (0..oh)
+            .flat_map(|y| (0..ow).map(move |x| (x, y)))
+            .map(|(x, y)| f(x, y))
+            .collect();
+        (ow, oh, data)
+    };
+    assert_eq!(
+        sample(0.0, 1.0, 0.0, (w, h)),
+        expect(w, h, &|x, y| source(x, h - 1 - y))
+    );
+    assert_eq!(
+        sample(0.0, 0.0, 1.0, (h, w)),
+        expect(h, w, &|x, y| source(y, x))
+    );
+    // Transpose, then both flips: a half turn of the transpose, i.e. a quarter turn.
+    assert_eq!(
+        sample(1.0, 1.0, 1.0, (h, w)),
+        expect(h, w, &|x, y| source(w - 1 - y, h - 1 - x))
+    );
+    let bad = SegAugment {
+        scale_range: (1.0, 1.0),
+        crop: (4, 4),
+        hflip_prob: 0.5,
+        vflip_prob: 1.5,
+        transpose_prob: 0.0,
+    };
+    let err = bad.validate().expect_err("probability above 1").to_string();
+    assert!(err.contains("data.seg_augment.vflip_prob"), "{err}");
+}
+
+#[test]
 fn segmentation_folder_pairs_by_stem_and_pads_with_ignore() {
     let tmp = tempfile::tempdir().expect("tmp");
     let (imgs, labels) = (tmp.path().join("img"), tmp.path().join("lbl"));
@@ -391,6 +456,8 @@ fn segmentation_folder_pairs_by_stem_and_pads_with_ignore() {
             scale_range: (1.0, 1.0),
             crop: (10, 10),
             hflip_prob: 0.5,
+            vflip_prob: 0.0,
+            transpose_prob: 0.0,
         }),
     )
     .expect("pairs");

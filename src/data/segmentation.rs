@@ -13,7 +13,8 @@ use crate::data::labelmap::{read_label_map, LabelMap};
 use crate::data::loader::Source;
 use crate::data::synth::{self, Split, SynthConfig};
 use crate::data::transforms::{
-    hflip_image, hflip_label, normalize, random_scale_crop, IMAGENET_MEAN, IMAGENET_STD,
+    hflip_image, hflip_label, normalize, random_scale_crop, transpose_image, transpose_label,
+    vflip_image, vflip_label, IMAGENET_MEAN, IMAGENET_STD,
 };
 use crate::error::{Error, Result};
 
@@ -26,6 +27,13 @@ pub struct SegAugment {
     pub crop: (u32, u32),
     /// Probability of a horizontal flip.
     pub hflip_prob: f64,
+    /// Probability of a vertical flip (for data without an up direction, e.g. top-down views).
+    #[serde(default)]
+    pub vflip_prob: f64,
+    /// Probability of swapping rows and columns before scaling and cropping; with both flips at
+    /// 0.5 every rotation by a multiple of 90° and every mirror is equally likely.
+    #[serde(default)]
+    pub transpose_prob: f64,
 }
 
 impl SegAugment {
@@ -44,11 +52,17 @@ impl SegAugment {
                 "width and height must be positive",
             ));
         }
-        if !(0.0..=1.0).contains(&self.hflip_prob) {
-            return Err(Error::config(
-                "data.seg_augment.hflip_prob",
-                format!("must be in [0, 1], got {}", self.hflip_prob),
-            ));
+        for (key, p) in [
+            ("hflip_prob", self.hflip_prob),
+            ("vflip_prob", self.vflip_prob),
+            ("transpose_prob", self.transpose_prob),
+        ] {
+            if !(0.0..=1.0).contains(&p) {
+                return Err(Error::config(
+                    format!("data.seg_augment.{key}"),
+                    format!("must be in [0, 1], got {p}"),
+                ));
+            }
         }
         Ok(())
     }
@@ -77,11 +91,22 @@ fn augment<R: Rng>(
     let Some(aug) = aug else {
         return SegSample { name, image, label };
     };
+    // Each option draws only when enabled, so configs without it keep their random stream.
+    let draw = |p: f64, rng: &mut R| p > 0.0 && rng.random_bool(p.min(1.0));
+    let (image, label) = if draw(aug.transpose_prob, rng) {
+        (transpose_image(&image), transpose_label(&label))
+    } else {
+        (image, label)
+    };
     let (mut image, mut label) =
         random_scale_crop(&image, &label, aug.scale_range, aug.crop, ignore_index, rng);
-    if aug.hflip_prob > 0.0 && rng.random_bool(aug.hflip_prob.min(1.0)) {
+    if draw(aug.hflip_prob, rng) {
         image = hflip_image(&image);
         hflip_label(&mut label);
+    }
+    if draw(aug.vflip_prob, rng) {
+        image = vflip_image(&image);
+        vflip_label(&mut label);
     }
     SegSample { name, image, label }
 }

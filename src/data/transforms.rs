@@ -62,6 +62,27 @@ pub fn hflip_label(map: &mut LabelMap) {
     }
 }
 
+/// Mirrors a label map top to bottom in place.
+pub fn vflip_label(map: &mut LabelMap) {
+    let width = map.width as usize;
+    let rows = map.height as usize;
+    for y in 0..rows / 2 {
+        let (top, bottom) = map.data.split_at_mut((rows - 1 - y) * width);
+        top[y * width..(y + 1) * width].swap_with_slice(&mut bottom[..width]);
+    }
+}
+
+/// Swaps the rows and columns of a label map.
+pub fn transpose_label(map: &LabelMap) -> LabelMap {
+    let mut out = LabelMap::filled(map.height, map.width, 0);
+    for y in 0..map.height {
+        for x in 0..map.width {
+            out.data[(x * map.height + y) as usize] = map.get(x, y);
+        }
+    }
+    out
+}
+
 /// Nearest-neighbour resize of a label map (class ids must not be interpolated).
 pub fn resize_label(map: &LabelMap, width: u32, height: u32) -> LabelMap {
     let mut out = LabelMap::filled(width, height, 0);
@@ -124,6 +145,17 @@ pub fn random_scale_crop<R: Rng>(
 /// Horizontally mirrors an image.
 pub fn hflip_image(img: &RgbImage) -> RgbImage {
     imageops::flip_horizontal(img)
+}
+
+/// Mirrors an image top to bottom.
+pub fn vflip_image(img: &RgbImage) -> RgbImage {
+    imageops::flip_vertical(img)
+}
+
+/// Swaps the rows and columns of an image.
+pub fn transpose_image(img: &RgbImage) -> RgbImage {
+    // A quarter turn clockwise maps (x, y) to (h − 1 − y, x); mirroring it left to right gives (y, x).
+    imageops::flip_horizontal(&imageops::rotate90(img))
 }
 
 /// Converts to planar CHW f32, scaled to 0..1 and normalised per channel.

@@ -38,9 +38,12 @@ fn recorded_relu6<B: Backend, C: CheckpointStrategy, const D: usize>(
     x: Tensor<Autodiff<B, C>, D>,
 ) -> Tensor<Autodiff<B, C>, D> {
     let x = x.into_primitive().tensor();
-    let y = B::float_clamp(x.primitive.clone(), 0.0.into(), 6.0.into());
+    // The input's buffer is handed over (the backward reads the output only), so a backend may
+    // clamp in place.
+    let node = x.node.clone();
+    let y = B::float_clamp(x.primitive, 0.0.into(), 6.0.into());
     let out = match Relu6Backward::<D>
-        .prepare::<C>([x.node.clone()])
+        .prepare::<C>([node])
         .compute_bound()
         .stateful()
     {
