@@ -196,6 +196,22 @@ fn depthwise_convolutions_match_the_definition() {
         case([2, 2, 12, 13, 3, 2, 6, 3, 2]),
         // A channel multiplier of 2: grouped, but not depthwise.
         case([3, 6, 9, 10, 3, 1, 1, 1, 3]),
+        // Every geometry different along the two axes, stride 3 (three phases), one image.
+        Case {
+            batch: 1,
+            k: [3, 5],
+            stride: [3, 2],
+            pad: [2, 1],
+            dil: [2, 1],
+            ..case([4, 4, 14, 11, 3, 1, 1, 1, 4])
+        },
+        // Stride larger than the kernel: some inputs are read by no tap.
+        Case {
+            k: [2, 1],
+            stride: [3, 4],
+            pad: [0, 1],
+            ..case([3, 3, 10, 13, 3, 1, 1, 1, 3])
+        },
     ] {
         check(c, false);
     }

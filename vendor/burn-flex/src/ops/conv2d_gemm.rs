@@ -7,8 +7,7 @@
 //! `dW_g += dY_g · im2col(X_g)ᵀ`, summed over the images in a fixed order, and the input
 //! gradient `col2im(W_gᵀ · dY_g)`. Pointwise convolutions use the input as its own im2col.
 //! Depthwise convolutions (one input and one output channel per group) skip im2col and GEMM:
-//! direct loops whose inner loop runs over contiguous output columns with analytic bounds, so it
-//! vectorises.
+//! direct loops on stride phases (`depthwise.rs`).
 //!
 //! The forward pass `Y_g = W_g · im2col(X_g)` writes each image's output rows in place; flex's
 //! own path converts the input to NHWC and writes the product back transposed. All three passes
@@ -31,6 +30,7 @@ use num_traits::Float;
 use crate::{FlexTensor, Layout};
 
 use super::conv_common::add_bias;
+use super::depthwise::{self, Depthwise};
 use super::module::{cast_from_f32, cast_to_f32};
 use super::threads::split_mut;
 
@@ -79,7 +79,7 @@ fn forward<T: Element + bytemuck::Pod + Float + 'static>(
     let g = Geometry::new(x_shape, w_shape, &out_shape, options);
     let (xs, ws) = (x.storage::<T>(), weight.storage::<T>());
     let mut y = if g.depthwise() {
-        depthwise_forward(&g, xs, ws)
+        depthwise::forward(&g.depthwise_layout(), xs, ws)
     } else {
         gemm_forward(&g, xs, ws)
     };
@@ -151,61 +151,6 @@ fn gemm_forward<T: Element + bytemuck::Pod + Float + 'static>(
         }
     });
     y
-}
-
-/// Depthwise forward pass: per channel and kernel tap, the input row scaled by the tap's weight
-/// and added to the output row that reads it; images in parallel.
-fn depthwise_forward<T: Float + Send + Sync>(g: &Geometry, x: &[T], w: &[T]) -> Vec<T> {
-    let (plane, out_hw, taps) = (g.in_h * g.in_w, g.out_h * g.out_w, g.k_h * g.k_w);
-    let out_image = g.c_out * out_hw;
-    let mut y = vec![T::zero(); g.batch * out_image];
-    split_mut(&mut y, g.batch, out_image, g.flops(), |images, y| {
-        for (b, y) in images.zip(y.chunks_mut(out_image)) {
-            for (c, yp) in y.chunks_mut(out_hw).enumerate() {
-                let xp = &x[(b * g.c_in + c) * plane..(b * g.c_in + c + 1) * plane];
-                for kh in 0..g.k_h {
-                    for kw in 0..g.k_w {
-                        let a = w[c * taps + kh * g.k_w + kw];
-                        let (lo, hi) = g.out_cols(kw);
-                        for oh in 0..g.out_h {
-                            let Some(ih) = g.in_row(oh, kh) else {
-                                continue;
-                            };
-                            let src = &xp[ih * g.in_w..(ih + 1) * g.in_w];
-                            gather_add(g, kw, a, src, &mut yp[oh * g.out_w..], lo, hi);
-                        }
-                    }
-                }
-            }
-        }
-    });
-    y
-}
-
-/// `dst[o] += a · src[in_col(o)]` for output columns `o` in `[lo, hi)`.
-#[inline]
-fn gather_add<T: Float>(
-    g: &Geometry,
-    kw: usize,
-    a: T,
-    src: &[T],
-    dst: &mut [T],
-    lo: usize,
-    hi: usize,
-) {
-    if lo >= hi {
-        return;
-    }
-    if g.stride[1] == 1 {
-        let start = g.in_col(lo, kw);
-        for (d, &s) in dst[lo..hi].iter_mut().zip(&src[start..start + hi - lo]) {
-            *d = *d + a * s;
-        }
-    } else {
-        for (o, d) in dst[lo..hi].iter_mut().enumerate() {
-            *d = *d + a * src[g.in_col(lo + o, kw)];
-        }
-    }
 }
 
 /// Output positions below which a product takes several images' columns.
@@ -283,6 +228,19 @@ impl Geometry {
 
     fn depthwise(&self) -> bool {
         self.in_per_group() == 1 && self.out_per_group() == 1
+    }
+
+    fn depthwise_layout(&self) -> Depthwise {
+        Depthwise::new(
+            self.batch,
+            self.c_out,
+            [self.in_h, self.in_w],
+            [self.out_h, self.out_w],
+            [self.k_h, self.k_w],
+            self.stride,
+            self.pad,
+            self.dil,
+        )
     }
 
     /// Input row of output row `o` at kernel row `k`, if inside the image.
@@ -405,7 +363,7 @@ fn weight_grad<T: Element + bytemuck::Pod + Float + 'static>(
     let g = Geometry::new(x.layout().shape(), &w_shape, dy.layout().shape(), options);
     let (xs, dys) = (x.storage::<T>(), dy.storage::<T>());
     let dw = if g.depthwise() {
-        depthwise_weight_grad(&g, xs, dys)
+        depthwise::weight_grad(&g.depthwise_layout(), xs, dys)
     } else {
         gemm_weight_grad(&g, xs, dys)
     };
@@ -433,7 +391,7 @@ fn input_grad<T: Element + bytemuck::Pod + Float + 'static>(
     );
     let (ws, dys) = (weight.storage::<T>(), dy.storage::<T>());
     let dx = if g.depthwise() {
-        depthwise_input_grad(&g, ws, dys)
+        depthwise::input_grad(&g.depthwise_layout(), ws, dys)
     } else {
         gemm_input_grad(&g, ws, dys)
     };
@@ -824,88 +782,3 @@ fn gemm_input_grad<T: Element + bytemuck::Pod + Float + 'static>(
     dx
 }
 
-/// Depthwise weight gradient: per channel and kernel tap, the sum over images and output rows
-/// of a dot product along the row, in eight partial sums so that it vectorises; channels in
-/// parallel.
-fn depthwise_weight_grad<T: Float + Send + Sync>(g: &Geometry, x: &[T], dy: &[T]) -> Vec<T> {
-    let (plane, out_hw, taps) = (g.in_h * g.in_w, g.out_h * g.out_w, g.k_h * g.k_w);
-    let mut dw = vec![T::zero(); g.c_out * taps];
-    split_mut(&mut dw, g.c_out, taps, g.flops(), |channels, dw| {
-        for (c, dw) in channels.zip(dw.chunks_mut(taps)) {
-            for kh in 0..g.k_h {
-                for kw in 0..g.k_w {
-                    let (lo, hi) = g.out_cols(kw);
-                    let mut acc = [T::zero(); 8];
-                    for b in 0..g.batch {
-                        let xp = &x[(b * g.c_in + c) * plane..(b * g.c_in + c + 1) * plane];
-                        let dyp = &dy[(b * g.c_out + c) * out_hw..(b * g.c_out + c + 1) * out_hw];
-                        for oh in 0..g.out_h {
-                            let Some(ih) = g.in_row(oh, kh) else {
-                                continue;
-                            };
-                            if lo >= hi {
-                                continue;
-                            }
-                            let d = &dyp[oh * g.out_w + lo..oh * g.out_w + hi];
-                            let xr = &xp[ih * g.in_w..(ih + 1) * g.in_w];
-                            if g.stride[1] == 1 {
-                                let start = g.in_col(lo, kw);
-                                dot_into(&mut acc, d, &xr[start..start + hi - lo]);
-                            } else {
-                                for (o, &v) in d.iter().enumerate() {
-                                    acc[o % 8] = acc[o % 8] + v * xr[g.in_col(lo + o, kw)];
-                                }
-                            }
-                        }
-                    }
-                    dw[kh * g.k_w + kw] = acc.iter().fold(T::zero(), |s, &v| s + v);
-                }
-            }
-        }
-    });
-    dw
-}
-
-/// `acc[i % 8] += a[i] · b[i]`.
-#[inline]
-fn dot_into<T: Float>(acc: &mut [T; 8], a: &[T], b: &[T]) {
-    let mut ca = a.chunks_exact(8);
-    let mut cb = b.chunks_exact(8);
-    for (ra, rb) in (&mut ca).zip(&mut cb) {
-        for i in 0..8 {
-            acc[i] = acc[i] + ra[i] * rb[i];
-        }
-    }
-    for (i, (&va, &vb)) in ca.remainder().iter().zip(cb.remainder()).enumerate() {
-        acc[i] = acc[i] + va * vb;
-    }
-}
-
-/// Depthwise input gradient: per channel and kernel tap, each output row's gradient scaled by
-/// the tap's weight and added to the input row it read; images in parallel.
-fn depthwise_input_grad<T: Float + Send + Sync>(g: &Geometry, w: &[T], dy: &[T]) -> Vec<T> {
-    let (plane, out_hw, taps) = (g.in_h * g.in_w, g.out_h * g.out_w, g.k_h * g.k_w);
-    let image = g.c_in * plane;
-    let mut dx = vec![T::zero(); g.batch * image];
-    split_mut(&mut dx, g.batch, image, g.flops(), |images, dx| {
-        for (b, dx) in images.zip(dx.chunks_mut(image)) {
-            for (c, dxp) in dx.chunks_mut(plane).enumerate() {
-                let dyp = &dy[(b * g.c_out + c) * out_hw..(b * g.c_out + c + 1) * out_hw];
-                for kh in 0..g.k_h {
-                    for kw in 0..g.k_w {
-                        let a = w[c * taps + kh * g.k_w + kw];
-                        let (lo, hi) = g.out_cols(kw);
-                        for oh in 0..g.out_h {
-                            let Some(ih) = g.in_row(oh, kh) else {
-                                continue;
-                            };
-                            let dst = &mut dxp[ih * g.in_w..(ih + 1) * g.in_w];
-                            scatter_add(g, kw, a, &dyp[oh * g.out_w..], dst, lo, hi);
-                        }
-                    }
-                }
-            }
-        }
-    });
-    dx
-}

@@ -99,6 +99,8 @@ mod conv_common;
 pub mod conv;
 // densekd patch: 2D convolutions as im2col + GEMM, forward and backward.
 mod conv2d_gemm;
+// densekd patch: depthwise convolutions on stride phases, forward and backward.
+mod depthwise;
 // densekd patch: deterministic multi-threading of convolutions and batched matmuls.
 mod threads;
 pub use threads::{set_threads, threads};
