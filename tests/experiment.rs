@@ -160,7 +160,8 @@ fn the_rdd_grid_trains_its_teacher_first_and_names_it_in_the_variants() {
         .expect("plan")
         .expect("a teacher");
     assert_eq!(teacher.dir, out.join("teacher"));
-    // The teacher is the recipe as shipped, resized by --set only; the students are narrower.
+    // The teacher is the recipe as shipped (plus its augmentation), resized by --set only; the
+    // students are narrower.
     let width = |c: &TrainConfig| c.deeplabv3.as_ref().expect("deeplabv3").model.channels;
     assert_eq!(width(&teacher.config), 128);
     assert_eq!(teacher.config.optim.epochs, 1);
@@ -168,9 +169,27 @@ fn the_rdd_grid_trains_its_teacher_first_and_names_it_in_the_variants() {
     assert_eq!(scale(&teacher.config), 2.0);
     let runs = plan(&grid, &options).expect("plan");
     assert!(runs.iter().all(|r| width(&r.config) == 64));
-    // The students read the images at their own size, with scale jitter.
-    assert!(runs.iter().all(|r| scale(&r.config) == 1.0
-        && r.config.data.seg_augment.as_ref().map(|a| a.scale_range) == Some((0.75, 1.5))));
+    // The students read the images at the teacher's scale, backbone frozen up to stride 16;
+    // students and teacher see every flip and quarter turn.
+    let frozen = |c: &TrainConfig| {
+        c.deeplabv3
+            .as_ref()
+            .expect("deeplabv3")
+            .model
+            .backbone
+            .frozen_stages
+    };
+    assert!(runs
+        .iter()
+        .all(|r| scale(&r.config) == 2.0 && frozen(&r.config) == 5));
+    let dihedral = |c: &TrainConfig| {
+        c.data
+            .seg_augment
+            .as_ref()
+            .map(|a| (a.vflip_prob, a.transpose_prob))
+            == Some((0.5, 0.5))
+    };
+    assert!(dihedral(&teacher.config) && runs.iter().all(|r| dihedral(&r.config)));
     for run in &runs {
         match (&run.config.distill, run.variant.as_str()) {
             (DistillConfig::None(_), "baseline") => {}
