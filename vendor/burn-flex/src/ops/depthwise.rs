@@ -8,8 +8,9 @@
 //! `C` a tap is a single contiguous multiply-add over the whole plane: no bounds or strided
 //! gathers inside the loop, and a 7×7 map is one 63-long loop instead of seven 7-long ones. The
 //! `C − out_w` columns after each output row are scratch (zero where they feed a gradient). The
-//! two inner loops are compiled twice, once for AVX-512, and picked at run time; both versions
-//! multiply and add separately in the same order, so they give the same bits.
+//! inner loops (multiply-adds, dot products, stride-2 copies) are compiled twice, once for
+//! AVX-512, and picked at run time; both versions multiply and add separately in the same order,
+//! so they give the same bits.
 
 use alloc::vec;
 use alloc::vec::Vec;
@@ -94,11 +95,11 @@ impl Depthwise {
         self.output[0] * self.output[1]
     }
 
-    /// Phase row or column `i` of phase `p` along dimension `d`, as an input index.
-    fn source(&self, d: usize, p: usize, i: usize) -> Option<usize> {
-        (i * self.stride[d] + p)
-            .checked_sub(self.pad[d])
-            .filter(|&v| v < self.input[d])
+    /// The input row of row `r` of the phases with row offset `p`, if inside the input.
+    fn source_row(&self, p: usize, r: usize) -> Option<usize> {
+        (r * self.stride[0] + p)
+            .checked_sub(self.pad[0])
+            .filter(|&v| v < self.input[0])
     }
 
     /// Phase columns `[lo, hi)` of phase column offset `q` that lie inside the input.
@@ -123,7 +124,7 @@ impl Depthwise {
             }
             let first = lo * sw + q - self.pad[1];
             for r in 0..self.rows {
-                let Some(ih) = self.source(0, p, r) else {
+                let Some(ih) = self.source_row(p, r) else {
                     continue;
                 };
                 let src = &plane[ih * self.input[1] + first..(ih + 1) * self.input[1]];
