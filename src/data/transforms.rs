@@ -154,8 +154,7 @@ pub fn vflip_image(img: &RgbImage) -> RgbImage {
 
 /// Swaps the rows and columns of an image.
 pub fn transpose_image(img: &RgbImage) -> RgbImage {
-    // A quarter turn clockwise maps (x, y) to (h − 1 − y, x); mirroring it left to right gives (y, x).
-    imageops::flip_horizontal(&imageops::rotate90(img))
+    RgbImage::from_fn(img.height(), img.width(), |x, y| *img.get_pixel(y, x))
 }
 
 /// Converts to planar CHW f32, scaled to 0..1 and normalised per channel.
