@@ -12,6 +12,7 @@ use common::{lines, options, serial};
 use densekd::backend::Training;
 use densekd::data::export::write_split;
 use densekd::data::synth::{Split, SynthConfig};
+use densekd::distill::lgd::teacher::Interact;
 use densekd::distill::lgd::{lgd_terms, Lgd, LgdConfig, LgdModules};
 use densekd::distill::Distiller;
 use densekd::model::fcos::task::FcosTask;
@@ -258,6 +259,24 @@ fn lgd_gradients_flow_as_the_spec_says() {
     assert_eq!(
         reached(teacher_det(&detached, 10), &student, &modules),
         [false, false, true, true, false]
+    );
+    // Rendering each object's own label embedding leaves no appearance path to the student;
+    // label queries over appearance keep it.
+    let filled = LgdConfig {
+        interact: Interact::TeacherFill,
+        ..lgd_config.clone()
+    };
+    assert_eq!(
+        reached(teacher_det(&filled, 10), &student, &modules),
+        [false, false, true, true, false]
+    );
+    let label_guided = LgdConfig {
+        interact: Interact::LabelGuided,
+        ..lgd_config.clone()
+    };
+    assert_eq!(
+        reached(teacher_det(&label_guided, 10), &student, &modules),
+        [true, true, true, true, false]
     );
 }
 

@@ -22,7 +22,7 @@ use crate::model::fcos::loss::FcosLosses;
 use crate::model::fcos::task::{image_boxes, padded_size, FcosTask};
 use crate::model::fcos::Fcos;
 use crate::task::Losses;
-use teacher::{ImplicitTeacher, Objects};
+use teacher::{ImplicitTeacher, Interact, Objects};
 
 /// `[distill]` of `method = "lgd"`; defaults are the official code's, with its phases (in
 /// iterations of a 180k schedule) given here in steps and off by default.
@@ -42,6 +42,9 @@ pub struct LgdConfig {
     /// then gets no gradient from the teacher's detection loss.
     #[serde(default)]
     pub detach_appearance: bool,
+    /// How each object's vector is formed from its label embedding and appearance.
+    #[serde(default)]
+    pub interact: Interact,
     /// Heads of the relation adapter's attention (must divide the FPN width).
     #[serde(default = "eight")]
     pub heads: usize,
@@ -258,7 +261,7 @@ pub fn lgd_terms<B: Backend>(
     } else {
         fpn.clone()
     };
-    let maps = modules.teacher.forward(&pooled, &objects);
+    let maps = modules.teacher.forward(&pooled, &objects, config.interact);
     let teacher = task.loss_terms(&student.head(&maps), &targets, padded);
     let distills = config.distills_at(step);
     let adapted: Vec<Tensor<B, 4>> = fpn

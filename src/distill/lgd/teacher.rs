@@ -10,6 +10,8 @@ use burn::nn::{Linear, LinearConfig, PaddingConfig2d};
 use burn::tensor::backend::Backend;
 use burn::tensor::{activation::relu, Bool, Int, Tensor, TensorData};
 
+use serde::{Deserialize, Serialize};
+
 use crate::model::fcos::loss::ImageBoxes;
 use crate::model::layers::norm::{normalise, unit_affine, NormGroups};
 use crate::ops::boxes::box_mask;
@@ -141,6 +143,22 @@ impl<B: Backend> LabelEncoder<B> {
 fn index<B: Backend>(values: &[usize], device: &B::Device) -> Tensor<B, 1, Int> {
     let data: Vec<i64> = values.iter().map(|&v| v as i64).collect();
     Tensor::from_data(TensorData::new(data, [values.len()]), device)
+}
+
+/// How the relation adapter forms each object's vector (the official `INTERACT_PATTERN`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Interact {
+    /// Appearance queries attend to the image's label embeddings (`stuGuided`, every official
+    /// config).
+    #[default]
+    StuGuided,
+    /// Label-embedding queries attend to the image's appearances (`labelGuided`).
+    LabelGuided,
+    /// Each object's own label embedding, no attention (`teacher_fill`).
+    TeacherFill,
+    /// Each object's own pooled appearance, no attention (`student_fill`).
+    StudentFill,
 }
 
 /// The implicit teacher's modules.
@@ -285,42 +303,66 @@ impl<B: Backend> ImplicitTeacher<B> {
         }
     }
 
+    /// Each object's mean projected appearance `[T, C]` on level `p` (an empty mask pools to
+    /// zero).
+    fn pooled_appearance(&self, p: &Tensor<B, 4>, masks: &[Tensor<B, 2>]) -> Tensor<B, 2> {
+        let [n, c, h, w] = p.dims();
+        let q = relu(group_norm1(self.appearance.forward(p.clone()))).reshape([n, c, h * w]);
+        let pooled: Vec<Tensor<B, 2>> = masks
+            .iter()
+            .enumerate()
+            .map(|(b, m)| {
+                let area = m.clone().sum_dim(1).clamp_min(1.0);
+                let qb = q.clone().narrow(0, b, 1).reshape([c, h * w]);
+                m.clone().matmul(qb.transpose()) / area
+            })
+            .collect();
+        Tensor::cat(pooled, 0)
+    }
+
+    /// The relation adapter: `query` attends to `key_value` within each image.
+    fn relate(
+        &self,
+        query: Tensor<B, 2>,
+        key_value: Tensor<B, 2>,
+        blocked: &Tensor<B, 3, Bool>,
+    ) -> Tensor<B, 2> {
+        let [t, c] = query.dims();
+        let kv = key_value.reshape([1, t, c]);
+        self.relation
+            .forward(MhaInput::new(query.reshape([1, t, c]), kv.clone(), kv).mask_attn(blocked.clone()))
+            .context
+            .reshape([t, c])
+    }
+
     /// Teacher maps with the shapes of `fpn` (the student's levels, of the images in
     /// `objects` only).
-    pub fn forward(&self, fpn: &[Tensor<B, 4>], objects: &Objects<B>) -> Vec<Tensor<B, 4>> {
+    pub fn forward(
+        &self,
+        fpn: &[Tensor<B, 4>],
+        objects: &Objects<B>,
+        interact: Interact,
+    ) -> Vec<Tensor<B, 4>> {
         let labels =
             self.label_encoder
                 .forward(objects.desc.clone(), &objects.image_of, &objects.rows);
-        let t = labels.dims()[0];
         fpn.iter()
             .zip(&objects.masks)
             .map(|(p, masks)| {
                 let [n, c, h, w] = p.dims();
-                let q = relu(group_norm1(self.appearance.forward(p.clone())));
-                let q = q.reshape([n, c, h * w]);
-                // Mean of each object's cells (an empty mask pools to zero).
-                let pooled: Vec<Tensor<B, 2>> = masks
-                    .iter()
-                    .enumerate()
-                    .map(|(b, m)| {
-                        let area = m.clone().sum_dim(1).clamp_min(1.0);
-                        let qb = q.clone().narrow(0, b, 1).reshape([c, h * w]);
-                        m.clone().matmul(qb.transpose()) / area
-                    })
-                    .collect();
-                let appearance = Tensor::cat(pooled, 0).reshape([1, t, c]);
-                let related = self
-                    .relation
-                    .forward(
-                        MhaInput::new(
-                            appearance,
-                            labels.clone().reshape([1, t, c]),
-                            labels.clone().reshape([1, t, c]),
-                        )
-                        .mask_attn(objects.blocked.clone()),
-                    )
-                    .context
-                    .reshape([t, c]);
+                let labels = labels.clone();
+                let related = match interact {
+                    Interact::TeacherFill => labels,
+                    Interact::StudentFill => self.pooled_appearance(p, masks),
+                    Interact::StuGuided => {
+                        let a = self.pooled_appearance(p, masks);
+                        self.relate(a, labels, &objects.blocked)
+                    }
+                    Interact::LabelGuided => {
+                        let a = self.pooled_appearance(p, masks);
+                        self.relate(labels, a, &objects.blocked)
+                    }
+                };
                 let rendered: Vec<Tensor<B, 4>> = masks
                     .iter()
                     .zip(&objects.rows)
