@@ -330,7 +330,9 @@ impl<B: Backend> ImplicitTeacher<B> {
         let [t, c] = query.dims();
         let kv = key_value.reshape([1, t, c]);
         self.relation
-            .forward(MhaInput::new(query.reshape([1, t, c]), kv.clone(), kv).mask_attn(blocked.clone()))
+            .forward(
+                MhaInput::new(query.reshape([1, t, c]), kv.clone(), kv).mask_attn(blocked.clone()),
+            )
             .context
             .reshape([t, c])
     }

@@ -278,7 +278,7 @@ pub(super) fn weight_grad<T: Float + Send + Sync>(dw: &Depthwise, x: &[T], dy: &
 }
 
 /// `dst[i] = src[i · step]` for every `i` of `dst`.
-fn gather<T: Float>(dst: &mut [T], src: &[T], step: usize) {
+pub(crate) fn gather<T: Float>(dst: &mut [T], src: &[T], step: usize) {
     let n = dst.len();
     match step {
         1 => dst.copy_from_slice(&src[..n]),

@@ -4,15 +4,18 @@
 //! against the input and tracks an index even when none is asked for: a ResNet stem's 3×3
 //! pool took 14 % of a ResNet-18 inference step. Here each output row's valid kernel rows and
 //! each kernel column's valid output columns are found once, a whole output row is updated tap
-//! by tap with branch-free selects (a per-window compare branch mispredicted on most taps),
-//! planes are split over cores, and the result is the same: the first maximum in kernel-row-major order (a NaN found first
-//! stays), its index `ih · W + iw` within the plane, `-inf` and `-1` for an empty window.
+//! by tap with branch-free selects (a per-window compare branch mispredicted on most taps;
+//! compiled for AVX-512 where the CPU has it, as SSE2 code branches per lane), the stride
+//! phases of an input row are split with vector loads, planes are split over cores, and the
+//! result is the same: the first maximum in kernel-row-major order (a NaN found first stays),
+//! its index `ih · W + iw` within the plane, `-inf` and `-1` for an empty window.
 
 use alloc::vec;
 use alloc::vec::Vec;
 use burn_backend::DType;
 use burn_std::{Bytes, Shape};
 
+use super::depthwise::gather;
 use super::pool::pool_output_size;
 use super::threads::split_mut;
 use crate::{FlexTensor, Layout};
@@ -91,10 +94,9 @@ pub(crate) fn max_pool2d_f32(
                 let src: &[f32] = if stride[1] == 1 {
                     row
                 } else {
-                    for (q, chunk) in row.chunks(stride[1]).enumerate() {
-                        for (r, &v) in chunk.iter().enumerate() {
-                            phases[r * phase + q] = v;
-                        }
+                    for r in 0..stride[1].min(in_w) {
+                        let n = (in_w - r).div_ceil(stride[1]);
+                        gather(&mut phases[r * phase..r * phase + n], &row[r..], stride[1]);
                     }
                     phases
                 };
@@ -102,14 +104,8 @@ pub(crate) fn max_pool2d_f32(
                     let n = hi - lo;
                     let start = (iw0 % stride[1]) * phase + iw0 / stride[1];
                     let taps = &src[start..start + n];
-                    let (best, at) = (&mut best[lo..hi], &mut at[lo..hi]);
                     let (base, step) = ((ih * in_w + iw0) as i32, stride[1] as i32);
-                    for j in 0..n {
-                        let v = taps[j];
-                        let take = (v > best[j]) | (at[j] < 0);
-                        best[j] = if take { v } else { best[j] };
-                        at[j] = if take { base + j as i32 * step } else { at[j] };
-                    }
+                    take_max(&mut best[lo..hi], &mut at[lo..hi], taps, base, step);
                 }
             }
         };
@@ -166,4 +162,33 @@ pub(crate) fn max_pool2d_f32(
         tensor(Bytes::from_elems(y), DType::F32),
         Some(tensor(Bytes::from_elems(indices), DType::I64)),
     )
+}
+
+/// Takes `taps[j]` into window `j` where it is the window's first tap or above its maximum so
+/// far, recording its index `base + j · step`.
+fn take_max(best: &mut [f32], at: &mut [i32], taps: &[f32], base: i32, step: i32) {
+    #[cfg(all(feature = "std", target_arch = "x86_64"))]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F.
+        unsafe { take_max_avx512(best, at, taps, base, step) };
+        return;
+    }
+    take_max_body(best, at, taps, base, step);
+}
+
+/// [`take_max`] compiled for AVX-512, whose mask registers keep the selects branch-free (SSE2
+/// code tests each lane with a branch).
+#[cfg(all(feature = "std", target_arch = "x86_64"))]
+#[target_feature(enable = "avx512f")]
+unsafe fn take_max_avx512(best: &mut [f32], at: &mut [i32], taps: &[f32], base: i32, step: i32) {
+    take_max_body(best, at, taps, base, step);
+}
+
+#[inline(always)]
+fn take_max_body(best: &mut [f32], at: &mut [i32], taps: &[f32], base: i32, step: i32) {
+    for (j, ((b, a), &v)) in best.iter_mut().zip(at.iter_mut()).zip(taps).enumerate() {
+        let take = (v > *b) | (*a < 0);
+        *b = if take { v } else { *b };
+        *a = if take { base + j as i32 * step } else { *a };
+    }
 }
