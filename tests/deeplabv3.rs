@@ -32,6 +32,8 @@ fn tiny_config(data: &Path, extra: &[&str]) -> TrainConfig {
                 "data.seg_augment.scale_range=[1.0,1.0]",
                 "data.seg_augment.crop=[64,64]",
                 "data.seg_augment.hflip_prob=0.0",
+                "data.seg_augment.vflip_prob=0.0",
+                "data.seg_augment.transpose_prob=0.0",
                 "deeplabv3.model.backbone.arch=\"resnet18\"",
                 "deeplabv3.model.backbone.width=0.25",
                 "deeplabv3.model.backbone.blocks=[1,1,1,1]",

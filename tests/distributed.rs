@@ -219,6 +219,8 @@ fn every_distiller_kind_trains_on_two_processes_as_on_two_replicas() {
         folder("val_images", "images/train"),
         folder("val_labels", "labels/train"),
         "data.seg_augment.hflip_prob=0.0".to_string(),
+        "data.seg_augment.vflip_prob=0.0".to_string(),
+        "data.seg_augment.transpose_prob=0.0".to_string(),
         "data.segmentation.class_names=[\"background\",\"circle\",\"square\",\"triangle\",\
          \"ellipse\",\"cross\",\"star\",\"ring\",\"frame\"]"
             .to_string(),
