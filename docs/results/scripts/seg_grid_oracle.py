@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Upper bound of a segmentation model whose logits live on a coarse grid: every cell holds the
-exact class shares of its pixels (ignored pixels left out), upsampled bilinearly like densekd
-logits, argmax, scored as mIoU on the val labels of `densekd data synth --out DIR`.
+exact class shares of its pixels (ignored pixels left out), upsampled bilinearly as densekd's
+logits are, argmax, scored as mIoU on the val labels of `densekd data synth --out DIR`.
 
 Usage: seg_grid_oracle.py DIR  (numpy, torch, Pillow; docs/results/deeplabv3.md)
 """
@@ -12,25 +12,37 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-K=9
-files = sorted(glob.glob(f'{sys.argv[1]}/labels/val/*.png'))
-def score(cells):
-    inter=np.zeros(K); union=np.zeros(K)
+
+CLASSES = 9
+IGNORE = 255
+
+
+def score(files, cells):
+    inter = np.zeros(CLASSES)
+    union = np.zeros(CLASSES)
     for f in files:
-        y=np.array(Image.open(f)).astype(np.int64)
-        H,W=y.shape
-        valid=y!=255
-        oh=np.zeros((K,H,W),np.float32)
-        for k in range(K): oh[k]=(y==k)
-        t=torch.from_numpy(oh)[None]
-        # perfect logits at the cell grid: mean class share per cell (ignored pixels left out)
-        v=torch.from_numpy(valid.astype(np.float32))[None,None]
-        s=F.adaptive_avg_pool2d(t,cells); vs=F.adaptive_avg_pool2d(v,cells).clamp_min(1e-6)
-        p=F.interpolate(s/vs,size=(H,W),mode='bilinear',align_corners=False)[0].argmax(0).numpy()
-        for k in range(K):
-            a=(p==k)&valid; b=(y==k)&valid
-            inter[k]+=(a&b).sum(); union[k]+=(a|b).sum()
-    iou=inter/np.maximum(union,1)
+        y = np.array(Image.open(f)).astype(np.int64)
+        valid = y != IGNORE
+        one_hot = torch.from_numpy(np.stack([(y == k) for k in range(CLASSES)]).astype(np.float32))
+        weight = torch.from_numpy(valid.astype(np.float32))[None, None]
+        shares = F.adaptive_avg_pool2d(one_hot[None], cells)
+        shares = shares / F.adaptive_avg_pool2d(weight, cells).clamp_min(1e-6)
+        up = F.interpolate(shares, size=y.shape, mode="bilinear", align_corners=False)
+        pred = up[0].argmax(0).numpy()
+        for k in range(CLASSES):
+            p, g = (pred == k) & valid, (y == k) & valid
+            inter[k] += (p & g).sum()
+            union[k] += (p | g).sum()
+    iou = inter / np.maximum(union, 1)
     return iou.mean(), iou
-for c in (16,24,32,64):
-    m,i=score(c); print(c, round(m,4), np.round(i,3))
+
+
+def main():
+    files = sorted(glob.glob(f"{sys.argv[1]}/labels/val/*.png"))
+    for cells in (16, 24, 32, 64):
+        miou, iou = score(files, cells)
+        print(f"{cells}x{cells}: mIoU {miou:.4f}, per class {np.round(iou, 3).tolist()}")
+
+
+if __name__ == "__main__":
+    main()
