@@ -251,33 +251,39 @@ fn lgd_gradients_flow_as_the_spec_says() {
         reached(student_det(0), &student, &modules),
         [false, true, true, false, false]
     );
-    // With detached appearance the teacher's detection loss no longer reaches the student.
-    let detached = LgdConfig {
-        detach_appearance: true,
-        ..lgd_config.clone()
-    };
-    assert_eq!(
-        reached(teacher_det(&detached, 10), &student, &modules),
-        [false, false, true, true, false]
-    );
-    // Rendering each object's own label embedding leaves no appearance path to the student;
-    // label queries over appearance keep it.
-    let filled = LgdConfig {
-        interact: Interact::TeacherFill,
-        ..lgd_config.clone()
-    };
-    assert_eq!(
-        reached(teacher_det(&filled, 10), &student, &modules),
-        [false, false, true, true, false]
-    );
-    let label_guided = LgdConfig {
-        interact: Interact::LabelGuided,
-        ..lgd_config.clone()
-    };
-    assert_eq!(
-        reached(teacher_det(&label_guided, 10), &student, &modules),
-        [true, true, true, true, false]
-    );
+    // With detached appearance, or each object's own label embedding rendered (no appearance
+    // path), the teacher's detection loss no longer reaches the student; label queries over
+    // appearance keep it.
+    let variants = [
+        (
+            LgdConfig {
+                detach_appearance: true,
+                ..lgd_config.clone()
+            },
+            false,
+        ),
+        (
+            LgdConfig {
+                interact: Interact::TeacherFill,
+                ..lgd_config.clone()
+            },
+            false,
+        ),
+        (
+            LgdConfig {
+                interact: Interact::LabelGuided,
+                ..lgd_config.clone()
+            },
+            true,
+        ),
+    ];
+    for (config, to_student) in &variants {
+        assert_eq!(
+            reached(teacher_det(config, 10), &student, &modules),
+            [*to_student, *to_student, true, true, false],
+            "{config:?}"
+        );
+    }
 }
 
 #[test]
