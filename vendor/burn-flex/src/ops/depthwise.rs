@@ -16,6 +16,9 @@ use alloc::vec;
 use alloc::vec::Vec;
 use num_traits::Float;
 
+#[cfg(all(feature = "std", target_arch = "x86_64"))]
+use super::simd::avx512;
+use super::simd::gather;
 use super::threads::split_mut;
 
 /// The shapes of one depthwise convolution and its phase layout.
@@ -277,44 +280,6 @@ pub(super) fn weight_grad<T: Float + Send + Sync>(dw: &Depthwise, x: &[T], dy: &
     grad
 }
 
-/// `dst[i] = src[i · step]` for every `i` of `dst`.
-pub(crate) fn gather<T: Float>(dst: &mut [T], src: &[T], step: usize) {
-    let n = dst.len();
-    match step {
-        1 => dst.copy_from_slice(&src[..n]),
-        2 => {
-            let src = &src[..2 * n - 1];
-            #[cfg(all(feature = "std", target_arch = "x86_64"))]
-            if avx512() {
-                // SAFETY: the CPU has AVX-512F.
-                unsafe { gather2_avx512(dst, src) };
-                return;
-            }
-            gather2_body(dst, src);
-        }
-        _ => {
-            for (d, &s) in dst.iter_mut().zip(src.iter().step_by(step)) {
-                *d = s;
-            }
-        }
-    }
-}
-
-#[cfg(all(feature = "std", target_arch = "x86_64"))]
-#[target_feature(enable = "avx512f")]
-unsafe fn gather2_avx512<T: Float>(dst: &mut [T], src: &[T]) {
-    gather2_body(dst, src);
-}
-
-#[inline(always)]
-fn gather2_body<T: Float>(dst: &mut [T], src: &[T]) {
-    let n = dst.len();
-    for (d, pair) in dst.iter_mut().zip(src.chunks_exact(2)) {
-        *d = pair[0];
-    }
-    dst[n - 1] = src[2 * n - 2];
-}
-
 /// `dst[i · step] = src[i]` for every `i` of `src`.
 fn scatter<T: Float>(dst: &mut [T], src: &[T], step: usize) {
     if step == 1 {
@@ -353,11 +318,6 @@ fn interleave_body<T: Float>(dst: &mut [T], even: &[T], odd: &[T]) {
 
 /// Partial sums of a dot product, one per lane of a 512-bit f32 vector.
 const LANES: usize = 16;
-
-#[cfg(all(feature = "std", target_arch = "x86_64"))]
-fn avx512() -> bool {
-    std::arch::is_x86_feature_detected!("avx512f")
-}
 
 /// `dst[i] += a · src[i]`.
 fn axpy<T: Float>(dst: &mut [T], a: T, src: &[T]) {

@@ -15,8 +15,8 @@ use alloc::vec::Vec;
 use burn_backend::DType;
 use burn_std::{Bytes, Shape};
 
-use super::depthwise::gather;
 use super::pool::pool_output_size;
+use super::simd::gather;
 use super::threads::split_mut;
 use crate::{FlexTensor, Layout};
 
@@ -168,7 +168,7 @@ pub(crate) fn max_pool2d_f32(
 /// far, recording its index `base + j · step`.
 fn take_max(best: &mut [f32], at: &mut [i32], taps: &[f32], base: i32, step: i32) {
     #[cfg(all(feature = "std", target_arch = "x86_64"))]
-    if std::arch::is_x86_feature_detected!("avx512f") {
+    if super::simd::avx512() {
         // SAFETY: the CPU has AVX-512F.
         unsafe { take_max_avx512(best, at, taps, base, step) };
         return;

@@ -101,6 +101,9 @@ pub mod conv;
 mod conv2d_gemm;
 // densekd patch: depthwise convolutions on stride phases, forward and backward.
 mod depthwise;
+// densekd patch: AVX-512 detection and strided copies shared by the depthwise and
+// max-pooling kernels.
+mod simd;
 // densekd patch: deterministic multi-threading of convolutions and batched matmuls.
 mod threads;
 pub use threads::{set_threads, threads};

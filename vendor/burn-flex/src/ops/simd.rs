@@ -1,0 +1,48 @@
+//! densekd patch: helpers shared by the hand-written kernels (depthwise convolution, max
+//! pooling): run-time AVX-512 detection and strided copies compiled for it.
+
+use num_traits::Float;
+
+/// Whether the CPU has AVX-512F (detected once, then cached by the standard library).
+#[cfg(all(feature = "std", target_arch = "x86_64"))]
+pub(super) fn avx512() -> bool {
+    std::arch::is_x86_feature_detected!("avx512f")
+}
+
+/// `dst[i] = src[i · step]` for every `i` of `dst`.
+pub(super) fn gather<T: Float>(dst: &mut [T], src: &[T], step: usize) {
+    let n = dst.len();
+    match step {
+        1 => dst.copy_from_slice(&src[..n]),
+        2 => {
+            let src = &src[..2 * n - 1];
+            #[cfg(all(feature = "std", target_arch = "x86_64"))]
+            if avx512() {
+                // SAFETY: the CPU has AVX-512F.
+                unsafe { gather2_avx512(dst, src) };
+                return;
+            }
+            gather2_body(dst, src);
+        }
+        _ => {
+            for (d, &s) in dst.iter_mut().zip(src.iter().step_by(step)) {
+                *d = s;
+            }
+        }
+    }
+}
+
+#[cfg(all(feature = "std", target_arch = "x86_64"))]
+#[target_feature(enable = "avx512f")]
+unsafe fn gather2_avx512<T: Float>(dst: &mut [T], src: &[T]) {
+    gather2_body(dst, src);
+}
+
+#[inline(always)]
+fn gather2_body<T: Float>(dst: &mut [T], src: &[T]) {
+    let n = dst.len();
+    for (d, pair) in dst.iter_mut().zip(src.chunks_exact(2)) {
+        *d = pair[0];
+    }
+    dst[n - 1] = src[2 * n - 2];
+}
