@@ -65,7 +65,7 @@ impl ModuleOps<Flex> for Flex {
         options: ConvOptions<2>,
     ) -> FloatTensor<Flex> {
         // densekd patch: im2col + GEMM on NCHW data where flex would go through NHWC.
-        if conv2d_gemm::conv2d_applies(&x, &weight, &options) {
+        if conv2d_gemm::conv2d_applies(&x) {
             return conv2d_gemm::conv2d(x, weight, bias, &options);
         }
         match x.dtype() {
