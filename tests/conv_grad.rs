@@ -186,6 +186,28 @@ fn dense_convolutions_match_the_definition() {
     }
 }
 
+/// Dense 3×3, stride 1, at least 32 channels each way: Winograd's F(2×2, 3×3), forward and
+/// input gradient. Odd output sizes (a half-filled last tile), every padding it takes, and
+/// enough tiles that images are transformed in two chunks.
+#[test]
+fn winograd_convolutions_match_the_definition() {
+    for c in [
+        case([32, 32, 9, 11, 3, 1, 1, 1, 1]),
+        case([40, 33, 8, 8, 3, 1, 0, 1, 1]),
+        case([32, 36, 7, 6, 3, 1, 2, 1, 1]),
+        Case {
+            pad: [0, 2],
+            ..case([33, 32, 6, 9, 3, 1, 1, 1, 1])
+        },
+        Case {
+            batch: 3,
+            ..case([32, 32, 80, 80, 3, 1, 1, 1, 1])
+        },
+    ] {
+        check(c, false);
+    }
+}
+
 #[test]
 fn depthwise_convolutions_match_the_definition() {
     for c in [
@@ -247,6 +269,7 @@ fn thread_count_does_not_change_results() {
     let large = |c: Case| Case { batch: 5, ..c };
     for c in [
         large(case([16, 16, 24, 24, 3, 1, 1, 1, 1])),
+        large(case([32, 48, 24, 24, 3, 1, 1, 1, 1])),
         large(case([32, 48, 30, 30, 1, 1, 0, 1, 1])),
         large(case([64, 64, 40, 40, 3, 1, 1, 1, 64])),
         Case {

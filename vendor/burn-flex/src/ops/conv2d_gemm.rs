@@ -33,6 +33,7 @@ use super::conv_common::add_bias;
 use super::depthwise::{self, Depthwise};
 use super::module::{cast_from_f32, cast_to_f32};
 use super::threads::split_mut;
+use super::winograd::{self, Winograd};
 
 /// Whether [`conv2d`] handles this convolution: every f32 and f64 one. Short reductions too: a
 /// 3×3 RGB stem (27 products per output) runs 4× faster as a product than in flex's direct
@@ -78,6 +79,8 @@ fn forward<T: Element + bytemuck::Pod + Float + 'static>(
     let (xs, ws) = (x.storage::<T>(), weight.storage::<T>());
     let mut y = if g.depthwise() {
         depthwise::forward(&g.depthwise_layout(), xs, ws)
+    } else if let Some(wg) = g.winograd() {
+        winograd::forward(&wg, xs, ws)
     } else {
         gemm_forward(&g, xs, ws)
     };
@@ -241,6 +244,26 @@ impl Geometry {
         )
     }
 
+    /// The Winograd layout, where F(2×2, 3×3) computes this convolution.
+    fn winograd(&self) -> Option<Winograd> {
+        Winograd::applies(
+            self.c_in,
+            self.c_out,
+            [self.k_h, self.k_w],
+            self.stride,
+            self.pad,
+            self.dil,
+            self.groups,
+        )
+        .then_some(Winograd {
+            batch: self.batch,
+            c_in: self.c_in,
+            c_out: self.c_out,
+            input: [self.in_h, self.in_w],
+            pad: self.pad,
+        })
+    }
+
     /// Input row of output row `o` at kernel row `k`, if inside the image.
     fn in_row(&self, o: usize, k: usize) -> Option<usize> {
         (o * self.stride[0] + k * self.dil[0])
@@ -390,6 +413,8 @@ fn input_grad<T: Element + bytemuck::Pod + Float + 'static>(
     let (ws, dys) = (weight.storage::<T>(), dy.storage::<T>());
     let dx = if g.depthwise() {
         depthwise::input_grad(&g.depthwise_layout(), ws, dys)
+    } else if let Some(wg) = g.winograd() {
+        winograd::input_grad(&wg, ws, dys)
     } else {
         gemm_input_grad(&g, ws, dys)
     };
@@ -406,7 +431,7 @@ fn input_grad<T: Element + bytemuck::Pod + Float + 'static>(
 /// # Safety
 /// The three buffers must hold every element their strides reach.
 #[allow(clippy::type_complexity)]
-unsafe fn gemm_into<T: 'static + Float>(
+pub(super) unsafe fn gemm_into<T: 'static + Float>(
     [m, n, k]: [usize; 3],
     dst: *mut T,
     dst_rs: isize,

@@ -106,6 +106,8 @@ mod depthwise;
 mod simd;
 // densekd patch: deterministic multi-threading of convolutions and batched matmuls.
 mod threads;
+// densekd patch: 3×3 stride-1 convolutions by Winograd's F(2×2, 3×3).
+mod winograd;
 pub use threads::{set_threads, threads};
 pub mod conv_transpose;
 pub mod cumulative;
