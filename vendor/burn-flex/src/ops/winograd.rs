@@ -8,9 +8,9 @@
 //! ±½, so the results differ from the direct sum by rounding only.
 //!
 //! The input gradient of such a convolution is one too (the weight flipped and transposed,
-//! padding `2 − p`), so it runs here as well. Work is split over threads by `ξ` (input
-//! transform, products) and by output plane (output transform), the same operations for any
-//! thread count; images are taken in chunks of about [`CHUNK_COLUMNS`] tiles.
+//! padding `2 − p`), so it runs here as well. Images are split over threads, each image
+//! computed by the same operations whatever the thread count, and each thread takes its images
+//! in chunks whose transforms fit in [`CHUNK_ELEMENTS`].
 
 use alloc::vec;
 use alloc::vec::Vec;
@@ -30,10 +30,15 @@ const MIN_CHANNELS: usize = 32;
 /// `[c_out, c_in, 3, 3]`, padding `pad` (at most 2), output `[batch, c_out, out_h, out_w]`.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct Winograd {
+    /// Images.
     pub batch: usize,
+    /// Input channels.
     pub c_in: usize,
+    /// Output channels.
     pub c_out: usize,
+    /// Input height and width.
     pub input: [usize; 2],
+    /// Zero padding of the rows and columns.
     pub pad: [usize; 2],
 }
 
