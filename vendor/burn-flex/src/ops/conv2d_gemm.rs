@@ -7,7 +7,9 @@
 //! `dW_g += dY_g · im2col(X_g)ᵀ`, summed over the images in a fixed order, and the input
 //! gradient `col2im(W_gᵀ · dY_g)`. Pointwise convolutions use the input as its own im2col.
 //! Depthwise convolutions (one input and one output channel per group) skip im2col and GEMM:
-//! direct loops on stride phases (`depthwise.rs`).
+//! direct loops on stride phases (`depthwise.rs`). Dense 3×3 stride-1 convolutions with enough
+//! channels go through Winograd's F(2×2, 3×3) instead, forward and input gradient
+//! (`winograd.rs`).
 //!
 //! The forward pass `Y_g = W_g · im2col(X_g)` writes each image's output rows in place; flex's
 //! own path converts the input to NHWC and writes the product back transposed. All three passes

@@ -8,9 +8,9 @@
 //! ±½, so the results differ from the direct sum by rounding only.
 //!
 //! The input gradient of such a convolution is one too (the weight flipped and transposed,
-//! padding `2 − p`), so it runs here as well. Images are split over threads, each image
-//! computed by the same operations whatever the thread count, and each thread takes its images
-//! in chunks whose transforms fit in [`CHUNK_ELEMENTS`].
+//! padding `2 − p`), so it runs here as well. Images go in chunks whose transforms fit in
+//! [`CHUNK_ELEMENTS`], fixed by the shapes; chunks are split over threads, so every element is
+//! computed by the same operations whatever the thread count.
 
 use alloc::vec;
 use alloc::vec::Vec;
@@ -22,6 +22,9 @@ use super::threads::split_mut;
 /// Elements of the transformed input and products of one chunk of images (16 ×
 /// (c_in + c_out) × tiles): 8 MiB of f32, so that they are read back from cache.
 const CHUNK_ELEMENTS: usize = 1 << 21;
+
+/// The most images in one chunk, so that a batch of 8 still splits over cores.
+const MAX_CHUNK_IMAGES: usize = 4;
 
 /// The fewest input and output channels for which the transforms pay.
 const MIN_CHANNELS: usize = 32;
@@ -89,8 +92,8 @@ impl Winograd {
     }
 }
 
-/// `y = conv(x, w)` (no bias) for NCHW `x` and `[c_out, c_in, 3, 3]` `w`; images split over
-/// threads, each thread transforming and multiplying its images' chunks in turn.
+/// `y = conv(x, w)` (no bias) for NCHW `x` and `[c_out, c_in, 3, 3]` `w`: chunks of images
+/// split over threads, each thread transforming and multiplying its chunks in turn.
 pub(super) fn forward<T: Float + Send + Sync + 'static>(wg: &Winograd, x: &[T], w: &[T]) -> Vec<T> {
     let u = weight_transform(wg, w);
     let [out_h, out_w] = wg.output();
@@ -100,17 +103,21 @@ pub(super) fn forward<T: Float + Send + Sync + 'static>(wg: &Winograd, x: &[T], 
         wg.c_in * wg.input[0] * wg.input[1],
         wg.c_out * out_h * out_w,
     );
-    let per_chunk = (CHUNK_ELEMENTS / (16 * (wg.c_in + wg.c_out) * tiles)).clamp(1, wg.batch);
+    // The chunks depend on the shapes only, so every product has the same columns whatever
+    // the thread count.
+    let per_chunk = (CHUNK_ELEMENTS / (16 * (wg.c_in + wg.c_out) * tiles))
+        .clamp(1, MAX_CHUNK_IMAGES)
+        .min(wg.batch);
+    let chunks = wg.batch.div_ceil(per_chunk);
     let mut y = vec![T::zero(); wg.batch * out_image];
     let flops = wg.batch * wg.c_out * wg.c_in * tiles * 16;
-    split_mut(&mut y, wg.batch, out_image, flops, |images, y| {
-        let chunk = per_chunk.min(images.len());
-        let mut v = vec![T::zero(); 16 * wg.c_in * chunk * tiles];
-        let mut m = vec![T::zero(); 16 * wg.c_out * chunk * tiles];
+    split_mut(&mut y, chunks, per_chunk * out_image, flops, |range, y| {
+        let mut v = vec![T::zero(); 16 * wg.c_in * per_chunk * tiles];
+        let mut m = vec![T::zero(); 16 * wg.c_out * per_chunk * tiles];
         let mut scratch = Scratch::new(wg);
         let mut rows = Rows::new(tw);
-        for (b0, y) in images.step_by(chunk).zip(y.chunks_mut(chunk * out_image)) {
-            let nb = y.len() / out_image;
+        for (chunk, y) in range.zip(y.chunks_mut(per_chunk * out_image)) {
+            let (b0, nb) = (chunk * per_chunk, y.len() / out_image);
             let n = nb * tiles;
             let (v, m) = (&mut v[..16 * wg.c_in * n], &mut m[..16 * wg.c_out * n]);
             input_transform(wg, &x[b0 * in_image..(b0 + nb) * in_image], nb, v, &mut scratch);
