@@ -246,17 +246,19 @@ impl Geometry {
         )
     }
 
-    /// The Winograd layout, where F(2×2, 3×3) computes this convolution.
+    /// The Winograd layout, where F(2×2, 3×3) computes this convolution (never an empty one).
     fn winograd(&self) -> Option<Winograd> {
-        Winograd::applies(
-            self.c_in,
-            self.c_out,
-            [self.k_h, self.k_w],
-            self.stride,
-            self.pad,
-            self.dil,
-            self.groups,
-        )
+        let empty = self.batch == 0 || self.out_h == 0 || self.out_w == 0;
+        (!empty
+            && Winograd::applies(
+                self.c_in,
+                self.c_out,
+                [self.k_h, self.k_w],
+                self.stride,
+                self.pad,
+                self.dil,
+                self.groups,
+            ))
         .then_some(Winograd {
             batch: self.batch,
             c_in: self.c_in,
