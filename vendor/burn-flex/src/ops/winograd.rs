@@ -122,17 +122,19 @@ pub(super) fn forward<T: Float + Send + Sync + 'static>(wg: &Winograd, x: &[T], 
             let (v, m) = (&mut v[..16 * wg.c_in * n], &mut m[..16 * wg.c_out * n]);
             input_transform(wg, &x[b0 * in_image..(b0 + nb) * in_image], nb, v, &mut scratch);
             for xi in 0..16 {
-                let u = &u[xi * wg.c_out * wg.c_in..(xi + 1) * wg.c_out * wg.c_in];
+                // U_ξ: c_out rows of c_in, 16·c_in apart.
+                let u = &u[xi * wg.c_in..];
                 let v = &v[xi * wg.c_in * n..(xi + 1) * wg.c_in * n];
                 let m = &mut m[xi * wg.c_out * n..(xi + 1) * wg.c_out * n];
-                // SAFETY: `u` is c_out × c_in, `v` c_in × n and `m` c_out × n, all row-major.
+                // SAFETY: `u` holds c_out rows 16·c_in apart of c_in each, `v` is c_in × n and
+                // `m` c_out × n, both row-major.
                 unsafe {
                     super::conv2d_gemm::gemm_into(
                         [wg.c_out, n, wg.c_in],
                         m.as_mut_ptr(),
                         n as isize,
                         false,
-                        (u.as_ptr(), 1, wg.c_in as isize),
+                        (u.as_ptr(), 1, (16 * wg.c_in) as isize),
                         (v.as_ptr(), 1, n as isize),
                     );
                 }
@@ -164,29 +166,35 @@ pub(super) fn input_grad<T: Float + Send + Sync + 'static>(
     forward(&wg.transposed(), dy, &flipped)
 }
 
-/// `U_ξ = G g Gᵀ` for every weight, laid out `[16][c_out][c_in]`.
-fn weight_transform<T: Float>(wg: &Winograd, w: &[T]) -> Vec<T> {
+/// `U_ξ = G g Gᵀ` for every weight, laid out `[c_out][16][c_in]` (output channels split over
+/// threads).
+fn weight_transform<T: Float + Send + Sync>(wg: &Winograd, w: &[T]) -> Vec<T> {
     let half = T::from(0.5).expect("½ is representable");
-    let pairs = wg.c_out * wg.c_in;
-    let mut u = vec![T::zero(); 16 * pairs];
-    for (pair, g) in w.chunks_exact(9).enumerate() {
-        // G g: 4 rows of 3.
-        let mut gg = [[T::zero(); 3]; 4];
-        for c in 0..3 {
-            let (g0, g1, g2) = (g[c], g[3 + c], g[6 + c]);
-            gg[0][c] = g0;
-            gg[1][c] = (g0 + g1 + g2) * half;
-            gg[2][c] = (g0 - g1 + g2) * half;
-            gg[3][c] = g2;
-        }
-        for (r, row) in gg.iter().enumerate() {
-            let [g0, g1, g2] = *row;
-            let t = [g0, (g0 + g1 + g2) * half, (g0 - g1 + g2) * half, g2];
-            for (c, &value) in t.iter().enumerate() {
-                u[(r * 4 + c) * pairs + pair] = value;
+    let c_in = wg.c_in;
+    let mut u = vec![T::zero(); 16 * wg.c_out * c_in];
+    let flops = 16 * wg.c_out * c_in;
+    split_mut(&mut u, wg.c_out, 16 * c_in, flops, |outputs, u| {
+        for (co, u) in outputs.zip(u.chunks_mut(16 * c_in)) {
+            for (ci, g) in w[co * c_in * 9..(co + 1) * c_in * 9].chunks_exact(9).enumerate() {
+                // G g: 4 rows of 3.
+                let mut gg = [[T::zero(); 3]; 4];
+                for c in 0..3 {
+                    let (g0, g1, g2) = (g[c], g[3 + c], g[6 + c]);
+                    gg[0][c] = g0;
+                    gg[1][c] = (g0 + g1 + g2) * half;
+                    gg[2][c] = (g0 - g1 + g2) * half;
+                    gg[3][c] = g2;
+                }
+                for (r, row) in gg.iter().enumerate() {
+                    let [g0, g1, g2] = *row;
+                    let t = [g0, (g0 + g1 + g2) * half, (g0 - g1 + g2) * half, g2];
+                    for (c, &value) in t.iter().enumerate() {
+                        u[(r * 4 + c) * c_in + ci] = value;
+                    }
+                }
             }
         }
-    }
+    });
     u
 }
 
