@@ -8,7 +8,7 @@ use densekd::data::images::{list_images, load_rgb};
 use densekd::data::labelmap::{read_label_map, write_label_map, LabelMap};
 use densekd::data::loader::{Loader, LoaderConfig, Source};
 use densekd::data::segmentation::{collate_segmentation, LabelMapFolder, SegAugment};
-use densekd::data::transforms::{hflip_boxes, resize_scale};
+use densekd::data::transforms::{hflip_boxes, resize_scale, rotate, ColourChange, Photometric};
 use image::{GrayImage, Luma, Rgb, RgbImage};
 use rand_chacha::ChaCha8Rng;
 
@@ -396,6 +396,9 @@ fn segmentation_flips_and_transpose_move_image_and_labels_together() {
             hflip_prob: hflip,
             vflip_prob: vflip,
             transpose_prob: transpose,
+            rotate_prob: 0.0,
+            rotate_degrees: 0.0,
+            photometric: None,
         };
         aug.validate().expect("valid");
         let src = LabelMapFolder::new(&imgs, &labels, ("", ""), 24, 255, Some(aug)).expect("pairs");
@@ -433,6 +436,9 @@ fn segmentation_flips_and_transpose_move_image_and_labels_together() {
         hflip_prob: 0.5,
         vflip_prob: 1.5,
         transpose_prob: 0.0,
+        rotate_prob: 0.0,
+        rotate_degrees: 0.0,
+        photometric: None,
     };
     let err = bad.validate().expect_err("probability above 1").to_string();
     assert!(err.contains("data.seg_augment.vflip_prob"), "{err}");
@@ -458,6 +464,9 @@ fn segmentation_folder_pairs_by_stem_and_pads_with_ignore() {
             hflip_prob: 0.5,
             vflip_prob: 0.0,
             transpose_prob: 0.0,
+            rotate_prob: 0.0,
+            rotate_degrees: 0.0,
+            photometric: None,
         }),
     )
     .expect("pairs");
@@ -493,4 +502,166 @@ fn segmentation_folder_pairs_by_stem_and_pads_with_ignore() {
         .expect("y has no label")
         .to_string();
     assert!(err.contains("y.png"), "{err}");
+}
+
+#[test]
+fn rotation_and_colour_changes_match_opencv_and_colorsys() {
+    let text = std::fs::read_to_string("tests/fixtures/augment.json").expect("fixture");
+    let fx: serde_json::Value = serde_json::from_str(&text).expect("json");
+    let bytes = |v: &serde_json::Value| -> Vec<u8> {
+        v.as_array()
+            .expect("array")
+            .iter()
+            .map(|x| x.as_u64().expect("integer") as u8)
+            .collect()
+    };
+    let size = |v: &serde_json::Value| {
+        (
+            v["width"].as_u64().expect("width") as u32,
+            v["height"].as_u64().expect("height") as u32,
+        )
+    };
+
+    let rot = &fx["rotation"];
+    let (w, h) = size(rot);
+    let image = RgbImage::from_raw(w, h, bytes(&rot["image"])).expect("image");
+    let label = LabelMap {
+        width: w,
+        height: h,
+        data: bytes(&rot["label"]),
+    };
+    for case in rot["cases"].as_array().expect("cases") {
+        let degrees = case["degrees"].as_f64().expect("degrees");
+        let (img, lbl) = rotate(&image, &label, degrees, 255);
+        let worst = img
+            .as_raw()
+            .iter()
+            .zip(bytes(&case["image"]))
+            .map(|(&a, b)| (a as i32 - b as i32).abs())
+            .max();
+        assert!(worst <= Some(1), "{degrees}°: image off by {worst:?}");
+        let checked = bytes(&case["label_checked"]);
+        for (i, (&got, want)) in lbl.data.iter().zip(bytes(&case["label"])).enumerate() {
+            if checked[i] == 1 {
+                assert_eq!(got, want, "{degrees}°: label at pixel {i}");
+            }
+        }
+    }
+
+    let col = &fx["colour"];
+    let (w, h) = size(col);
+    let input = RgbImage::from_raw(w, h, bytes(&col["input"])).expect("image");
+    for case in col["cases"].as_array().expect("cases") {
+        let change = ColourChange {
+            brightness: case["brightness"].as_f64().expect("brightness"),
+            contrast: case["contrast"].as_f64().expect("contrast"),
+            contrast_first: case["contrast_first"].as_bool().expect("contrast_first"),
+            saturation: case["saturation"].as_f64().expect("saturation"),
+            hue: case["hue"].as_f64().expect("hue"),
+        };
+        // Half-way values may round either way after float64 HSV round trips.
+        let got = change.apply(&input).into_raw();
+        let want = bytes(&case["output"]);
+        let off: Vec<i32> = got
+            .iter()
+            .zip(&want)
+            .map(|(&a, &b)| (a as i32 - b as i32).abs())
+            .filter(|&d| d > 0)
+            .collect();
+        assert!(
+            off.iter().all(|&d| d == 1) && off.len() * 20 <= want.len(),
+            "{change:?}: {off:?}"
+        );
+    }
+}
+
+#[test]
+fn rotation_and_colour_options_are_validated_and_drawn() {
+    let aug = |rotate_degrees: f64, photometric: Option<Photometric>| SegAugment {
+        scale_range: (1.0, 1.0),
+        crop: (16, 16),
+        hflip_prob: 0.0,
+        vflip_prob: 0.0,
+        transpose_prob: 0.0,
+        rotate_prob: 1.0,
+        rotate_degrees,
+        photometric,
+    };
+    let err = aug(200.0, None).validate().expect_err("angle").to_string();
+    assert!(err.contains("data.seg_augment.rotate_degrees"), "{err}");
+    let bad = Photometric {
+        contrast_range: (1.5, 0.5),
+        ..Photometric::default()
+    };
+    let err = aug(10.0, Some(bad))
+        .validate()
+        .expect_err("range")
+        .to_string();
+    assert!(
+        err.contains("data.seg_augment.photometric.contrast_range"),
+        "{err}"
+    );
+    let err = toml::from_str::<SegAugment>(
+        "scale_range = [1.0, 1.0]\ncrop = [8, 8]\nhflip_prob = 0.5\nrotate_deg = 10.0",
+    )
+    .expect_err("typo")
+    .to_string();
+    assert!(err.contains("rotate_deg"), "{err}");
+
+    // Every drawn change stays within its configured range, and each part is sometimes off.
+    let p = Photometric::default();
+    let mut rng = <ChaCha8Rng as rand::SeedableRng>::seed_from_u64(5);
+    let draws: Vec<ColourChange> = (0..400).map(|_| p.draw(&mut rng)).collect();
+    for d in &draws {
+        assert!(d.brightness.abs() <= 32.0 && d.hue.abs() <= 36.0, "{d:?}");
+        assert!((0.5..=1.5).contains(&d.contrast) && (0.5..=1.5).contains(&d.saturation));
+    }
+    let off = |f: &dyn Fn(&ColourChange) -> bool| draws.iter().filter(|d| f(d)).count();
+    for count in [
+        off(&|d| d.brightness == 0.0),
+        off(&|d| d.contrast == 1.0),
+        off(&|d| d.saturation == 1.0),
+        off(&|d| d.hue == 0.0),
+        off(&|d| d.contrast_first),
+    ] {
+        assert!((150..=250).contains(&count), "about half of 400: {count}");
+    }
+
+    // A rotated sample keeps image and labels together: a uniform object stays labelled as one.
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (imgs, labels) = (tmp.path().join("img"), tmp.path().join("lbl"));
+    std::fs::create_dir_all(&imgs).expect("mkdir");
+    std::fs::create_dir_all(&labels).expect("mkdir");
+    let inside = |x: u32, y: u32| (4..12).contains(&x) && (6..10).contains(&y);
+    RgbImage::from_fn(16, 16, |x, y| {
+        Rgb(if inside(x, y) { [200; 3] } else { [50; 3] })
+    })
+    .save(imgs.join("x.png"))
+    .expect("save");
+    let map = LabelMap {
+        width: 16,
+        height: 16,
+        data: (0..256u32).map(|i| inside(i % 16, i / 16) as u8).collect(),
+    };
+    write_label_map(&labels.join("x.png"), &map, false).expect("write");
+    let src = LabelMapFolder::new(&imgs, &labels, ("", ""), 2, 255, Some(aug(180.0, None)))
+        .expect("pairs");
+    let mut rng = <ChaCha8Rng as rand::SeedableRng>::seed_from_u64(9);
+    for _ in 0..8 {
+        let s = src.get(0, &mut rng).expect("loads");
+        let mut sums = [(0.0, 0usize); 2];
+        for (px, &l) in s.image.pixels().zip(&s.label.data) {
+            assert!(l <= 1 || l == 255, "label {l}");
+            if l <= 1 {
+                sums[l as usize].0 += px[0] as f64;
+                sums[l as usize].1 += 1;
+            }
+        }
+        let mean = |(sum, n): (f64, usize)| sum / n as f64;
+        assert!(mean(sums[1]) > 170.0 && mean(sums[0]) < 80.0, "{sums:?}");
+        assert!(
+            (24..=40).contains(&sums[1].1),
+            "the 8×4 object keeps its area: {sums:?}"
+        );
+    }
 }

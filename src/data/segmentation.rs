@@ -13,13 +13,14 @@ use crate::data::labelmap::{read_label_map, LabelMap};
 use crate::data::loader::Source;
 use crate::data::synth::{self, Split, SynthConfig};
 use crate::data::transforms::{
-    hflip_image, hflip_label, normalize, random_scale_crop, transpose_image, transpose_label,
-    vflip_image, vflip_label, IMAGENET_MEAN, IMAGENET_STD,
+    hflip_image, hflip_label, normalize, random_scale_crop, rotate, transpose_image,
+    transpose_label, vflip_image, vflip_label, Photometric, IMAGENET_MEAN, IMAGENET_STD,
 };
 use crate::error::{Error, Result};
 
 /// Segmentation augmentation (training); `None` in a source means evaluate at full size.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SegAugment {
     /// Random scale factor range.
     pub scale_range: (f64, f64),
@@ -34,6 +35,16 @@ pub struct SegAugment {
     /// 0.5 every rotation by a multiple of 90° and every mirror is equally likely.
     #[serde(default)]
     pub transpose_prob: f64,
+    /// Probability of a rotation by a uniform angle in ±`rotate_degrees`, after cropping and
+    /// flipping; the uncovered corners are ignored by the loss.
+    #[serde(default)]
+    pub rotate_prob: f64,
+    /// Largest rotation angle in degrees.
+    #[serde(default)]
+    pub rotate_degrees: f64,
+    /// Random brightness, contrast, saturation and hue, applied last; absent: none.
+    #[serde(default)]
+    pub photometric: Option<Photometric>,
 }
 
 impl SegAugment {
@@ -56,6 +67,7 @@ impl SegAugment {
             ("hflip_prob", self.hflip_prob),
             ("vflip_prob", self.vflip_prob),
             ("transpose_prob", self.transpose_prob),
+            ("rotate_prob", self.rotate_prob),
         ] {
             if !(0.0..=1.0).contains(&p) {
                 return Err(Error::config(
@@ -63,6 +75,15 @@ impl SegAugment {
                     format!("must be in [0, 1], got {p}"),
                 ));
             }
+        }
+        if !(0.0..=180.0).contains(&self.rotate_degrees) {
+            return Err(Error::config(
+                "data.seg_augment.rotate_degrees",
+                format!("must be in [0, 180], got {}", self.rotate_degrees),
+            ));
+        }
+        if let Some(p) = &self.photometric {
+            p.validate("data.seg_augment.photometric")?;
         }
         Ok(())
     }
@@ -107,6 +128,17 @@ fn augment<R: Rng>(
     if draw(aug.vflip_prob, rng) {
         image = vflip_image(&image);
         vflip_label(&mut label);
+    }
+    if draw(aug.rotate_prob, rng) {
+        let degrees = if aug.rotate_degrees > 0.0 {
+            rng.random_range(-aug.rotate_degrees..=aug.rotate_degrees)
+        } else {
+            0.0
+        };
+        (image, label) = rotate(&image, &label, degrees, ignore_index);
+    }
+    if let Some(p) = &aug.photometric {
+        image = p.draw(rng).apply(&image);
     }
     SegSample { name, image, label }
 }

@@ -142,6 +142,233 @@ pub fn random_scale_crop<R: Rng>(
     (out_img, out_label)
 }
 
+/// Rotates an image and its label map by `degrees` about the image centre, keeping the size
+/// (mmseg `RandomRotate`, OpenCV's sign: positive turns the content counter-clockwise). The image
+/// is sampled bilinearly with black outside it, the label map by nearest neighbour with
+/// `ignore_index` outside it, so the uncovered corners carry no loss.
+pub fn rotate(
+    img: &RgbImage,
+    label: &LabelMap,
+    degrees: f64,
+    ignore_index: u8,
+) -> (RgbImage, LabelMap) {
+    let (w, h) = img.dimensions();
+    let (sin, cos) = degrees.to_radians().sin_cos();
+    let (cx, cy) = (w as f64 / 2.0, h as f64 / 2.0);
+    // Source point (continuous coordinates, pixel i spanning [i, i + 1]) of an output pixel centre.
+    let source = |x: u32, y: u32| {
+        let (dx, dy) = (x as f64 + 0.5 - cx, y as f64 + 0.5 - cy);
+        (cos * dx - sin * dy + cx, sin * dx + cos * dy + cy)
+    };
+    let pixel = |x: i64, y: i64| {
+        if (0..w as i64).contains(&x) && (0..h as i64).contains(&y) {
+            img.get_pixel(x as u32, y as u32).0.map(f64::from)
+        } else {
+            [0.0; 3]
+        }
+    };
+    let mut out_img = RgbImage::new(w, h);
+    let mut out_label = LabelMap::filled(w, h, ignore_index);
+    for y in 0..h {
+        for x in 0..w {
+            let (sx, sy) = source(x, y);
+            let (u, v) = (sx - 0.5, sy - 0.5);
+            let (x0, y0) = (u.floor(), v.floor());
+            let (fx, fy) = (u - x0, v - y0);
+            let (x0, y0) = (x0 as i64, y0 as i64);
+            let corners = [
+                (pixel(x0, y0), (1.0 - fx) * (1.0 - fy)),
+                (pixel(x0 + 1, y0), fx * (1.0 - fy)),
+                (pixel(x0, y0 + 1), (1.0 - fx) * fy),
+                (pixel(x0 + 1, y0 + 1), fx * fy),
+            ];
+            let mut rgb = [0u8; 3];
+            for (c, out) in rgb.iter_mut().enumerate() {
+                let value: f64 = corners.iter().map(|(p, wgt)| p[c] * wgt).sum();
+                *out = value.round().clamp(0.0, 255.0) as u8;
+            }
+            out_img.put_pixel(x, y, image::Rgb(rgb));
+            let (nx, ny) = (sx.floor(), sy.floor());
+            if nx >= 0.0 && ny >= 0.0 && nx < w as f64 && ny < h as f64 {
+                out_label.data[(y * w + x) as usize] = label.get(nx as u32, ny as u32);
+            }
+        }
+    }
+    (out_img, out_label)
+}
+
+/// Random colour distortion of an image (mmseg `PhotoMetricDistortion`): each of brightness,
+/// contrast, saturation and hue changes with probability 0.5, contrast before or after the
+/// other colour changes at random.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Photometric {
+    /// Largest brightness offset, in 0..255 pixel units.
+    pub brightness_delta: f64,
+    /// Contrast factor range.
+    pub contrast_range: (f64, f64),
+    /// Saturation factor range.
+    pub saturation_range: (f64, f64),
+    /// Largest hue shift in degrees (mmseg's 18 OpenCV units are 36°).
+    pub hue_delta: f64,
+}
+
+impl Default for Photometric {
+    fn default() -> Self {
+        Photometric {
+            brightness_delta: 32.0,
+            contrast_range: (0.5, 1.5),
+            saturation_range: (0.5, 1.5),
+            hue_delta: 36.0,
+        }
+    }
+}
+
+impl Photometric {
+    /// Checks the ranges; `key` names the table in errors.
+    pub fn validate(&self, key: &str) -> crate::error::Result<()> {
+        let bad = |field: &str, msg: String| {
+            Err(crate::error::Error::config(format!("{key}.{field}"), msg))
+        };
+        if !(0.0..=255.0).contains(&self.brightness_delta) {
+            return bad(
+                "brightness_delta",
+                format!("must be in [0, 255], got {}", self.brightness_delta),
+            );
+        }
+        for (field, (lo, hi)) in [
+            ("contrast_range", self.contrast_range),
+            ("saturation_range", self.saturation_range),
+        ] {
+            if !(lo.is_finite() && hi.is_finite() && 0.0 <= lo && lo <= hi) {
+                return bad(
+                    field,
+                    format!("[{lo}, {hi}] is not a range of non-negative factors"),
+                );
+            }
+        }
+        if !(0.0..=180.0).contains(&self.hue_delta) {
+            return bad(
+                "hue_delta",
+                format!("must be in [0, 180] degrees, got {}", self.hue_delta),
+            );
+        }
+        Ok(())
+    }
+
+    /// Draws the distortion for one image.
+    pub fn draw<R: Rng>(&self, rng: &mut R) -> ColourChange {
+        let coin = |rng: &mut R| rng.random_bool(0.5);
+        let uniform = |rng: &mut R, (lo, hi): (f64, f64)| {
+            if hi > lo {
+                rng.random_range(lo..hi)
+            } else {
+                lo
+            }
+        };
+        let brightness = if coin(rng) {
+            uniform(rng, (-self.brightness_delta, self.brightness_delta))
+        } else {
+            0.0
+        };
+        let contrast_first = coin(rng);
+        let contrast = if coin(rng) {
+            uniform(rng, self.contrast_range)
+        } else {
+            1.0
+        };
+        let saturation = if coin(rng) {
+            uniform(rng, self.saturation_range)
+        } else {
+            1.0
+        };
+        let hue = if coin(rng) {
+            uniform(rng, (-self.hue_delta, self.hue_delta))
+        } else {
+            0.0
+        };
+        ColourChange {
+            brightness,
+            contrast,
+            contrast_first,
+            saturation,
+            hue,
+        }
+    }
+}
+
+/// One drawn [`Photometric`] distortion.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ColourChange {
+    /// Offset added to every channel (0..255 units).
+    pub brightness: f64,
+    /// Factor on every channel.
+    pub contrast: f64,
+    /// Whether contrast comes before saturation and hue (else after).
+    pub contrast_first: bool,
+    /// Factor on the HSV saturation (capped at 1).
+    pub saturation: f64,
+    /// Hue shift in degrees.
+    pub hue: f64,
+}
+
+impl ColourChange {
+    /// Applies the change, clipping to 0..255 after each step and rounding once at the end.
+    pub fn apply(&self, img: &RgbImage) -> RgbImage {
+        let clip = |v: f64| v.clamp(0.0, 255.0);
+        let mut out = img.clone();
+        for px in out.pixels_mut() {
+            let mut rgb = px.0.map(|c| clip(c as f64 + self.brightness));
+            if self.contrast_first {
+                rgb = rgb.map(|c| clip(c * self.contrast));
+            }
+            if self.saturation != 1.0 || self.hue != 0.0 {
+                let (h, s, v) = rgb_to_hsv(rgb);
+                rgb = hsv_to_rgb(h + self.hue, (s * self.saturation).min(1.0), v);
+            }
+            if !self.contrast_first {
+                rgb = rgb.map(|c| clip(c * self.contrast));
+            }
+            px.0 = rgb.map(|c| c.round() as u8);
+        }
+        out
+    }
+}
+
+/// RGB (0..255) to hue in degrees, saturation and value (0..1).
+fn rgb_to_hsv([r, g, b]: [f64; 3]) -> (f64, f64, f64) {
+    let max = r.max(g).max(b);
+    let range = max - r.min(g).min(b);
+    if range == 0.0 {
+        return (0.0, 0.0, max / 255.0);
+    }
+    let h = if max == r {
+        60.0 * ((g - b) / range)
+    } else if max == g {
+        60.0 * ((b - r) / range + 2.0)
+    } else {
+        60.0 * ((r - g) / range + 4.0)
+    };
+    (h.rem_euclid(360.0), range / max, max / 255.0)
+}
+
+/// Hue in degrees, saturation and value (0..1) to RGB (0..255); the inverse of [`rgb_to_hsv`].
+pub fn hsv_to_rgb(h: f64, s: f64, v: f64) -> [f64; 3] {
+    let c = v * s;
+    let hp = (h / 60.0).rem_euclid(6.0);
+    let x = c * (1.0 - (hp % 2.0 - 1.0).abs());
+    let (r, g, b) = match hp as u32 {
+        0 => (c, x, 0.0),
+        1 => (x, c, 0.0),
+        2 => (0.0, c, x),
+        3 => (0.0, x, c),
+        4 => (x, 0.0, c),
+        _ => (c, 0.0, x),
+    };
+    let m = v - c;
+    [(r + m) * 255.0, (g + m) * 255.0, (b + m) * 255.0]
+}
+
 /// Horizontally mirrors an image.
 pub fn hflip_image(img: &RgbImage) -> RgbImage {
     imageops::flip_horizontal(img)

@@ -2,22 +2,7 @@
 //! objects' boxes.
 
 use super::*;
-
-pub(super) fn hsv_to_rgb(h: f64, s: f64, v: f64) -> [f64; 3] {
-    let c = v * s;
-    let hp = (h / 60.0).rem_euclid(6.0);
-    let x = c * (1.0 - (hp % 2.0 - 1.0).abs());
-    let (r, g, b) = match hp as u32 {
-        0 => (c, x, 0.0),
-        1 => (x, c, 0.0),
-        2 => (0.0, c, x),
-        3 => (0.0, x, c),
-        4 => (x, 0.0, c),
-        _ => (c, 0.0, x),
-    };
-    let m = v - c;
-    [(r + m) * 255.0, (g + m) * 255.0, (b + m) * 255.0]
-}
+use crate::data::transforms::hsv_to_rgb;
 
 // Smooth lattice noise: random values on a coarse grid, smoothstep-interpolated.
 pub(super) struct ValueNoise {
