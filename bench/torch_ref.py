@@ -31,8 +31,9 @@ MODELS = {
 
 def deeplabv3(m):
     """densekd's DeepLabV3 (src/model/deeplabv3) in torchvision modules: a frozen-BatchNorm
-    MobileNetV2 dilated past the output stride, ASPP, a 3x3 conv and the classifier, and the
-    FCN auxiliary head on the stride-16 stage (features[:14])."""
+    MobileNetV2 dilated past the output stride, ASPP, a 3x3 conv, DeepLabV3+'s decoder on the
+    stride-4 stage (features[:4]) if configured, the classifier, and the FCN auxiliary head on
+    the stride-16 stage (features[:14])."""
     import math
 
     from torch import nn
@@ -42,10 +43,13 @@ def deeplabv3(m):
     if m["last_conv"]:
         raise ValueError(f"the reference's DeepLabV3 reads the 320-channel C5: {m}")
 
-    def cnr(i, o, k=1, d=1):
+    def cnr(i, o, k=1, d=1, g=1):
         norm = nn.GroupNorm(math.gcd(32, o), o)
-        conv = nn.Conv2d(i, o, k, padding=d * (k // 2), dilation=d, bias=False)
+        conv = nn.Conv2d(i, o, k, padding=d * (k // 2), dilation=d, groups=g, bias=False)
         return nn.Sequential(conv, norm, nn.ReLU())
+
+    def separable(i, o):
+        return nn.Sequential(cnr(i, i, 3, g=i), cnr(i, o))
 
     class Net(nn.Module):
         def __init__(self):
@@ -69,6 +73,10 @@ def deeplabv3(m):
             self.pool = cnr(320, ch)
             self.project = cnr(ch * (len(rates) + 2), ch)
             self.conv = cnr(ch, ch, 3)
+            low = m["decoder"]
+            if low is not None:
+                self.low = cnr(24, low)
+                self.refine = nn.Sequential(separable(ch + low, ch), separable(ch, ch))
             self.out = nn.Conv2d(ch, k, 1)
             self.aux = nn.Sequential(cnr(96, 24, 3), nn.Conv2d(24, k, 1)) if m["aux_head"] else None
 
@@ -78,10 +86,17 @@ def deeplabv3(m):
                 x = torch.nn.functional.interpolate(
                     x, scale_factor=m["input_scale"], mode="bilinear", align_corners=False
                 )
-            c4 = self.f[:14](x)
+            c2 = self.f[:4](x)
+            c4 = self.f[4:14](c2)
             x = self.f[14:](c4)
             pooled = self.pool(x.mean((2, 3), keepdim=True)).expand(-1, -1, *x.shape[-2:])
             y = self.conv(self.project(torch.cat([b(x) for b in self.aspp] + [pooled], 1)))
+            if m["decoder"] is not None:
+                low = self.low(c2)
+                y = torch.nn.functional.interpolate(
+                    y, size=low.shape[-2:], mode="bilinear", align_corners=False
+                )
+                y = self.refine(torch.cat([y, low], 1))
             return self.out(y), (self.aux(c4) if self.aux is not None else None), size
 
     return Net()

@@ -5,8 +5,14 @@ mod common;
 use std::path::Path;
 
 use common::{lines, options, serial};
+use densekd::backend::Inference;
 use densekd::data::export::write_split;
 use densekd::data::synth::{Split, SynthConfig};
+use densekd::model::backbone::{Arch, BackboneConfig};
+use densekd::model::deeplabv3::config::DecoderConfig;
+use densekd::model::deeplabv3::{DeepLabV3, DeepLabV3Config};
+use densekd::model::layers::norm::NormKind;
+use densekd::model::weights::{load_pytorch, LoadOptions};
 use densekd::train::config::TrainConfig;
 use densekd::train::run::train_with_options;
 
@@ -278,4 +284,93 @@ fn seg_kd_with_rdd_distils_from_a_frozen_teacher_and_resumes_exactly() {
         e.to_string().contains("no-aux") && e.to_string().contains("auxiliary head"),
         "{e}"
     );
+}
+
+/// The fixture models' architecture: an eighth-width ResNet-50 with one block per stage at
+/// output stride 8, 32-channel heads with ASPP rates 1/2/3, batch norm, 5 classes.
+fn fixture_model(decoder: bool) -> DeepLabV3<Inference> {
+    let config = DeepLabV3Config {
+        backbone: BackboneConfig {
+            arch: Arch::Resnet50,
+            width: 0.125,
+            norm: NormKind::Frozen,
+            blocks: Some([1, 1, 1, 1]),
+            output_stride: 8,
+            last_conv: true,
+            frozen_stages: 0,
+            num_classes: None,
+        },
+        num_classes: 5,
+        aspp_rates: vec![1, 2, 3],
+        channels: 32,
+        norm: NormKind::Batch,
+        aspp_dropout: 0.5,
+        aux_head: true,
+        aux_dropout: 0.1,
+        input_scale: 1.0,
+        decoder: decoder.then_some(DecoderConfig {
+            low_level_channels: 12,
+        }),
+    };
+    config.init(&Default::default()).expect("model")
+}
+
+/// A torchvision DeepLabV3 checkpoint loads by `torchvision_key_rules` and gives torchvision's
+/// logits; the same model with DeepLabV3+'s decoder gives PyTorch's (fixtures made by
+/// `tests/fixtures/make_deeplabv3_import_fixture.py`).
+#[test]
+fn torchvision_deeplabv3_and_the_decoder_match_pytorch() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/deeplabv3_import");
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).expect("fixture"))
+            .expect("json");
+    let names = |key: &str| -> Vec<String> {
+        let keys = expected[key].as_array().expect("keys").iter();
+        keys.map(|k| k.as_str().expect("key").to_string()).collect()
+    };
+    let (keys, decoder_keys) = (names("keys"), names("decoder_keys"));
+    for (decoder, logits) in [(false, "logits"), (true, "plus_logits")] {
+        let model = fixture_model(decoder);
+        let options = LoadOptions {
+            key_rules: model.torchvision_key_rules(),
+            top_level_key: None,
+            allow_partial: false,
+        };
+        let (model, report) =
+            load_pytorch(model, &dir.join("deeplabv3_tiny.pth"), &options).expect("import");
+        // Without the decoder, exactly its tensors are left over.
+        let mut unused = if decoder {
+            vec![]
+        } else {
+            decoder_keys.clone()
+        };
+        unused.sort();
+        let mut left = report.unused.clone();
+        left.sort();
+        assert_eq!(left, unused, "{logits}");
+        let used = keys.len() + if decoder { decoder_keys.len() } else { 0 };
+        assert_eq!(report.applied, used, "{logits}");
+        let out = model.forward(common::fixture_tensor::<4>(&expected["image"]));
+        common::assert_fixture_close(out.logits, &expected[logits], logits);
+        let aux = out.aux_logits.expect("aux head");
+        common::assert_fixture_close(aux, &expected["aux_logits"], "aux_logits");
+    }
+}
+
+#[test]
+fn decoder_settings_are_validated() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/deeplabv3_shapes.toml");
+    for (set, key) in [
+        (
+            "deeplabv3.model.decoder.low_level_channels=0",
+            "deeplabv3.model.decoder.low_level_channels",
+        ),
+        ("deeplabv3.model.decoder.low_level=48", "low_level"),
+    ] {
+        let err = TrainConfig::load(&path, &[set.to_string()])
+            .err()
+            .unwrap_or_else(|| panic!("{set} was accepted"))
+            .to_string();
+        assert!(err.contains(key), "{set}: {err}");
+    }
 }

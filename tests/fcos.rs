@@ -5,6 +5,8 @@
 //! import of a torchvision FCOS checkpoint (`tests/fixtures/fcos_import/`, made by
 //! `tests/fixtures/make_fcos_import_fixture.py`) whose forward pass must match torchvision's.
 
+mod common;
+
 use burn::tensor::{Tensor, TensorData};
 use densekd::backend::{Inference, Training};
 use densekd::model::backbone::{Arch, BackboneConfig};
@@ -201,22 +203,6 @@ fn nms_matches_torchvision_batched_nms() {
 }
 
 /// A fixture tensor `{"shape", "data"}` on the inference backend.
-fn fixture_tensor<const D: usize>(v: &Value) -> Tensor<Inference, D> {
-    let shape: [usize; D] = usizes(&v["shape"]).try_into().expect("rank");
-    let data: Vec<f32> = numbers(&v["data"]).into_iter().map(|x| x as f32).collect();
-    Tensor::from_data(TensorData::new(data, shape), &Default::default())
-}
-
-fn assert_tensor_close<const D: usize>(got: Tensor<Inference, D>, expected: &Value, what: &str) {
-    assert_eq!(
-        got.dims().to_vec(),
-        usizes(&expected["shape"]),
-        "{what} shape"
-    );
-    let got: Vec<f32> = got.into_data().to_vec().expect("f32");
-    assert_close(&got, &numbers(&expected["data"]), 1e-4, what);
-}
-
 #[test]
 fn torchvision_fcos_checkpoint_imports_and_matches_its_outputs() {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/fcos_import");
@@ -267,24 +253,24 @@ fn torchvision_fcos_checkpoint_imports_and_matches_its_outputs() {
         expected["keys"].as_array().expect("keys").len()
     );
 
-    let out = model.forward(fixture_tensor::<4>(&expected["image"]));
+    let out = model.forward(common::fixture_tensor::<4>(&expected["image"]));
     for (level, (got, e)) in out
         .fpn
         .iter()
         .zip(expected["fpn"].as_array().expect("fpn"))
         .enumerate()
     {
-        assert_tensor_close(got.clone(), e, &format!("P{}", level + 3));
+        common::assert_fixture_close(got.clone(), e, &format!("P{}", level + 3));
     }
     let flat = LevelOutput::flatten(&out.levels);
-    assert_tensor_close(flat.cls_logits, &expected["cls_logits"], "cls_logits");
-    assert_tensor_close(
+    common::assert_fixture_close(flat.cls_logits, &expected["cls_logits"], "cls_logits");
+    common::assert_fixture_close(
         flat.bbox_reg,
         &expected["bbox_regression"],
         "bbox_regression",
     );
     let [n, a] = flat.centerness.dims();
-    assert_tensor_close(
+    common::assert_fixture_close(
         flat.centerness.reshape([n, a, 1]),
         &expected["bbox_ctrness"],
         "bbox_ctrness",

@@ -229,6 +229,7 @@ impl Workload {
                         "norm": m.norm,
                         "aux_head": m.aux_head,
                         "input_scale": m.input_scale,
+                        "decoder": m.decoder.as_ref().map(|d| d.low_level_channels),
                         "aux_weight": section.loss.aux_weight,
                     }),
                 )

@@ -5,6 +5,7 @@
 //! missing tensors fail unless partial loading is explicitly allowed, so weights are never
 //! loaded silently-partially.
 
+use std::collections::HashSet;
 use std::path::Path;
 
 use burn::module::{Module, ModuleVisitor, Param};
@@ -42,6 +43,18 @@ pub struct LoadOptions {
 /// Bookkeeping entries PyTorch saves that carry no weights.
 fn is_bookkeeping(key: &str) -> bool {
     key.ends_with("num_batches_tracked")
+}
+
+/// Whether file key `key` was loaded into a norm's `gamma` / `beta`: burn's store finds those
+/// under PyTorch's `weight` / `bias` but still lists the file keys as unused.
+fn loaded_as_norm_affine(key: &str, applied: &HashSet<&str>) -> bool {
+    [("weight", "gamma"), ("bias", "beta")]
+        .iter()
+        .any(|(torch, burn)| {
+            key.strip_suffix(torch)
+                .and_then(|stem| stem.strip_suffix('.'))
+                .is_some_and(|stem| applied.contains(format!("{stem}.{burn}").as_str()))
+        })
 }
 
 /// Records the paths of float parameters holding NaN or an infinity.
@@ -227,13 +240,15 @@ pub fn load_pytorch<B: Backend, M: Module<B> + ModuleSnapshot<B>>(
             .map_err(|e| Error::invalid(path, "tensors", e.to_string()))?
     };
     check_errors(&result, path)?;
+    let applied: HashSet<&str> = result.applied.iter().map(String::as_str).collect();
     let report = LoadReport {
         applied: result.applied.len(),
         missing: result.missing.iter().map(|(p, _)| p.clone()).collect(),
         unused: result
             .unused
-            .into_iter()
-            .filter(|k| !is_bookkeeping(k))
+            .iter()
+            .filter(|k| !is_bookkeeping(k) && !loaded_as_norm_affine(k, &applied))
+            .cloned()
             .collect(),
     };
     if !report.missing.is_empty() && !options.allow_partial {

@@ -99,3 +99,47 @@ static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 pub fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
+
+/// A fixture's `{"shape": [...], "data": [...]}` as a tensor.
+#[allow(dead_code)] // not every test binary uses it
+pub fn fixture_tensor<const D: usize>(
+    v: &serde_json::Value,
+) -> burn::tensor::Tensor<densekd::backend::Inference, D> {
+    let shape: Vec<usize> = v["shape"]
+        .as_array()
+        .expect("shape")
+        .iter()
+        .map(|d| d.as_u64().expect("dimension") as usize)
+        .collect();
+    let shape: [usize; D] = shape.try_into().expect("rank");
+    let data: Vec<f32> = v["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .map(|x| x.as_f64().unwrap_or(f64::NAN) as f32)
+        .collect();
+    burn::tensor::Tensor::from_data(
+        burn::tensor::TensorData::new(data, shape),
+        &Default::default(),
+    )
+}
+
+/// Asserts a tensor has a fixture tensor's shape and values, within `1e-4` of its largest
+/// magnitude.
+#[allow(dead_code)] // not every test binary uses it
+pub fn assert_fixture_close<const D: usize>(
+    got: burn::tensor::Tensor<densekd::backend::Inference, D>,
+    expected: &serde_json::Value,
+    what: &str,
+) {
+    let want = fixture_tensor::<D>(expected);
+    assert_eq!(got.dims(), want.dims(), "{what} shape");
+    let (got, want): (Vec<f32>, Vec<f32>) = (
+        got.into_data().to_vec().expect("f32"),
+        want.into_data().to_vec().expect("f32"),
+    );
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-12);
+    for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+        assert!((g - e).abs() <= 1e-4 * scale, "{what}[{i}]: {g} vs {e}");
+    }
+}

@@ -38,6 +38,23 @@ pub struct DeepLabV3Config {
     /// labels' resolution): small images give a stride-8 head too few cells per object.
     #[serde(default = "one")]
     pub input_scale: f64,
+    /// DeepLabV3+'s decoder on the stride-4 stage (`[deeplabv3.model.decoder]`); absent: plain
+    /// DeepLabV3.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decoder: Option<DecoderConfig>,
+}
+
+/// DeepLabV3+'s decoder (`[deeplabv3.model.decoder]`); its refinements have `channels` channels.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DecoderConfig {
+    /// Channels of the stride-4 stage's 1×1 projection (mmseg and the paper: 48).
+    #[serde(default = "default_low_level")]
+    pub low_level_channels: usize,
+}
+
+fn default_low_level() -> usize {
+    48
 }
 
 fn one() -> f64 {
@@ -83,6 +100,16 @@ impl DeepLabV3Config {
         if self.channels == 0 {
             return Err(Error::config(
                 "deeplabv3.model.channels",
+                "must be positive",
+            ));
+        }
+        if self
+            .decoder
+            .as_ref()
+            .is_some_and(|d| d.low_level_channels == 0)
+        {
+            return Err(Error::config(
+                "deeplabv3.model.decoder.low_level_channels",
                 "must be positive",
             ));
         }

@@ -1,6 +1,7 @@
 //! DeepLabV3 (Chen et al., 2017) for semantic segmentation: a dilated backbone, an ASPP head and
 //! an auxiliary FCN head on the third stage, with torchvision's `deeplabv3_*` parameter layout
-//! (`backbone`, `classifier`, `aux_classifier`) so its checkpoints load by key rules.
+//! (`backbone`, `classifier`, `aux_classifier`) so its checkpoints load by key rules; optionally
+//! DeepLabV3+'s decoder (Chen et al., 2018) on the stride-4 stage.
 
 pub mod config;
 pub mod export;
@@ -36,8 +37,20 @@ impl<B: Backend> ConvNormRelu<B> {
         norm: NormKind,
         device: &B::Device,
     ) -> Self {
+        Self::grouped(cin, cout, k, dilation, 1, norm, device)
+    }
+
+    fn grouped(
+        cin: usize,
+        cout: usize,
+        k: usize,
+        dilation: usize,
+        groups: usize,
+        norm: NormKind,
+        device: &B::Device,
+    ) -> Self {
         ConvNormRelu {
-            conv: conv(cin, cout, k, 1, dilation, 1).init(device),
+            conv: conv(cin, cout, k, 1, dilation, groups).init(device),
             bn: Norm2d::new(norm, cout, device),
         }
     }
@@ -96,13 +109,67 @@ impl<B: Backend> Aspp<B> {
     }
 }
 
-/// torchvision's `DeepLabHead`: ASPP, a 3×3 conv, and the 1×1 classifier.
+/// mmcv's `DepthwiseSeparableConvModule`: a depthwise 3×3 and a pointwise 1×1, each normalised
+/// and rectified.
+#[derive(Module, Debug)]
+pub struct SeparableConv<B: Backend> {
+    /// Depthwise 3×3.
+    pub depthwise: ConvNormRelu<B>,
+    /// Pointwise 1×1.
+    pub pointwise: ConvNormRelu<B>,
+}
+
+impl<B: Backend> SeparableConv<B> {
+    fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        self.pointwise.forward(self.depthwise.forward(x))
+    }
+}
+
+/// DeepLabV3+'s decoder (mmseg's `DepthwiseSeparableASPPHead`): the head's features upsampled to
+/// the backbone's stride-4 stage, concatenated with a 1×1 projection of that stage, refined by
+/// two depthwise-separable 3×3 convolutions. Small objects, a cell or two wide at the output
+/// stride, get the stride-4 stage's detail back.
+#[derive(Module, Debug)]
+pub struct Decoder<B: Backend> {
+    /// 1×1 projection of the stride-4 stage (mmseg `c1_bottleneck`).
+    pub low_level: ConvNormRelu<B>,
+    /// The two refinements (mmseg `sep_bottleneck`).
+    pub refine: Vec<SeparableConv<B>>,
+}
+
+impl<B: Backend> Decoder<B> {
+    fn new(c2: usize, cfg: &DeepLabV3Config, low: usize, device: &B::Device) -> Self {
+        let (ch, norm) = (cfg.channels, cfg.norm);
+        let separable = |cin: usize| SeparableConv {
+            depthwise: ConvNormRelu::grouped(cin, cin, 3, 1, cin, norm, device),
+            pointwise: ConvNormRelu::new(cin, ch, 1, 1, norm, device),
+        };
+        Decoder {
+            low_level: ConvNormRelu::new(c2, low, 1, 1, norm, device),
+            refine: vec![separable(ch + low), separable(ch)],
+        }
+    }
+
+    fn forward(&self, head: Tensor<B, 4>, c2: Tensor<B, 4>) -> Tensor<B, 4> {
+        let low = self.low_level.forward(c2);
+        let [_, _, h, w] = low.dims();
+        let up = resize(head, [h, w], Sampling::Bilinear);
+        self.refine
+            .iter()
+            .fold(Tensor::cat(vec![up, low], 1), |x, conv| conv.forward(x))
+    }
+}
+
+/// torchvision's `DeepLabHead`: ASPP, a 3×3 conv, and the 1×1 classifier; with DeepLabV3+'s
+/// decoder between the conv and the classifier if configured.
 #[derive(Module, Debug)]
 pub struct DeepLabHead<B: Backend> {
     /// `classifier.0`.
     pub aspp: Aspp<B>,
     /// `classifier.1` / `.2` (conv, norm).
     pub conv: ConvNormRelu<B>,
+    /// DeepLabV3+'s decoder (no torchvision counterpart).
+    pub decoder: Option<Decoder<B>>,
     /// `classifier.4`: per-class logits.
     pub out: Conv2d<B>,
 }
@@ -145,7 +212,7 @@ pub struct SegOutput<B: Backend> {
     pub backbone: BackboneFeatures<B>,
     /// The head's features before its classifier `[N, channels, h, w]` (CWD/feature KD).
     pub features: Tensor<B, 4>,
-    /// Class logits at the output stride `[N, K, h, w]`.
+    /// Class logits at the output stride (stride 4 with the decoder) `[N, K, h, w]`.
     pub logits: Tensor<B, 4>,
     /// Auxiliary-head logits `[N, K, h, w]`.
     pub aux_logits: Option<Tensor<B, 4>>,
@@ -161,13 +228,17 @@ impl DeepLabV3Config {
     pub fn init<B: Backend>(&self, device: &B::Device) -> crate::Result<DeepLabV3<B>> {
         self.validate()?;
         let backbone = self.backbone.init::<B>(device)?;
-        let [_, _, c4, c5] = backbone.channels();
+        let [c2, _, c4, c5] = backbone.channels();
         let (ch, norm, aux) = (self.channels, self.norm, (c4 / 4).max(1));
         Ok(DeepLabV3 {
             backbone,
             classifier: DeepLabHead {
                 aspp: Aspp::new(c5, self, device),
                 conv: ConvNormRelu::new(ch, ch, 3, 1, norm, device),
+                decoder: self
+                    .decoder
+                    .as_ref()
+                    .map(|d| Decoder::new(c2, self, d.low_level_channels, device)),
                 out: classifier(ch, self.num_classes, device),
             },
             aux_classifier: self.aux_head.then(|| FcnHead {
@@ -189,7 +260,10 @@ impl<B: Backend> DeepLabV3<B> {
             self.backbone
                 .features(resize(images, [scaled(h), scaled(w)], Sampling::Bilinear));
         let head = &self.classifier;
-        let features = head.conv.forward(head.aspp.forward(backbone.c5.clone()));
+        let mut features = head.conv.forward(head.aspp.forward(backbone.c5.clone()));
+        if let Some(decoder) = &head.decoder {
+            features = decoder.forward(features, backbone.c2.clone());
+        }
         let logits = conv2d(&head.out, features.clone());
         let aux_logits = self
             .aux_classifier
