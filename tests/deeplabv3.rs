@@ -56,6 +56,7 @@ fn tiny_config(data: &Path, extra: &[&str]) -> TrainConfig {
                 "optim.lr=1e-3",
                 "optim.weight_decay=1e-4",
                 "optim.backbone_lr_mult=0.1",
+                "optim.warmup_steps=50",
                 "checkpoint.every_steps=0",
             ]
             .iter()

@@ -160,15 +160,19 @@ fn the_rdd_grid_trains_its_teacher_first_and_names_it_in_the_variants() {
         .expect("plan")
         .expect("a teacher");
     assert_eq!(teacher.dir, out.join("teacher"));
-    // The teacher is the recipe as shipped (plus its augmentation), resized by --set only; the
-    // students are narrower.
+    // The teacher is the shipped recipe with the backbone schedule the grid was measured with,
+    // resized by --set only; the students are narrower.
     let width = |c: &TrainConfig| c.deeplabv3.as_ref().expect("deeplabv3").model.channels;
     assert_eq!(width(&teacher.config), 128);
     assert_eq!(teacher.config.optim.epochs, 1);
+    let optim = &teacher.config.optim;
+    assert_eq!((optim.backbone_lr_mult, optim.warmup_steps), (0.3, 50));
     let scale = |c: &TrainConfig| c.deeplabv3.as_ref().expect("deeplabv3").model.input_scale;
     assert_eq!(scale(&teacher.config), 2.0);
     let runs = plan(&grid, &options).expect("plan");
-    assert!(runs.iter().all(|r| width(&r.config) == 64));
+    assert!(runs
+        .iter()
+        .all(|r| width(&r.config) == 64 && r.config.optim.warmup_steps == 50));
     // The students read the images at the teacher's scale, backbone frozen up to stride 16;
     // students and teacher see every flip and quarter turn.
     let frozen = |c: &TrainConfig| {
