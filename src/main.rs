@@ -13,6 +13,7 @@ use densekd::data::synth::{Split, SynthConfig};
 use densekd::eval::{coco, seg};
 use densekd::model::backbone::Arch;
 use densekd::model::classify::{classify_images, load_imagenet_model, top_k, ClassScore};
+use densekd::model::deeplabv3::config::TestFlips;
 use densekd::{Error, Result};
 
 /// mimalloc keeps freed tensor buffers for reuse, where glibc returns large ones to the kernel
@@ -108,6 +109,9 @@ struct PredictArgs {
     /// Skip drawing PNGs.
     #[arg(long)]
     no_draw: bool,
+    /// A segmenter's test-time flips (default: those its run evaluated with, `[deeplabv3.test]`).
+    #[arg(long, value_enum)]
+    flips: Option<TestFlips>,
 }
 
 #[derive(Args)]
@@ -519,6 +523,7 @@ fn predict(args: PredictArgs) -> Result<()> {
         max_dets: args.max_dets.into(),
         gt: args.gt,
         draw: !args.no_draw,
+        flips: args.flips,
     };
     let device = densekd::backend::device();
     let summary = predict::<Inference>(&args.weights, &images, &args.out, &options, &device)?;

@@ -15,6 +15,7 @@ use crate::data::labelmap::{write_label_map, LabelMap};
 use crate::data::segmentation::{collate_segmentation, SegSample};
 use crate::error::{Error, Result};
 use crate::eval::coco::Detection;
+use crate::model::deeplabv3::config::TestFlips;
 use crate::model::deeplabv3::export::SegmenterInfo;
 use crate::model::deeplabv3::task::predict_labels;
 use crate::model::deeplabv3::DeepLabV3;
@@ -33,6 +34,8 @@ pub struct PredictOptions {
     pub gt: Option<PathBuf>,
     /// Also write annotated PNGs.
     pub draw: bool,
+    /// A segmenter's test-time flips, instead of those its run evaluated with.
+    pub flips: Option<TestFlips>,
 }
 
 /// What a prediction run wrote.
@@ -173,7 +176,7 @@ fn segment<B: Backend>(
         let label = LabelMap {
             width,
             height,
-            data: predict_labels(model, &batch),
+            data: predict_labels(model, &batch, options.flips.unwrap_or(info.test.flips)),
         };
         write_label_map(&labels_dir.join(format!("{stem}.png")), &label, true)?;
         if options.draw {

@@ -7,9 +7,12 @@ use std::path::Path;
 use common::{lines, options, serial};
 use densekd::backend::Inference;
 use densekd::data::export::write_split;
+use densekd::data::labelmap::LabelMap;
+use densekd::data::segmentation::{collate_segmentation, SegSample};
 use densekd::data::synth::{Split, SynthConfig};
 use densekd::model::backbone::{Arch, BackboneConfig};
-use densekd::model::deeplabv3::config::DecoderConfig;
+use densekd::model::deeplabv3::config::{DecoderConfig, TestFlips};
+use densekd::model::deeplabv3::task::predict_labels;
 use densekd::model::deeplabv3::{DeepLabV3, DeepLabV3Config};
 use densekd::model::layers::norm::NormKind;
 use densekd::model::weights::{load_pytorch, LoadOptions};
@@ -359,7 +362,7 @@ fn torchvision_deeplabv3_and_the_decoder_match_pytorch() {
 }
 
 #[test]
-fn decoder_settings_are_validated() {
+fn decoder_and_flip_settings_are_validated() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/deeplabv3_shapes.toml");
     for (set, key) in [
         (
@@ -373,5 +376,85 @@ fn decoder_settings_are_validated() {
             .unwrap_or_else(|| panic!("{set} was accepted"))
             .to_string();
         assert!(err.contains(key), "{set}: {err}");
+    }
+}
+
+/// Test-time flips make the prediction follow the image: the prediction of a flipped (or
+/// transposed) image is the flipped prediction, which the model alone does not give.
+#[test]
+fn test_flips_make_predictions_follow_the_image() {
+    const W: usize = 40;
+    const H: usize = 24;
+    // The import fixture's random weights: a fresh model predicts one class everywhere.
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/deeplabv3_import");
+    let options = LoadOptions {
+        key_rules: fixture_model(false).torchvision_key_rules(),
+        top_level_key: None,
+        allow_partial: false,
+    };
+    let (model, _) = load_pytorch(
+        fixture_model(false),
+        &dir.join("deeplabv3_tiny.pth"),
+        &options,
+    )
+    .expect("import");
+    let image = image::RgbImage::from_fn(W as u32, H as u32, |x, y| {
+        let v = |k: u32| ((x * 37 + y * 91 + k * 53).wrapping_mul(2654435761) >> 24) as u8;
+        image::Rgb([v(1), v(2), v(3)])
+    });
+    let predict = |image: &image::RgbImage, flips: TestFlips| -> Vec<u8> {
+        let sample = SegSample {
+            name: "random".into(),
+            label: LabelMap::filled(image.width(), image.height(), 255),
+            image: image.clone(),
+        };
+        let batch = collate_segmentation(vec![sample], 255).expect("batch");
+        predict_labels(&model, &batch, flips)
+    };
+    // Each transform of the image, and where pixel (x, y) lands in the transformed label map.
+    type Transform = (
+        fn(&image::RgbImage) -> image::RgbImage,
+        fn(usize, usize) -> usize,
+    );
+    let mirror: Transform = (
+        |i| image::imageops::flip_horizontal(i),
+        |x, y| y * W + (W - 1 - x),
+    );
+    let upside_down: Transform = (
+        |i| image::imageops::flip_vertical(i),
+        |x, y| (H - 1 - y) * W + x,
+    );
+    let transpose: Transform = (
+        |i| image::RgbImage::from_fn(i.height(), i.width(), |x, y| *i.get_pixel(y, x)),
+        |x, y| x * H + y,
+    );
+    let mismatches = |flips: TestFlips, (image_op, landing): Transform| -> usize {
+        let base = predict(&image, flips);
+        let moved = predict(&image_op(&image), flips);
+        (0..H)
+            .flat_map(|y| (0..W).map(move |x| (x, y)))
+            .filter(|&(x, y)| moved[landing(x, y)] != base[y * W + x])
+            .count()
+    };
+    // Summation order differs between the two predictions: a near-tie may flip a pixel.
+    let pixels = W * H;
+    for (flips, transforms) in [
+        (TestFlips::Horizontal, vec![mirror]),
+        (TestFlips::Dihedral, vec![mirror, upside_down, transpose]),
+    ] {
+        for (i, &t) in transforms.iter().enumerate() {
+            let wrong = mismatches(flips, t);
+            assert!(
+                wrong * 500 <= pixels,
+                "{flips:?} transform {i}: {wrong} pixels differ"
+            );
+        }
+    }
+    for t in [mirror, upside_down, transpose] {
+        let wrong = mismatches(TestFlips::None, t);
+        assert!(
+            wrong >= 20,
+            "the model alone follows it: {wrong} pixels differ"
+        );
     }
 }

@@ -137,6 +137,50 @@ impl DeepLabV3Config {
     }
 }
 
+/// Which flips of each image a prediction averages (mmseg's flip test): the class
+/// probabilities of every view, mapped back onto the image, are averaged before the argmax.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum TestFlips {
+    /// The image as it is.
+    #[default]
+    None,
+    /// The image and its mirror image.
+    Horizontal,
+    /// All eight flips and quarter turns of the image.
+    Dihedral,
+}
+
+impl TestFlips {
+    /// Each view as (transpose, flip left-right, flip top-bottom), applied in that order.
+    pub fn views(self) -> &'static [(bool, bool, bool)] {
+        const IDENTITY: (bool, bool, bool) = (false, false, false);
+        match self {
+            TestFlips::None => &[IDENTITY],
+            TestFlips::Horizontal => &[IDENTITY, (false, true, false)],
+            TestFlips::Dihedral => &[
+                IDENTITY,
+                (false, true, false),
+                (false, false, true),
+                (false, true, true),
+                (true, false, false),
+                (true, true, false),
+                (true, false, true),
+                (true, true, true),
+            ],
+        }
+    }
+}
+
+/// How predictions are made (`[deeplabv3.test]`), at evaluation and by `predict`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SegTestConfig {
+    /// Flips averaged per image.
+    #[serde(default)]
+    pub flips: TestFlips,
+}
+
 /// The `[deeplabv3]` section.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -146,6 +190,9 @@ pub struct DeepLabV3Section {
     /// The pixel loss.
     #[serde(default)]
     pub loss: SegLossConfig,
+    /// Test-time flips.
+    #[serde(default)]
+    pub test: SegTestConfig,
 }
 
 impl DeepLabV3Section {

@@ -7,6 +7,7 @@ use burn::tensor::backend::Backend;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::model::deeplabv3::config::SegTestConfig;
 use crate::model::deeplabv3::{DeepLabV3, DeepLabV3Config};
 use crate::model::weights::{load_native, safetensors_metadata, save_native};
 
@@ -23,6 +24,9 @@ pub struct SegmenterInfo {
     pub class_names: Vec<String>,
     /// The label of unlabelled pixels in the training data.
     pub ignore_index: u8,
+    /// How the run evaluated it (exports before test-time flips had none).
+    #[serde(default)]
+    pub test: SegTestConfig,
 }
 
 /// Writes `model` with its description as `.safetensors`.

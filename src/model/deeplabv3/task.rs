@@ -4,7 +4,9 @@
 
 use std::path::{Path, PathBuf};
 
+use burn::tensor::activation::softmax;
 use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::Tensor;
 
 use crate::data::loader::{EpochIter, Loader, LoaderConfig};
 use crate::data::segmentation::{
@@ -13,7 +15,7 @@ use crate::data::segmentation::{
 use crate::data::synth::{self, Split};
 use crate::error::{Error, Result};
 use crate::eval::seg::SegEvaluator;
-use crate::model::deeplabv3::config::DeepLabV3Section;
+use crate::model::deeplabv3::config::{DeepLabV3Section, TestFlips};
 use crate::model::deeplabv3::export::{export_deeplabv3, load_segmenter, SegmenterInfo};
 use crate::model::deeplabv3::{DeepLabV3, SegOutput};
 use crate::model::layers::resize::{resize, Sampling};
@@ -151,6 +153,7 @@ impl SegTask {
             model: self.section.model.clone(),
             class_names: self.class_names.clone(),
             ignore_index: self.ignore_index,
+            test: self.section.test,
         }
     }
 
@@ -226,7 +229,7 @@ impl<B: AutodiffBackend> Task<B> for SegTask {
         let mut evaluator = SegEvaluator::new(self.class_names.len(), self.ignore_index);
         for batch in self.val.epoch(0) {
             let batch = batch?;
-            let pred = predict_labels(model, &batch);
+            let pred = predict_labels(model, &batch, self.section.test.flips);
             let [n, _, h, w] = batch.shape;
             for i in 0..n {
                 let range = i * h * w..(i + 1) * h * w;
@@ -269,16 +272,39 @@ impl<B: AutodiffBackend> Task<B> for SegTask {
     }
 }
 
-/// Per-pixel argmax labels `[N, H, W]` (row-major) of a batch, at the batch's resolution.
-pub fn predict_labels<B: Backend>(model: &DeepLabV3<B>, batch: &SegBatch) -> Vec<u8> {
+/// Per-pixel argmax labels `[N, H, W]` (row-major) of a batch, at the batch's resolution, from
+/// the class probabilities averaged over `flips`' views.
+pub fn predict_labels<B: Backend>(
+    model: &DeepLabV3<B>,
+    batch: &SegBatch,
+    flips: TestFlips,
+) -> Vec<u8> {
     let device = model.classifier.out.weight.device();
     let [_, _, h, w] = batch.shape;
-    let logits = resize(
-        model.forward(batch.images_tensor::<B>(&device)).logits,
-        [h, w],
-        Sampling::Bilinear,
-    );
-    logits
+    let images = batch.images_tensor::<B>(&device);
+    let scores = if flips == TestFlips::None {
+        resize(model.forward(images).logits, [h, w], Sampling::Bilinear)
+    } else {
+        let views = flips.views().iter().map(|&(transpose, flip_x, flip_y)| {
+            let (mut x, size) = match transpose {
+                true => (images.clone().swap_dims(2, 3), [w, h]),
+                false => (images.clone(), [h, w]),
+            };
+            // Each step is its own inverse: the probabilities go back in reverse order.
+            x = flip(flip(x, flip_x, 3), flip_y, 2);
+            let logits = resize(model.forward(x).logits, size, Sampling::Bilinear);
+            let p = flip(flip(softmax(logits, 1), flip_y, 2), flip_x, 3);
+            if transpose {
+                p.swap_dims(2, 3)
+            } else {
+                p
+            }
+        });
+        views
+            .reduce(|a, b| a + b)
+            .expect("every flip setting has a view")
+    };
+    scores
         .argmax(1)
         .into_data()
         .convert::<i64>()
@@ -287,4 +313,13 @@ pub fn predict_labels<B: Backend>(model: &DeepLabV3<B>, batch: &SegBatch) -> Vec
         .into_iter()
         .map(|c| c as u8)
         .collect()
+}
+
+/// `x` mirrored along `axis` if `yes`.
+fn flip<B: Backend>(x: Tensor<B, 4>, yes: bool, axis: isize) -> Tensor<B, 4> {
+    if yes {
+        x.flip([axis])
+    } else {
+        x
+    }
 }
