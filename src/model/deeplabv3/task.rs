@@ -286,9 +286,10 @@ pub fn predict_labels<B: Backend>(
         resize(model.forward(images).logits, [h, w], Sampling::Bilinear)
     } else {
         let views = flips.views().iter().map(|&(transpose, flip_x, flip_y)| {
-            let (mut x, size) = match transpose {
-                true => (images.clone().swap_dims(2, 3), [w, h]),
-                false => (images.clone(), [h, w]),
+            let (mut x, size) = if transpose {
+                (images.clone().swap_dims(2, 3), [w, h])
+            } else {
+                (images.clone(), [h, w])
             };
             // Each step is its own inverse: the probabilities go back in reverse order.
             x = flip(flip(x, flip_x, 3), flip_y, 2);
