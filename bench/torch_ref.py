@@ -31,7 +31,8 @@ MODELS = {
 
 def deeplabv3(m):
     """densekd's DeepLabV3 (src/model/deeplabv3) in torchvision modules: a frozen-BatchNorm
-    MobileNetV2 dilated past the output stride, ASPP, a 3x3 conv, DeepLabV3+'s decoder on the
+    MobileNetV2 dilated past the output stride, ASPP (its dilated branches depthwise-separable
+    with separable_aspp), a 3x3 conv, DeepLabV3+'s decoder on the
     stride-4 stage (features[:4]) if configured, the classifier, and the FCN auxiliary head on
     the stride-16 stage (features[:14])."""
     import math
@@ -48,8 +49,8 @@ def deeplabv3(m):
         conv = nn.Conv2d(i, o, k, padding=d * (k // 2), dilation=d, groups=g, bias=False)
         return nn.Sequential(conv, norm, nn.ReLU())
 
-    def separable(i, o):
-        return nn.Sequential(cnr(i, i, 3, g=i), cnr(i, o))
+    def separable(i, o, d=1):
+        return nn.Sequential(cnr(i, i, 3, d, g=i), cnr(i, o))
 
     class Net(nn.Module):
         def __init__(self):
@@ -69,7 +70,9 @@ def deeplabv3(m):
                 dw.dilation = dw.padding = (dil, dil)
             self.f, ch, k = f, m["channels"], m["num_classes"]
             rates = m["aspp_rates"]
-            self.aspp = nn.ModuleList([cnr(320, ch)] + [cnr(320, ch, 3, r) for r in rates])
+            sep = m["separable_aspp"]
+            dilated = [separable(320, ch, r) if sep else cnr(320, ch, 3, r) for r in rates]
+            self.aspp = nn.ModuleList([cnr(320, ch)] + dilated)
             self.pool = cnr(320, ch)
             self.project = cnr(ch * (len(rates) + 2), ch)
             self.conv = cnr(ch, ch, 3)
@@ -156,14 +159,29 @@ def fcos(m):
     )
 
 
-def seg_loss(out, y, aux_weight):
+def seg_loss(out, y, aux_weight, ohem):
+    """densekd's pixel loss (src/model/deeplabv3/loss.rs): cross-entropy of the upsampled
+    logits over labelled pixels, or with ohem = [thresh, min_kept] over the hard ones only
+    (ground-truth-class probability <= thresh, raised to the min_kept-th smallest)."""
     import torch.nn.functional as F
 
     logits, aux, size = out
-    up = lambda t: F.interpolate(t, size=size, mode="bilinear", align_corners=False)
-    loss = F.cross_entropy(up(logits), y, ignore_index=255)
+    valid = y != 255
+
+    def head(t):
+        t = F.interpolate(t, size=size, mode="bilinear", align_corners=False)
+        ce = F.cross_entropy(t, y, ignore_index=255, reduction="none")
+        keep = valid
+        if ohem is not None:
+            prob, tau = torch.exp(-ce.detach())[valid], ohem[0]
+            if 0 < ohem[1] <= prob.numel():
+                tau = max(tau, prob.kthvalue(ohem[1]).values.item())
+            keep = valid & (torch.exp(-ce.detach()) <= tau)
+        return ce[keep].sum() / keep.sum().clamp(min=1)
+
+    loss = head(logits)
     if aux is not None:
-        loss = loss + aux_weight * F.cross_entropy(up(aux), y, ignore_index=255)
+        loss = loss + aux_weight * head(aux)
     return loss
 
 
@@ -195,7 +213,7 @@ class Workload:
             self.model = deeplabv3(model)
             y = torch.randint(0, model["num_classes"], (batch, size, size))
             self.y = y.masked_fill(torch.rand(batch, size, size) < 0.1, 255)
-            self.forward = lambda: seg_loss(self.model(self.x), self.y, model["aux_weight"])
+            self.forward = lambda: seg_loss(self.model(self.x), self.y, model["aux_weight"], model["ohem"])
         elif arch == "fcos":
             self.model = fcos(dict(model, size=size))
             self.x = list(self.x)

@@ -166,13 +166,18 @@ fn the_rdd_grid_trains_its_teacher_first_and_names_it_in_the_variants() {
     assert_eq!(width(&teacher.config), 128);
     assert_eq!(teacher.config.optim.epochs, 1);
     let optim = &teacher.config.optim;
-    assert_eq!((optim.backbone_lr_mult, optim.warmup_steps), (0.3, 50));
+    assert_eq!(
+        (optim.backbone_lr_mult, optim.warmup_steps, optim.batch_size),
+        (0.3, 50, 8)
+    );
+    let ohem = |c: &TrainConfig| c.deeplabv3.as_ref().expect("deeplabv3").loss.ohem;
+    assert_eq!(ohem(&teacher.config), None);
     let scale = |c: &TrainConfig| c.deeplabv3.as_ref().expect("deeplabv3").model.input_scale;
     assert_eq!(scale(&teacher.config), 2.0);
     let runs = plan(&grid, &options).expect("plan");
-    assert!(runs
-        .iter()
-        .all(|r| width(&r.config) == 64 && r.config.optim.warmup_steps == 50));
+    assert!(runs.iter().all(|r| width(&r.config) == 64
+        && (r.config.optim.warmup_steps, r.config.optim.batch_size) == (50, 8)
+        && ohem(&r.config).is_none()));
     // The students read the images at the teacher's scale, backbone frozen up to stride 16;
     // students and teacher see every flip and quarter turn.
     let frozen = |c: &TrainConfig| {

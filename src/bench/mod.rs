@@ -439,15 +439,22 @@ mod tests {
     #[test]
     fn config_workloads_have_the_references_parameters() {
         use crate::backend::Inference;
+        use crate::model::deeplabv3::DeepLabV3Config;
         use burn::module::Module;
         let device = Default::default();
-        // `bench/torch_ref.py`'s models for the shipped configs: the elements of their
-        // `parameters()`, plus the frozen BatchNorm channels whose weight, bias, mean and
-        // variance are buffers there and (untrained) parameters here.
+        // `bench/torch_ref.py`'s models for the shipped configs (DeepLabV3 with either ASPP): the
+        // elements of their `parameters()`, plus the frozen BatchNorm channels whose weight, bias,
+        // mean and variance are buffers there and (untrained) parameters here.
         let (section, crop) = workload::deeplabv3_setup().expect("DeepLabV3 config");
         assert_eq!(crop, 128);
-        let model = section.model.init::<Inference>(&device).expect("model");
-        assert_eq!(model.num_params(), 3_221_338 + 4 * 15_776);
+        for (separable_aspp, params) in [(false, 3_221_338), (true, 2_248_858)] {
+            let config = DeepLabV3Config {
+                separable_aspp,
+                ..section.model.clone()
+            };
+            let model = config.init::<Inference>(&device).expect("model");
+            assert_eq!(model.num_params(), params + 4 * 15_776, "{separable_aspp}");
+        }
         // FCOS keeps MobileNetV2's last 1×1 conv (1,280 more BatchNorm channels); torchvision's
         // head has no per-level scales (3 here).
         let (section, size) = workload::fcos_setup().expect("FCOS config");

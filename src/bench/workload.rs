@@ -225,12 +225,14 @@ impl Workload {
                         "frozen_stages": m.backbone.frozen_stages,
                         "num_classes": m.num_classes,
                         "aspp_rates": m.aspp_rates,
+                        "separable_aspp": m.separable_aspp,
                         "channels": m.channels,
                         "norm": m.norm,
                         "aux_head": m.aux_head,
                         "input_scale": m.input_scale,
                         "decoder": m.decoder.as_ref().map(|d| d.low_level_channels),
                         "aux_weight": section.loss.aux_weight,
+                        "ohem": section.loss.ohem.map(|o| (o.thresh, o.min_kept)),
                     }),
                 )
             }

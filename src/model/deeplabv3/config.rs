@@ -19,6 +19,10 @@ pub struct DeepLabV3Config {
     /// Dilation rates of ASPP's 3×3 branches (torchvision: 12, 24, 36 at output stride 8).
     #[serde(default = "default_rates")]
     pub aspp_rates: Vec<usize>,
+    /// ASPP's dilated branches as depthwise-separable convolutions (mmseg's DeepLabV3+ head;
+    /// no torchvision counterpart): about a ninth of the dense branches' multiply-adds.
+    #[serde(default)]
+    pub separable_aspp: bool,
     /// Channels of ASPP and the head (torchvision 256; RDD's students 128).
     #[serde(default = "default_channels")]
     pub channels: usize,

@@ -64,8 +64,11 @@ impl<B: Backend> ConvNormRelu<B> {
 /// image-pooling branch, concatenated and projected.
 #[derive(Module, Debug)]
 pub struct Aspp<B: Backend> {
-    /// The 1×1 branch, then the 3×3 branches in rate order (torchvision `convs.0..=n`).
+    /// The 1×1 branch, then the dense 3×3 branches in rate order (torchvision `convs.0..=n`).
     pub convs: Vec<ConvNormRelu<B>>,
+    /// The 3×3 branches as depthwise-separable convolutions, in rate order, with
+    /// `separable_aspp` (mmseg's `DepthwiseSeparableASPPModule`; then `convs` holds the 1×1 only).
+    pub separable: Vec<SeparableConv<B>>,
     /// The image-pooling branch's 1×1 conv (torchvision `convs.{n+1}`).
     pub pooling: ConvNormRelu<B>,
     /// 1×1 projection of the concatenated branches.
@@ -78,23 +81,31 @@ impl<B: Backend> Aspp<B> {
     fn new(cin: usize, cfg: &DeepLabV3Config, device: &B::Device) -> Self {
         let (ch, norm) = (cfg.channels, cfg.norm);
         let mut convs = vec![ConvNormRelu::new(cin, ch, 1, 1, norm, device)];
-        convs.extend(
-            cfg.aspp_rates
-                .iter()
-                .map(|&r| ConvNormRelu::new(cin, ch, 3, r, norm, device)),
-        );
+        let mut separable = Vec::new();
+        for &rate in &cfg.aspp_rates {
+            if cfg.separable_aspp {
+                separable.push(SeparableConv::new(cin, ch, rate, norm, device));
+            } else {
+                convs.push(ConvNormRelu::new(cin, ch, 3, rate, norm, device));
+            }
+        }
         Aspp {
             pooling: ConvNormRelu::new(cin, ch, 1, 1, norm, device),
-            project: ConvNormRelu::new(ch * (convs.len() + 1), ch, 1, 1, norm, device),
+            project: ConvNormRelu::new(ch * (cfg.aspp_rates.len() + 2), ch, 1, 1, norm, device),
             convs,
+            separable,
             dropout: DropoutConfig::new(cfg.aspp_dropout).init(),
         }
     }
 
     fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let [n, _, h, w] = x.dims();
-        let mut branches: Vec<Tensor<B, 4>> =
-            self.convs.iter().map(|c| c.forward(x.clone())).collect();
+        let mut branches: Vec<Tensor<B, 4>> = self
+            .convs
+            .iter()
+            .map(|c| c.forward(x.clone()))
+            .chain(self.separable.iter().map(|c| c.forward(x.clone())))
+            .collect();
         // Bilinear upsampling of a 1×1 map is a broadcast.
         let pooled = self.pooling.forward(x.mean_dim(3).mean_dim(2));
         let c = pooled.dims()[1];
@@ -120,6 +131,13 @@ pub struct SeparableConv<B: Backend> {
 }
 
 impl<B: Backend> SeparableConv<B> {
+    fn new(cin: usize, cout: usize, dilation: usize, norm: NormKind, device: &B::Device) -> Self {
+        SeparableConv {
+            depthwise: ConvNormRelu::grouped(cin, cin, 3, dilation, cin, norm, device),
+            pointwise: ConvNormRelu::new(cin, cout, 1, 1, norm, device),
+        }
+    }
+
     fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         self.pointwise.forward(self.depthwise.forward(x))
     }
@@ -140,10 +158,7 @@ pub struct Decoder<B: Backend> {
 impl<B: Backend> Decoder<B> {
     fn new(c2: usize, cfg: &DeepLabV3Config, low: usize, device: &B::Device) -> Self {
         let (ch, norm) = (cfg.channels, cfg.norm);
-        let separable = |cin: usize| SeparableConv {
-            depthwise: ConvNormRelu::grouped(cin, cin, 3, 1, cin, norm, device),
-            pointwise: ConvNormRelu::new(cin, ch, 1, 1, norm, device),
-        };
+        let separable = |cin: usize| SeparableConv::new(cin, ch, 1, norm, device);
         Decoder {
             low_level: ConvNormRelu::new(c2, low, 1, 1, norm, device),
             refine: vec![separable(ch + low), separable(ch)],
@@ -284,7 +299,8 @@ impl<B: Backend> DeepLabV3<B> {
 
     /// Regex rules from torchvision's `deeplabv3_*` state-dict keys to this module's paths.
     pub fn torchvision_key_rules(&self) -> Vec<(String, String)> {
-        let pooling = self.classifier.aspp.convs.len();
+        let aspp = &self.classifier.aspp;
+        let pooling = aspp.convs.len() + aspp.separable.len();
         let mut rules: Vec<(String, String)> = self
             .backbone
             .torchvision_key_rules()
