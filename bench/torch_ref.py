@@ -32,9 +32,9 @@ MODELS = {
 def deeplabv3(m):
     """densekd's DeepLabV3 (src/model/deeplabv3) in torchvision modules: a frozen-BatchNorm
     MobileNetV2 dilated past the output stride, ASPP (its dilated branches depthwise-separable
-    with separable_aspp), a 3x3 conv, DeepLabV3+'s decoder on the
-    stride-4 stage (features[:4]) if configured, the classifier, and the FCN auxiliary head on
-    the stride-16 stage (features[:14])."""
+    with separable_aspp), a 3x3 conv, DeepLabV3+'s decoder on the stride-4 stage (features[:4])
+    if configured, the classifier, and the FCN auxiliary head on the stride-16 stage
+    (features[:14])."""
     import math
 
     from torch import nn
@@ -213,7 +213,8 @@ class Workload:
             self.model = deeplabv3(model)
             y = torch.randint(0, model["num_classes"], (batch, size, size))
             self.y = y.masked_fill(torch.rand(batch, size, size) < 0.1, 255)
-            self.forward = lambda: seg_loss(self.model(self.x), self.y, model["aux_weight"], model["ohem"])
+            loss = (model["aux_weight"], model["ohem"])
+            self.forward = lambda: seg_loss(self.model(self.x), self.y, *loss)
         elif arch == "fcos":
             self.model = fcos(dict(model, size=size))
             self.x = list(self.x)
