@@ -173,10 +173,10 @@ def seg_loss(out, y, aux_weight, ohem):
         ce = F.cross_entropy(t, y, ignore_index=255, reduction="none")
         keep = valid
         if ohem is not None:
-            prob, tau = torch.exp(-ce.detach())[valid], ohem[0]
-            if 0 < ohem[1] <= prob.numel():
-                tau = max(tau, prob.kthvalue(ohem[1]).values.item())
-            keep = valid & (torch.exp(-ce.detach()) <= tau)
+            prob, tau = torch.exp(-ce.detach()), ohem[0]
+            if 0 < ohem[1] <= int(valid.sum()):
+                tau = max(tau, prob[valid].kthvalue(ohem[1]).values.item())
+            keep = valid & (prob <= tau)
         return ce[keep].sum() / keep.sum().clamp(min=1)
 
     loss = head(logits)
