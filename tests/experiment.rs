@@ -174,10 +174,20 @@ fn the_rdd_grid_trains_its_teacher_first_and_names_it_in_the_variants() {
     assert_eq!(ohem(&teacher.config), None);
     let scale = |c: &TrainConfig| c.deeplabv3.as_ref().expect("deeplabv3").model.input_scale;
     assert_eq!(scale(&teacher.config), 2.0);
+    let rates = |c: &TrainConfig| {
+        c.deeplabv3
+            .as_ref()
+            .expect("deeplabv3")
+            .model
+            .aspp_rates
+            .clone()
+    };
+    assert_eq!(rates(&teacher.config), [2, 4, 6]);
     let runs = plan(&grid, &options).expect("plan");
     assert!(runs.iter().all(|r| width(&r.config) == 64
         && (r.config.optim.warmup_steps, r.config.optim.batch_size) == (50, 8)
-        && ohem(&r.config).is_none()));
+        && ohem(&r.config).is_none()
+        && rates(&r.config) == [2, 4, 6]));
     // The students read the images at the teacher's scale, backbone frozen up to stride 16;
     // students and teacher see every flip and quarter turn.
     let frozen = |c: &TrainConfig| {
