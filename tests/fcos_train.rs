@@ -1,6 +1,7 @@
 //! FCOS and LGD end to end through the `densekd train` machinery: COCO files in, a memorised
 //! training set, the exported model re-scored from files by `predict` and `eval coco`; LGD's
-//! gradient flow term by term, its exact resume, and an export without its teacher.
+//! gradient flow term by term, its implicit teacher's evaluation, its exact resume, and an
+//! export without its teacher.
 
 mod common;
 
@@ -13,7 +14,9 @@ use densekd::backend::Training;
 use densekd::data::export::write_split;
 use densekd::data::synth::{Split, SynthConfig};
 use densekd::distill::lgd::teacher::Interact;
-use densekd::distill::lgd::{lgd_terms, Lgd, LgdConfig, LgdModules};
+use densekd::distill::lgd::{
+    lgd_terms, teacher_detections, Lgd, LgdConfig, LgdModules, IMPLICIT_TEACHER,
+};
 use densekd::distill::Distiller;
 use densekd::model::fcos::task::FcosTask;
 use densekd::model::fcos::Fcos;
@@ -332,6 +335,21 @@ fn lgd_resumes_exactly_and_exports_the_student_only() {
         );
     }
 
+    // Every evaluation scores the implicit teacher too, and the summary reports it.
+    let evals: Vec<serde_json::Value> = lines(&whole)
+        .into_iter()
+        .filter(|l| l["kind"] == "eval")
+        .collect();
+    let models: Vec<&str> = evals.iter().filter_map(|l| l["model"].as_str()).collect();
+    assert_eq!(models, ["student", IMPLICIT_TEACHER]);
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(whole.join("summary.json")).expect("summary"))
+            .expect("summary json");
+    assert_eq!(summary["final"][IMPLICIT_TEACHER]["AP"], evals[1]["AP"]);
+    assert!(evals[1]["AP"]
+        .as_f64()
+        .is_some_and(|ap| (0.0..=1.0).contains(&ap)));
+
     // The export holds the student alone: the same tensors as a plain FCOS run's.
     let plain = tmp.path().join("plain");
     let mut baseline = tiny_synthetic(&["optim.epochs=1"]);
@@ -417,4 +435,55 @@ fn fcos_kd_distils_every_level_from_a_frozen_teacher() {
             "{key}: {last}"
         );
     }
+}
+
+#[test]
+fn the_implicit_teacher_detects_each_labelled_image_on_its_own_labels() {
+    let _serial = serial();
+    // Every candidate kept, so the untrained head's detections are not empty.
+    let config = tiny_synthetic(&["distill.method=\"lgd\"", "fcos.eval.score_threshold=0.0"]);
+    let section = config.fcos.clone().expect("fcos");
+    let task = FcosTask::new(&config.task_inputs(), &section).expect("task");
+    let device = Default::default();
+    let student = task.init_model::<Training>(&device).expect("model");
+    let lgd_config = match &config.distill {
+        densekd::distill::DistillConfig::Lgd(c) => c.clone(),
+        _ => panic!("lgd"),
+    };
+    let lgd = Lgd::new(&task, lgd_config.clone()).expect("lgd");
+    let modules: LgdModules<Training> =
+        Distiller::<Training, FcosTask>::init_trainable(&lgd, &device).expect("modules");
+    let batch = Task::<Training>::train_batches(&task, 0, 0)
+        .next()
+        .expect("batch")
+        .expect("batch ok");
+    assert!(batch.targets.iter().all(|t| !t.boxes.is_empty()));
+    let detect = |b| teacher_detections(&lgd_config, &task, &student, &modules.teacher, b);
+    let labelled = detect(&batch);
+    assert!(labelled.iter().all(|d| d.len() == 100), "max_dets each");
+
+    // Without its labels the first image gets no detections; the others keep theirs, as the
+    // teacher reads each image's own labels and FPN levels only.
+    let mut unlabelled = batch.clone();
+    unlabelled.targets[0].boxes.clear();
+    unlabelled.targets[0].classes.clear();
+    let partial = detect(&unlabelled);
+    assert_eq!(partial.len(), batch.targets.len());
+    assert!(partial[0].is_empty());
+    for (i, (a, b)) in labelled.iter().zip(&partial).enumerate().skip(1) {
+        assert_eq!(a.len(), b.len(), "image {i}");
+        for (x, y) in a.iter().zip(b) {
+            assert_eq!(x.class, y.class, "image {i}");
+            assert!((x.score - y.score).abs() < 1e-5, "image {i}: {x:?} {y:?}");
+            for (p, q) in x.bbox.iter().zip(y.bbox) {
+                assert!((p - q).abs() < 1e-3, "image {i}: {x:?} {y:?}");
+            }
+        }
+    }
+    // Other labels give other maps, hence other detections.
+    let mut moved = batch.clone();
+    for b in &mut moved.targets[1].boxes {
+        b[0] = 1.0 - b[0];
+    }
+    assert_ne!(detect(&moved)[1], labelled[1]);
 }

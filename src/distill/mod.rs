@@ -25,7 +25,7 @@ use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::task::{InnerModel, Losses, Task};
+use crate::task::{InnerModel, Losses, Stats, Task};
 use teacher::FrozenTeacher;
 
 /// A distillation method, generic over the task it distils.
@@ -62,6 +62,17 @@ pub trait Distiller<B: AutodiffBackend, T: Task<B>> {
     /// Models evaluated and exported besides the student, with their labels (e.g. `ema`).
     fn extra_models(&self) -> Vec<(String, InnerModel<B, T>)> {
         Vec::new()
+    }
+
+    /// Evaluations that need the trained modules, labelled as in
+    /// [`DistillConfig::model_labels`] (LGD's implicit teacher on the validation labels).
+    fn evaluate_trainable(
+        &self,
+        _task: &T,
+        _student: &InnerModel<B, T>,
+        _trainable: &<Self::Trainable as AutodiffModule<B>>::InnerModule,
+    ) -> Result<Vec<(String, Stats)>> {
+        Ok(Vec::new())
     }
 
     /// Frozen teachers, evaluated once before step 0.
@@ -138,9 +149,8 @@ impl DistillConfig {
         match self {
             DistillConfig::None(_) => vec!["student"],
             DistillConfig::OdDetr(_) => vec!["student", od_detr::EMA_LABEL],
-            DistillConfig::SegKd(_) | DistillConfig::Lgd(_) | DistillConfig::FcosKd(_) => {
-                vec!["student"]
-            }
+            DistillConfig::Lgd(_) => vec!["student", lgd::IMPLICIT_TEACHER],
+            DistillConfig::SegKd(_) | DistillConfig::FcosKd(_) => vec!["student"],
         }
     }
 

@@ -102,11 +102,12 @@ where
     Ok(())
 }
 
-/// Evaluates the student and the distiller's extra models, logging one line each.
+/// Evaluates the student, the distiller's extra models and its evaluations of the trained
+/// modules, logging one line each.
 pub(super) fn evaluate_all<B, T, D>(
     task: &T,
     distiller: &D,
-    student: &T::Model,
+    (student, trainable): &(T::Model, D::Trainable),
     log: &mut MetricsLog,
     state: LoopState,
 ) -> Result<ModelStats>
@@ -118,8 +119,11 @@ where
     let mut out = Vec::new();
     for (name, m) in labelled_models(distiller, student) {
         let stats = task.evaluate(&m)?;
-        log_eval(log, state, &name, &stats)?;
         out.push((name, stats));
+    }
+    out.extend(distiller.evaluate_trainable(task, &student.valid(), &trainable.valid())?);
+    for (name, stats) in &out {
+        log_eval(log, state, name, stats)?;
     }
     Ok(out)
 }

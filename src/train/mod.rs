@@ -333,7 +333,7 @@ where
                 probes = current;
             }
             if last || state.epoch.is_multiple_of(config.eval.every_epochs) {
-                final_eval = evaluate_all(task, &*distiller, &model.0, log, state)?;
+                final_eval = evaluate_all(task, &*distiller, &model, log, state)?;
                 for (name, stats) in &final_eval {
                     progress.println(&format!(
                         "epoch {}/{} step {} {name}: {}",
@@ -359,7 +359,7 @@ where
             // Resumed after the last epoch's checkpoint: its evaluation is in the log already.
             final_eval = match log.evals_at(state.step)? {
                 logged if !logged.is_empty() => logged,
-                _ => evaluate_all(task, &*distiller, &model.0, log, state)?,
+                _ => evaluate_all(task, &*distiller, &model, log, state)?,
             };
         }
         evaluation::finish(task, &*distiller, &model.0, &final_eval, log, state, start)?;

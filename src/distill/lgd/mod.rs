@@ -18,11 +18,15 @@ use serde::{Deserialize, Serialize};
 use crate::data::detection::{DetBatch, DetTarget};
 use crate::distill::Distiller;
 use crate::error::{Error, Result};
+use crate::eval::coco::Detection;
 use crate::model::fcos::loss::FcosLosses;
-use crate::model::fcos::task::{image_boxes, padded_size, FcosTask};
+use crate::model::fcos::task::{decode_levels, image_boxes, padded_size, FcosTask};
 use crate::model::fcos::Fcos;
-use crate::task::Losses;
+use crate::task::{Losses, Stats};
 use teacher::{ImplicitTeacher, Interact, Objects};
+
+/// The label of the implicit teacher's evaluation in logs and reports.
+pub const IMPLICIT_TEACHER: &str = "implicit_teacher";
 
 /// `[distill]` of `method = "lgd"`; defaults are the official code's, with its phases (in
 /// iterations of a 180k schedule) given here in steps and off by default.
@@ -205,6 +209,65 @@ fn labelled(targets: &[DetTarget]) -> Vec<usize> {
         .collect()
 }
 
+/// The implicit teacher's maps of the images of a batch with at least one box.
+struct TeacherMaps<B: Backend> {
+    /// Those images' student FPN levels.
+    fpn: Vec<Tensor<B, 4>>,
+    /// Their targets.
+    targets: Vec<DetTarget>,
+    /// The teacher maps, with the shapes of `fpn`.
+    maps: Vec<Tensor<B, 4>>,
+}
+
+/// The teacher maps of the images of `targets` with boxes, from their student FPN levels
+/// (`None` when no image has a box: the official code drops such images).
+fn teacher_maps<B: Backend>(
+    config: &LgdConfig,
+    num_classes: usize,
+    teacher: &ImplicitTeacher<B>,
+    fpn: Vec<Tensor<B, 4>>,
+    targets: &[DetTarget],
+    padded: (usize, usize),
+) -> Option<TeacherMaps<B>> {
+    let keep = labelled(targets);
+    if keep.is_empty() {
+        return None;
+    }
+    let device = fpn.first()?.device();
+    let fpn: Vec<Tensor<B, 4>> = if keep.len() == targets.len() {
+        fpn
+    } else {
+        let idx = Tensor::<B, 1, Int>::from_data(
+            TensorData::new(keep.iter().map(|&i| i as i64).collect(), [keep.len()]),
+            &device,
+        );
+        fpn.into_iter().map(|p| p.select(0, idx.clone())).collect()
+    };
+    let targets: Vec<DetTarget> = keep.iter().map(|&i| targets[i].clone()).collect();
+    let shapes: Vec<(usize, usize)> = fpn
+        .iter()
+        .map(|p| {
+            let [_, _, h, w] = p.dims();
+            (h, w)
+        })
+        .collect();
+    let objects = Objects::new(
+        &image_boxes(&targets),
+        num_classes,
+        config.context_box,
+        padded,
+        &shapes,
+        &device,
+    );
+    let pooled: Vec<Tensor<B, 4>> = if config.detach_appearance {
+        fpn.iter().map(|p| p.clone().detach()).collect()
+    } else {
+        fpn.clone()
+    };
+    let maps = teacher.forward(&pooled, &objects, config.interact);
+    Some(TeacherMaps { fpn, targets, maps })
+}
+
 /// LGD's loss terms of one batch at optimiser step `step`.
 pub fn lgd_terms<B: Backend>(
     config: &LgdConfig,
@@ -219,52 +282,25 @@ pub fn lgd_terms<B: Backend>(
     let out = student.forward_with(batch.images_tensor(&device), freeze);
     let padded = padded_size(batch);
     let terms = task.loss_terms(&out.levels, &batch.targets, padded);
-    // Images without boxes have nothing to teach (the official code drops them).
-    let keep = labelled(&batch.targets);
-    if keep.is_empty() {
+    let num_classes = task.section().model.num_classes;
+    let Some(t) = teacher_maps(
+        config,
+        num_classes,
+        &modules.teacher,
+        out.fpn,
+        &batch.targets,
+        padded,
+    ) else {
         return LgdTerms {
             student: terms,
             teacher: None,
             distill: None,
         };
-    }
-    let fpn: Vec<Tensor<B, 4>> = if keep.len() == batch.targets.len() {
-        out.fpn
-    } else {
-        let idx = Tensor::<B, 1, Int>::from_data(
-            TensorData::new(keep.iter().map(|&i| i as i64).collect(), [keep.len()]),
-            &device,
-        );
-        out.fpn
-            .into_iter()
-            .map(|p| p.select(0, idx.clone()))
-            .collect()
     };
-    let targets: Vec<DetTarget> = keep.iter().map(|&i| batch.targets[i].clone()).collect();
-    let shapes: Vec<(usize, usize)> = fpn
-        .iter()
-        .map(|p| {
-            let [_, _, h, w] = p.dims();
-            (h, w)
-        })
-        .collect();
-    let objects = Objects::new(
-        &image_boxes(&targets),
-        task.section().model.num_classes,
-        config.context_box,
-        padded,
-        &shapes,
-        &device,
-    );
-    let pooled: Vec<Tensor<B, 4>> = if config.detach_appearance {
-        fpn.iter().map(|p| p.clone().detach()).collect()
-    } else {
-        fpn.clone()
-    };
-    let maps = modules.teacher.forward(&pooled, &objects, config.interact);
-    let teacher = task.loss_terms(&student.head(&maps), &targets, padded);
+    let teacher = task.loss_terms(&student.head(&t.maps), &t.targets, padded);
     let distills = config.distills_at(step);
-    let adapted: Vec<Tensor<B, 4>> = fpn
+    let adapted: Vec<Tensor<B, 4>> = t
+        .fpn
         .into_iter()
         .map(|p| {
             modules
@@ -272,12 +308,50 @@ pub fn lgd_terms<B: Backend>(
                 .forward(if distills { p } else { p.detach() })
         })
         .collect();
-    let detached: Vec<Tensor<B, 4>> = maps.into_iter().map(|m| m.detach()).collect();
+    let detached: Vec<Tensor<B, 4>> = t.maps.into_iter().map(|m| m.detach()).collect();
     LgdTerms {
         student: terms,
         teacher: Some(teacher),
         distill: Some(lgd_distill_loss(&adapted, &detached)),
     }
+}
+
+/// The implicit teacher's detections on `batch` (the official `EVAL_TEACHER`): the student's
+/// head on the teacher maps built from the batch's own labels. An image without boxes gets
+/// none, as the teacher has nothing to render for it.
+pub fn teacher_detections<B: Backend>(
+    config: &LgdConfig,
+    task: &FcosTask,
+    student: &Fcos<B>,
+    teacher: &ImplicitTeacher<B>,
+    batch: &DetBatch,
+) -> Vec<Vec<Detection>> {
+    let out = student.forward(batch.images_tensor(&student.scales.device()));
+    let padded = padded_size(batch);
+    let num_classes = task.section().model.num_classes;
+    let mut all = vec![Vec::new(); batch.targets.len()];
+    let Some(t) = teacher_maps(
+        config,
+        num_classes,
+        teacher,
+        out.fpn,
+        &batch.targets,
+        padded,
+    ) else {
+        return all;
+    };
+    let model = &task.section().model;
+    let detections = decode_levels(
+        &student.head(&t.maps),
+        &t.targets,
+        padded,
+        &model.strides,
+        &task.section().eval,
+    );
+    for (i, d) in labelled(&batch.targets).into_iter().zip(detections) {
+        all[i] = d;
+    }
+    all
 }
 
 /// The LGD distiller.
@@ -353,6 +427,18 @@ impl<B: AutodiffBackend> Distiller<B, FcosTask> for Lgd {
             losses.add("loss_lgd", d, self.config.weight);
         }
         Ok(losses)
+    }
+
+    fn evaluate_trainable(
+        &self,
+        task: &FcosTask,
+        student: &Fcos<B::InnerBackend>,
+        modules: &LgdModules<B::InnerBackend>,
+    ) -> Result<Vec<(String, Stats)>> {
+        let stats = task.evaluate_with(|batch| {
+            teacher_detections(&self.config, task, student, &modules.teacher, batch)
+        })?;
+        Ok(vec![(IMPLICIT_TEACHER.to_string(), stats)])
     }
 
     fn after_step(&mut self, _student: &Fcos<B>, step: usize) {

@@ -56,11 +56,6 @@ pub fn image_boxes(targets: &[DetTarget]) -> Vec<ImageBoxes> {
         .collect()
 }
 
-/// The pyramid's points for a batch whose levels have `shapes`.
-fn batch_points(batch: &DetBatch, shapes: &[(usize, usize)], strides: &[usize]) -> Points {
-    Points::new(padded_size(batch), shapes, strides)
-}
-
 /// The padded `(height, width)` of a batch's images.
 pub fn padded_size(batch: &DetBatch) -> (usize, usize) {
     let [_, _, h, w] = batch.shape;
@@ -74,12 +69,29 @@ pub fn detect<B: Backend>(
     decode: &FcosDecodeConfig,
     batch: &DetBatch,
 ) -> Vec<Vec<Detection>> {
-    let device = model.scales.device();
-    let out = model.forward(batch.images_tensor(&device));
-    let flat = LevelOutput::flatten(&out.levels);
-    let points = batch_points(batch, &flat.level_shapes, strides);
-    let sizes: Vec<(u32, u32)> = batch.targets.iter().map(|t| t.size).collect();
-    let orig: Vec<(u32, u32)> = batch.targets.iter().map(|t| t.orig_size).collect();
+    let out = model.forward(batch.images_tensor(&model.scales.device()));
+    decode_levels(
+        &out.levels,
+        &batch.targets,
+        padded_size(batch),
+        strides,
+        decode,
+    )
+}
+
+/// Detections decoded from head outputs `levels` of the images of `targets`, padded to
+/// `padded` (h, w), in original-image pixels.
+pub fn decode_levels<B: Backend>(
+    levels: &[LevelOutput<B>],
+    targets: &[DetTarget],
+    padded: (usize, usize),
+    strides: &[usize],
+    decode: &FcosDecodeConfig,
+) -> Vec<Vec<Detection>> {
+    let flat = LevelOutput::flatten(levels);
+    let points = Points::new(padded, &flat.level_shapes, strides);
+    let sizes: Vec<(u32, u32)> = targets.iter().map(|t| t.size).collect();
+    let orig: Vec<(u32, u32)> = targets.iter().map(|t| t.orig_size).collect();
     postprocess(&flat, &points, &sizes, &orig, decode)
 }
 
@@ -124,6 +136,14 @@ impl FcosTask {
             preprocess: self.data.preprocess.clone(),
             size_divisor: self.data.size_divisor,
         }
+    }
+
+    /// COCO statistics of the detections `detect` makes of each validation batch.
+    pub fn evaluate_with(
+        &self,
+        detect: impl FnMut(&DetBatch) -> Vec<Vec<Detection>>,
+    ) -> Result<Stats> {
+        self.data.evaluate(detect)
     }
 
     /// The unweighted loss terms of head outputs `levels` (the student's, or the head run on
@@ -202,8 +222,7 @@ impl<B: AutodiffBackend> Task<B> for FcosTask {
 
     fn evaluate(&self, model: &Fcos<B::InnerBackend>) -> Result<Stats> {
         let (strides, decode) = (&self.section.model.strides, &self.section.eval);
-        self.data
-            .evaluate(|batch| detect(model, strides, decode, batch))
+        self.evaluate_with(|batch| detect(model, strides, decode, batch))
     }
 
     fn export(&self, model: &Fcos<B::InnerBackend>, path: &Path) -> Result<()> {
