@@ -1,7 +1,8 @@
 //! ReLU6 as one autodiff operation. burn's autodiff has no clamp: `clamp(0, 6)` records two
 //! comparisons and two mask fills forward and two mask fills backward, about 15 % of a
 //! MobileNetV2 training step on flex; here it is the backend's one clamp pass forward, and
-//! backward the gradient masked by the stored output, with no boolean masks kept in between.
+//! backward the gradient masked by the stored output, with no boolean masks kept in between (on
+//! flex one pass that zeroes the incoming gradient in place; burn's ops take three).
 
 use std::any::Any;
 
@@ -11,7 +12,8 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{unary, Backward, Ops, OpsKind};
 use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorPrimitive};
+use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
+use burn_flex::FlexTensor;
 
 use crate::backend::Training;
 
@@ -63,15 +65,65 @@ impl<B: Backend, const D: usize> Backward<B, 1> for Relu6Backward<D> {
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
         let y = ops.state;
         unary::<B, _>(ops.parents, ops.node, grads, |grad| {
-            let positive = Tensor::<B, D>::from_primitive(TensorPrimitive::Float(
-                B::relu_backward(y.clone(), grad),
-            ));
-            let y = Tensor::<B, D>::from_primitive(TensorPrimitive::Float(y));
-            positive
-                .mask_fill(y.greater_equal_elem(6.0), 0.0)
-                .into_primitive()
-                .tensor()
+            let pair: Box<dyn Any> = Box::new((y, grad));
+            match pair.downcast::<(FlexTensor, FlexTensor)>() {
+                Ok(pair) => {
+                    let (y, grad) = *pair;
+                    let grad: Box<dyn Any> = Box::new(flex_relu6_grad::<D>(&y, grad));
+                    *grad
+                        .downcast::<B::FloatTensorPrimitive>()
+                        .expect("the primitive type it was cast from")
+                }
+                Err(pair) => {
+                    let (y, grad) = *pair
+                        .downcast::<(B::FloatTensorPrimitive, B::FloatTensorPrimitive)>()
+                        .expect("the type it was boxed as");
+                    composed_relu6_grad::<B, D>(y, grad)
+                }
+            }
         });
+    }
+}
+
+/// ReLU6's gradient from its output with burn's ops: `grad` where `0 < y < 6`, else 0.
+fn composed_relu6_grad<B: Backend, const D: usize>(
+    y: B::FloatTensorPrimitive,
+    grad: B::FloatTensorPrimitive,
+) -> B::FloatTensorPrimitive {
+    let positive = Tensor::<B, D>::from_primitive(TensorPrimitive::Float(B::relu_backward(
+        y.clone(),
+        grad,
+    )));
+    let y = Tensor::<B, D>::from_primitive(TensorPrimitive::Float(y));
+    positive
+        .mask_fill(y.greater_equal_elem(6.0), 0.0)
+        .into_primitive()
+        .tensor()
+}
+
+/// ReLU6's gradient on flex in one pass, in place when `grad` owns its contiguous f32 buffer;
+/// other element types or layouts take [`composed_relu6_grad`].
+fn flex_relu6_grad<const D: usize>(y: &FlexTensor, mut grad: FlexTensor) -> FlexTensor {
+    let pass = |y: f32, g: f32| if y > 0.0 && y < 6.0 { g } else { 0.0 };
+    let same_shape = y.layout().shape() == grad.layout().shape();
+    let (Some(ys), true, DType::F32) = (y.as_slice::<f32>(), same_shape, grad.dtype()) else {
+        return composed_relu6_grad::<burn::backend::Flex, D>(y.clone(), grad);
+    };
+    let offsets = grad.layout().contiguous_offsets();
+    match offsets {
+        Some((start, end)) if grad.is_unique() => {
+            let gs = &mut grad.try_storage_mut::<f32>().expect("a unique buffer")[start..end];
+            for (g, &y) in gs.iter_mut().zip(ys) {
+                *g = pass(y, *g);
+            }
+            grad
+        }
+        Some(_) => {
+            let gs = grad.as_slice::<f32>().expect("a contiguous f32 buffer");
+            let values: Vec<f32> = ys.iter().zip(gs).map(|(&y, &g)| pass(y, g)).collect();
+            FlexTensor::from_data(TensorData::new(values, grad.layout().shape().to_vec()))
+        }
+        None => composed_relu6_grad::<burn::backend::Flex, D>(y.clone(), grad),
     }
 }
 
@@ -79,7 +131,7 @@ impl<B: Backend, const D: usize> Backward<B, 1> for Relu6Backward<D> {
 mod tests {
     use super::*;
     use crate::backend::Inference;
-    use burn::tensor::TensorData;
+    use burn::backend::Flex;
 
     /// Values and gradients on both sides of, and exactly at, 0 and 6; the inference backend
     /// takes the plain clamp.
@@ -103,5 +155,29 @@ mod tests {
         plain
             .to_data()
             .assert_eq(&TensorData::from(expected), false);
+    }
+
+    /// flex's one-pass gradient equals burn's composed ops bit for bit, in place on a gradient
+    /// it owns and into a new buffer (leaving the input alone) on a shared one.
+    #[test]
+    fn flex_relu6_gradient_matches_composed_ops() {
+        let shape = vec![2, 3, 5, 7];
+        let n: usize = shape.iter().product();
+        // Steps of 1/8 from −2 to 10: exactly 0 and 6 included, and one NaN.
+        let mut ys: Vec<f32> = (0..n).map(|i| ((i * 37) % 97) as f32 / 8.0 - 2.0).collect();
+        ys[5] = f32::NAN;
+        let gs: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+        let flex = |v: &[f32]| FlexTensor::from_data(TensorData::new(v.to_vec(), shape.clone()));
+        let expected = composed_relu6_grad::<Flex, 4>(flex(&ys), flex(&gs)).into_data();
+        let kept = expected.as_slice::<f32>().expect("f32").iter();
+        assert!(kept.filter(|&&g| g != 0.0).count() > n / 3);
+        let in_place = flex_relu6_grad::<4>(&flex(&ys), flex(&gs));
+        in_place.into_data().assert_eq(&expected, true);
+        let shared = flex(&gs);
+        let copied = flex_relu6_grad::<4>(&flex(&ys), shared.clone());
+        copied.into_data().assert_eq(&expected, true);
+        shared
+            .into_data()
+            .assert_eq(&TensorData::new(gs, shape.clone()), true);
     }
 }
