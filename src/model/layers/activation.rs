@@ -90,10 +90,8 @@ fn composed_relu6_grad<B: Backend, const D: usize>(
     y: B::FloatTensorPrimitive,
     grad: B::FloatTensorPrimitive,
 ) -> B::FloatTensorPrimitive {
-    let positive = Tensor::<B, D>::from_primitive(TensorPrimitive::Float(B::relu_backward(
-        y.clone(),
-        grad,
-    )));
+    let positive =
+        Tensor::<B, D>::from_primitive(TensorPrimitive::Float(B::relu_backward(y.clone(), grad)));
     let y = Tensor::<B, D>::from_primitive(TensorPrimitive::Float(y));
     positive
         .mask_fill(y.greater_equal_elem(6.0), 0.0)
