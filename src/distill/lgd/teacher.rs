@@ -13,7 +13,7 @@ use burn::tensor::{activation::relu, Bool, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 use crate::model::fcos::loss::ImageBoxes;
-use crate::model::layers::norm::{normalise, unit_affine, NormGroups};
+use crate::model::layers::norm::{normalise, unit_affine, NormAct, NormGroups};
 use crate::ops::boxes::box_mask;
 
 /// LayerNorm over the last dimension without affine parameters (ε = 1e-5).
@@ -25,7 +25,15 @@ fn layer_norm<B: Backend>(x: Tensor<B, 2>) -> Tensor<B, 2> {
 /// GroupNorm with one group and no affine: every sample normalised over all its values.
 fn group_norm1<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
     let (ones, zeros) = unit_affine(x.dims()[1], &x.device());
-    normalise(x, NormGroups::Image(1), ones, zeros, 1e-5).output
+    normalise(
+        x,
+        NormGroups::Image(1),
+        ones,
+        zeros,
+        1e-5,
+        NormAct::Identity,
+    )
+    .output
 }
 
 /// `Lin → LayerNorm → ReLU`.

@@ -6,9 +6,8 @@ use burn::nn::{Linear, LinearConfig};
 use burn::tensor::{backend::Backend, Tensor};
 
 use super::{BackboneConfig, BackboneFeatures};
-use crate::model::layers::activation::relu6;
 use crate::model::layers::conv::conv;
-use crate::model::layers::norm::{Norm2d, NormKind};
+use crate::model::layers::norm::{Norm2d, NormAct, NormKind};
 
 /// torchvision's `_make_divisible`: round to a multiple of `divisor` without losing > 10 %.
 fn make_divisible(v: f64, divisor: usize) -> usize {
@@ -49,7 +48,7 @@ impl<B: Backend> ConvNormAct<B> {
     }
 
     fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        relu6(self.bn.after_conv(&self.conv, x))
+        self.bn.after_conv(&self.conv, x, NormAct::Relu6)
     }
 }
 
@@ -96,7 +95,7 @@ impl<B: Backend> InvertedResidual<B> {
         }
         y = self
             .project_bn
-            .after_conv(&self.project, self.depthwise.forward(y));
+            .after_conv(&self.project, self.depthwise.forward(y), NormAct::Identity);
         if self.residual {
             y + x
         } else {

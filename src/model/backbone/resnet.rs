@@ -8,7 +8,7 @@ use burn::tensor::{activation::relu, backend::Backend, Tensor};
 
 use super::{Arch, BackboneConfig, BackboneFeatures};
 use crate::model::layers::conv::conv;
-use crate::model::layers::norm::{Norm2d, NormKind};
+use crate::model::layers::norm::{Norm2d, NormAct, NormKind};
 
 /// torchvision's `downsample`: a strided 1×1 conv and a norm (keys `downsample.0/1` map here).
 #[derive(Module, Debug)]
@@ -81,14 +81,17 @@ impl<B: Backend> ResBlock<B> {
 
     fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let identity = match &self.downsample {
-            Some(d) => d.bn.after_conv(&d.conv, x.clone()),
+            Some(d) => d.bn.after_conv(&d.conv, x.clone(), NormAct::Identity),
             None => x.clone(),
         };
-        let mut y = relu(self.bn1.after_conv(&self.conv1, x));
-        y = self.bn2.after_conv(&self.conv2, y);
-        if let (Some(conv3), Some(bn3)) = (&self.conv3, &self.bn3) {
-            y = bn3.after_conv(conv3, relu(y));
-        }
+        let y = self.bn1.after_conv(&self.conv1, x, NormAct::Relu);
+        let y = match (&self.conv3, &self.bn3) {
+            (Some(conv3), Some(bn3)) => {
+                let y = self.bn2.after_conv(&self.conv2, y, NormAct::Relu);
+                bn3.after_conv(conv3, y, NormAct::Identity)
+            }
+            _ => self.bn2.after_conv(&self.conv2, y, NormAct::Identity),
+        };
         relu(y + identity)
     }
 }
@@ -212,7 +215,7 @@ impl<B: Backend> ResNet<B> {
         let stage = |blocks: &[ResBlock<B>], x| blocks.iter().fold(x, |x, b| b.forward(x));
         let x = self
             .maxpool
-            .forward(relu(self.bn1.after_conv(&self.conv1, x)));
+            .forward(self.bn1.after_conv(&self.conv1, x, NormAct::Relu));
         let c2 = stage(&self.layer1, x);
         let c3 = stage(&self.layer2, c2.clone());
         let c4 = stage(&self.layer3, c3.clone());

@@ -11,11 +11,11 @@ pub mod task;
 use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Dropout, DropoutConfig};
-use burn::tensor::{activation::relu, backend::Backend, Tensor};
+use burn::tensor::{backend::Backend, Tensor};
 
 use crate::model::backbone::{Backbone, BackboneFeatures};
 use crate::model::layers::conv::{conv, conv2d};
-use crate::model::layers::norm::{Norm2d, NormKind};
+use crate::model::layers::norm::{Norm2d, NormAct, NormKind};
 use crate::model::layers::resize::{resize, Sampling};
 pub use config::DeepLabV3Config;
 
@@ -56,7 +56,7 @@ impl<B: Backend> ConvNormRelu<B> {
     }
 
     fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        relu(self.bn.forward(conv2d(&self.conv, x)))
+        self.bn.forward_act(conv2d(&self.conv, x), NormAct::Relu)
     }
 }
 

@@ -18,7 +18,7 @@ use burn::tensor::{activation::relu, backend::Backend, Tensor};
 
 use crate::model::backbone::Backbone;
 use crate::model::layers::conv::conv2d;
-use crate::model::layers::norm::group_norm;
+use crate::model::layers::norm::{group_norm, NormAct};
 use crate::model::layers::resize::{resize, Sampling};
 pub use config::FcosConfig;
 
@@ -138,7 +138,7 @@ pub struct ConvGn<B: Backend> {
 
 impl<B: Backend> ConvGn<B> {
     fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        relu(group_norm(&self.norm, self.conv.forward(x)))
+        group_norm(&self.norm, self.conv.forward(x), NormAct::Relu)
     }
 }
 

@@ -13,9 +13,19 @@ use burn::backend::autodiff::ops::{unary, Backward, Ops, OpsKind};
 use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
+use burn_flex::ops::norm::NormAct;
 use burn_flex::FlexTensor;
 
 use crate::backend::Training;
+
+/// `act` applied on its own (where it could not be fused into the operation before it).
+pub fn activate<B: Backend, const D: usize>(x: Tensor<B, D>, act: NormAct) -> Tensor<B, D> {
+    match act {
+        NormAct::Identity => x,
+        NormAct::Relu => burn::tensor::activation::relu(x),
+        NormAct::Relu6 => relu6(x),
+    }
+}
 
 /// `min(max(x, 0), 6)`; its gradient passes where `0 < x < 6` (PyTorch's `hardtanh`).
 pub fn relu6<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {

@@ -1,7 +1,8 @@
 //! Batch and group normalisation as one kernel each way on flex (`burn_flex::ops::norm`), one
 //! node of the autodiff graph, instead of burn's chain of element-wise ops and reductions (about
 //! 21 passes over the activation per layer and step, 30 % of a MobileNetV2 training step).
-//! Other backends get `None` and compose burn's ops (`norm::normalise`).
+//! An activation after it (`NormAct`) runs inside the same kernels. Other backends get `None` and
+//! compose burn's ops (`norm::normalise`).
 
 use std::any::Any;
 
@@ -17,7 +18,7 @@ use burn_flex::FlexTensor;
 
 use super::norm::Normalised;
 
-pub use burn_flex::ops::norm::NormGroups;
+pub use burn_flex::ops::norm::{NormAct, NormGroups};
 
 /// [`normalise`](super::norm::normalise) on flex (training or inference); `None` on another
 /// backend or element type.
@@ -27,11 +28,12 @@ pub fn fused<B: Backend>(
     gamma: Tensor<B, 1>,
     beta: Tensor<B, 1>,
     eps: f64,
+    act: NormAct,
 ) -> Option<Normalised<B>> {
     // Rust has no specialisation: the two flex backends are recognised by type at run time.
     let inputs: Box<dyn Any> = Box::new((x, gamma, beta));
     let out: Box<dyn Any> = match inputs.downcast::<Inputs<Autodiff<Flex>>>() {
-        Ok(inputs) => Box::new(recorded(*inputs, groups, eps as f32)?),
+        Ok(inputs) => Box::new(recorded(*inputs, groups, eps as f32, act)?),
         Err(inputs) => {
             let (x, gamma, beta) = *inputs.downcast::<Inputs<Flex>>().ok()?;
             let flex = |t: Tensor<Flex, 1>| t.into_primitive().tensor();
@@ -41,6 +43,7 @@ pub fn fused<B: Backend>(
                 &flex(beta),
                 groups,
                 eps as f32,
+                act,
             )?;
             Box::new(Normalised::<Flex> {
                 output: Tensor::from_primitive(TensorPrimitive::Float(y)),
@@ -88,6 +91,7 @@ fn forward(
     beta: &FlexTensor,
     groups: NormGroups,
     eps: f32,
+    act: NormAct,
 ) -> Option<(FlexTensor, Vec<f32>, Vec<f32>)> {
     let (x, gamma, beta) = (f32_values(&x)?, f32_values(gamma)?, f32_values(beta)?);
     let shape = layout(&x, groups);
@@ -97,6 +101,7 @@ fn forward(
         gamma.as_slice()?,
         beta.as_slice()?,
         eps,
+        act,
     );
     Some((flex_tensor(y, x.layout().shape().to_vec()), mean, var))
 }
@@ -106,21 +111,28 @@ fn recorded(
     (x, gamma, beta): Inputs<Autodiff<Flex>>,
     groups: NormGroups,
     eps: f32,
+    act: NormAct,
 ) -> Option<Normalised<Autodiff<Flex>>> {
     let (x, gamma, beta) = (
         x.into_primitive().tensor(),
         gamma.into_primitive().tensor(),
         beta.into_primitive().tensor(),
     );
-    let (input, scale) = (f32_values(&x.primitive)?, f32_values(&gamma.primitive)?);
-    let (y, mean, var) = forward(input.clone(), &scale, &beta.primitive, groups, eps)?;
+    let (input, scale, shift) = (
+        f32_values(&x.primitive)?,
+        f32_values(&gamma.primitive)?,
+        f32_values(&beta.primitive)?,
+    );
+    let (y, mean, var) = forward(input.clone(), &scale, &shift, groups, eps, act)?;
     let state = NormState {
         shape: layout(&input, groups),
         x: input,
         gamma: scale,
+        beta: shift,
         mean: mean.clone(),
         var: var.clone(),
         eps,
+        act,
     };
     let output = match NormBackward
         .prepare::<NoCheckpointing>([x.node, gamma.node, beta.node])
@@ -137,15 +149,17 @@ fn recorded(
     })
 }
 
-/// What the backward kernel needs: the input, the statistics and the scale.
+/// What the backward kernel needs: the input, the statistics, the affine and the activation.
 #[derive(Debug, Clone)]
 struct NormState {
     x: FlexTensor,
     gamma: FlexTensor,
+    beta: FlexTensor,
     mean: Vec<f32>,
     var: Vec<f32>,
     shape: NormShape,
     eps: f32,
+    act: NormAct,
 }
 
 /// The values of a tensor made contiguous f32 in the forward pass.
@@ -167,10 +181,10 @@ impl Backward<Flex, 3> for NormBackward {
             values(&s.x),
             values(&dy),
             &s.shape,
-            &s.mean,
-            &s.var,
-            values(&s.gamma),
+            (&s.mean, &s.var),
+            (values(&s.gamma), values(&s.beta)),
             s.eps,
+            s.act,
         );
         let [node_x, node_gamma, node_beta] = ops.parents;
         let c = s.shape.c;

@@ -8,9 +8,10 @@ use burn::nn::{BatchNorm, BatchNormConfig, GroupNorm, GroupNormConfig};
 use burn::tensor::{backend::Backend, Tensor};
 use serde::{Deserialize, Serialize};
 
+use crate::model::layers::activation::activate;
 use crate::model::layers::conv::{conv2d, conv2d_with};
 use crate::model::layers::fused_norm;
-pub use crate::model::layers::fused_norm::NormGroups;
+pub use crate::model::layers::fused_norm::{NormAct, NormGroups};
 
 /// How a backbone normalises activations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -95,17 +96,25 @@ pub struct Normalised<B: Backend> {
     pub var: Tensor<B, 1>,
 }
 
-/// Normalises `x` by the statistics of `groups` and applies the per-channel affine: flex's
-/// fused kernels ([`fused_norm`]), burn's ops on other backends.
+/// Normalises `x` by the statistics of `groups`, applies the per-channel affine, then `act`:
+/// flex's fused kernels ([`fused_norm`]), burn's ops on other backends.
 pub fn normalise<B: Backend>(
     x: Tensor<B, 4>,
     groups: NormGroups,
     gamma: Tensor<B, 1>,
     beta: Tensor<B, 1>,
     eps: f64,
+    act: NormAct,
 ) -> Normalised<B> {
-    fused_norm::fused(x.clone(), groups, gamma.clone(), beta.clone(), eps)
-        .unwrap_or_else(|| composed(x, groups, gamma, beta, eps))
+    fused_norm::fused(x.clone(), groups, gamma.clone(), beta.clone(), eps, act).unwrap_or_else(
+        || {
+            let y = composed(x, groups, gamma, beta, eps);
+            Normalised {
+                output: activate(y.output, act),
+                ..y
+            }
+        },
+    )
 }
 
 /// [`normalise`] as burn's `GroupNorm` and `BatchNorm` compute it (biased variance, ε inside
@@ -148,13 +157,25 @@ fn composed<B: Backend>(
     }
 }
 
-/// burn's `GroupNorm` forward.
-pub(crate) fn group_norm<B: Backend>(gn: &GroupNorm<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
+/// burn's `GroupNorm` forward, then `act`.
+pub(crate) fn group_norm<B: Backend>(
+    gn: &GroupNorm<B>,
+    x: Tensor<B, 4>,
+    act: NormAct,
+) -> Tensor<B, 4> {
     let (gamma, beta) = match (&gn.gamma, &gn.beta) {
         (Some(gamma), Some(beta)) => (gamma.val(), beta.val()),
         _ => unit_affine(x.dims()[1], &x.device()),
     };
-    normalise(x, NormGroups::Image(gn.num_groups), gamma, beta, gn.epsilon).output
+    normalise(
+        x,
+        NormGroups::Image(gn.num_groups),
+        gamma,
+        beta,
+        gn.epsilon,
+        act,
+    )
+    .output
 }
 
 /// The identity affine over `c` channels: scale 1, shift 0.
@@ -165,12 +186,13 @@ pub(crate) fn unit_affine<B: Backend>(
     (Tensor::ones([c], device), Tensor::zeros([c], device))
 }
 
-/// burn's `BatchNorm` forward: the same statistics, running-average update and result.
-fn batch_norm<B: Backend>(bn: &BatchNorm<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
+/// burn's `BatchNorm` forward (the same statistics, running-average update and result), then
+/// `act`.
+fn batch_norm<B: Backend>(bn: &BatchNorm<B>, x: Tensor<B, 4>, act: NormAct) -> Tensor<B, 4> {
     if !B::ad_enabled(&x.device()) {
         let scale = bn.gamma.val() * bn.running_var.value().add_scalar(bn.epsilon).sqrt().recip();
         let shift = bn.beta.val() - bn.running_mean.value() * scale.clone();
-        return channel_affine(x, scale, shift);
+        return activate(channel_affine(x, scale, shift), act);
     }
     let y = normalise(
         x,
@@ -178,6 +200,7 @@ fn batch_norm<B: Backend>(bn: &BatchNorm<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
         bn.gamma.val(),
         bn.beta.val(),
         bn.epsilon,
+        act,
     );
     let m = bn.momentum;
     bn.running_mean
@@ -219,11 +242,11 @@ impl<B: Backend> Norm2d<B> {
         }
     }
 
-    /// `self.forward(conv2d(conv, x))`. A frozen layer is folded into the convolution instead
-    /// (weight × scale, bias × scale + shift): two passes over the output fewer each way.
-    pub fn after_conv(&self, conv: &Conv2d<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
+    /// `self.forward_act(conv2d(conv, x), act)`. A frozen layer is folded into the convolution
+    /// instead (weight × scale, bias × scale + shift): two passes over the output fewer each way.
+    pub fn after_conv(&self, conv: &Conv2d<B>, x: Tensor<B, 4>, act: NormAct) -> Tensor<B, 4> {
         let Norm2d::Frozen(n) = self else {
-            return self.forward(conv2d(conv, x));
+            return self.forward_act(conv2d(conv, x), act);
         };
         let (scale, shift) = n.scale_shift();
         let c = scale.dims()[0];
@@ -235,15 +258,20 @@ impl<B: Backend> Norm2d<B> {
         let weight = conv.weight.val();
         let dims = weight.dims();
         let weight = (weight.reshape([c as i32, -1]) * scale.reshape([c, 1])).reshape(dims);
-        conv2d_with(conv, weight, Some(bias), x)
+        activate(conv2d_with(conv, weight, Some(bias), x), act)
     }
 
     /// Normalises `[N, C, H, W]`.
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        self.forward_act(x, NormAct::Identity)
+    }
+
+    /// Normalises `[N, C, H, W]`, then applies `act` (in the same kernels where flex fuses them).
+    pub fn forward_act(&self, x: Tensor<B, 4>, act: NormAct) -> Tensor<B, 4> {
         match self {
-            Norm2d::Frozen(n) => n.forward(x),
-            Norm2d::Batch(n) => batch_norm(n, x),
-            Norm2d::Group(n) => group_norm(n, x),
+            Norm2d::Frozen(n) => activate(n.forward(x), act),
+            Norm2d::Batch(n) => batch_norm(n, x, act),
+            Norm2d::Group(n) => group_norm(n, x, act),
         }
     }
 }
@@ -259,29 +287,53 @@ mod tests {
 
     /// flex's fused kernels against burn's composed ops: outputs, statistics and the gradients
     /// of input, scale and shift, for batch norm and group norm (several groups, one group).
+    /// With each activation: the fused kernels against burn's ops (to rounding), and against
+    /// the same kernels with the activation as a node of its own (bit for bit).
     #[test]
     fn fused_normalisation_matches_the_composed_ops_with_gradients() {
         let device = Default::default();
         B::seed(&device, 5);
         let uniform = |lo: f64, hi: f64| Distribution::Uniform(lo, hi);
-        for (groups, shape) in [
+        let acts = [NormAct::Identity, NormAct::Relu, NormAct::Relu6];
+        for ((groups, shape), act) in [
             (NormGroups::Channel, [3, 5, 7, 6]),
             (NormGroups::Image(2), [2, 6, 5, 9]),
             (NormGroups::Image(1), [2, 4, 3, 3]),
-        ] {
+        ]
+        .into_iter()
+        .flat_map(|case| acts.map(|act| (case, act)))
+        {
             let c = shape[1];
             let x = Tensor::<B, 4>::random(shape, uniform(-2.0, 3.0), &device);
-            let gamma = Tensor::<B, 1>::random([c], uniform(0.5, 2.0), &device);
-            let beta = Tensor::<B, 1>::random([c], uniform(-1.0, 1.0), &device);
+            // Outputs reach past 6, so ReLU6 clips at both ends.
+            let gamma = Tensor::<B, 1>::random([c], uniform(0.5, 4.0), &device);
+            let beta = Tensor::<B, 1>::random([c], uniform(-1.0, 2.0), &device);
             let probe = Tensor::<B, 4>::random(shape, Distribution::Default, &device);
-            let run = |fused: bool| {
+            let run = |how: &str| {
                 let leaf = |t: &Tensor<B, 1>| t.clone().detach().require_grad();
                 let (x, gamma, beta) =
                     (x.clone().detach().require_grad(), leaf(&gamma), leaf(&beta));
-                let y = match fused {
-                    true => fused_norm::fused(x.clone(), groups, gamma.clone(), beta.clone(), 1e-5)
-                        .expect("flex runs the fused kernels"),
-                    false => composed(x.clone(), groups, gamma.clone(), beta.clone(), 1e-5),
+                let (g, b) = (gamma.clone(), beta.clone());
+                let fused = |act| {
+                    fused_norm::fused(x.clone(), groups, g.clone(), b.clone(), 1e-5, act)
+                        .expect("flex runs the fused kernels")
+                };
+                let y = match how {
+                    "fused" => fused(act),
+                    "separate" => {
+                        let y = fused(NormAct::Identity);
+                        Normalised {
+                            output: activate(y.output, act),
+                            ..y
+                        }
+                    }
+                    _ => {
+                        let y = composed(x.clone(), groups, g, b, 1e-5);
+                        Normalised {
+                            output: activate(y.output, act),
+                            ..y
+                        }
+                    }
                 };
                 let grads = (y.output.clone() * probe.clone()).sum().backward();
                 let host = |t: Tensor<crate::backend::Inference, 1>| {
@@ -297,7 +349,14 @@ mod tests {
                     host(beta.grad(&grads).expect("beta grad")),
                 ]
             };
-            let (fused, plain) = (run(true), run(false));
+            let (fused, separate, plain) = (run("fused"), run("separate"), run("composed"));
+            assert_eq!(fused, separate, "{groups:?} {act:?}");
+            let clipped = fused[0].iter().filter(|&&v| v == 0.0 || v == 6.0).count();
+            match act {
+                NormAct::Identity => assert_eq!(clipped, 0),
+                NormAct::Relu => assert!(clipped > 0),
+                NormAct::Relu6 => assert!(fused[0].contains(&6.0) && fused[0].contains(&0.0)),
+            }
             let what = ["output", "mean", "var", "x grad", "gamma grad", "beta grad"];
             for (what, (a, b)) in what.iter().zip(fused.iter().zip(&plain)) {
                 assert_eq!(a.len(), b.len(), "{groups:?} {what}");
@@ -306,7 +365,10 @@ mod tests {
                     .zip(b)
                     .map(|(p, q)| (p - q).abs())
                     .fold(0.0, f32::max);
-                assert!(err < 1e-4, "{groups:?} {what}: max |difference| {err}");
+                assert!(
+                    err < 1e-4,
+                    "{groups:?} {act:?} {what}: max |difference| {err}"
+                );
             }
         }
     }
@@ -324,7 +386,7 @@ mod tests {
                 crate::backend::with_op_threads(threads, || {
                     let x = x.clone().detach().require_grad();
                     let (gamma, beta) = unit_affine::<B>(64, &device);
-                    let y = normalise(x.clone(), groups, gamma, beta, 1e-5).output;
+                    let y = normalise(x.clone(), groups, gamma, beta, 1e-5, NormAct::Relu6).output;
                     let grads = (y.clone() * probe.clone()).sum().backward();
                     let grad = x.grad(&grads).expect("x grad");
                     (y.inner().into_data(), grad.into_data())
@@ -364,7 +426,7 @@ mod tests {
             let run = |folded: bool| {
                 let x = x.clone().detach().require_grad();
                 let y = match folded {
-                    true => norm.after_conv(&c, x.clone()),
+                    true => norm.after_conv(&c, x.clone(), NormAct::Identity),
                     false => norm.forward(conv2d(&c, x.clone())),
                 };
                 let grads = (y.clone() * probe.clone()).sum().backward();

@@ -5,6 +5,10 @@
 //! of a MobileNetV2 training step. Here the forward pass reads the input three times (mean,
 //! centred variance, output) and the backward pass reads input and output gradient twice.
 //!
+//! An activation after the normalisation (`NormAct`) runs inside the same kernels: forward on
+//! the output as it is written, backward as a mask on the output gradient recomputed from the
+//! input, so neither pass needs a sweep of its own.
+//!
 //! Every reduction is a row (one image's one channel) summed by one thread in a fixed order,
 //! then rows summed into their group in row order, so results do not depend on the thread
 //! count.
@@ -21,6 +25,39 @@ pub enum NormGroups {
     Channel,
     /// Group norm: this many groups of consecutive channels per image.
     Image(usize),
+}
+
+/// The activation applied to a normalisation's output, with the same values and gradient mask
+/// as flex's own `relu` and `clamp(0, 6)` followed by their backward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NormAct {
+    /// None.
+    Identity,
+    /// `max(y, 0)`.
+    Relu,
+    /// `min(max(y, 0), 6)`.
+    Relu6,
+}
+
+/// Runs `$body` with `$f` bound to the activation's function and `$keep` to its gradient mask,
+/// one monomorphised copy per activation so the inner loops carry no branch on it.
+macro_rules! with_act {
+    ($act:expr, |$f:ident, $keep:ident| $body:expr) => {
+        match $act {
+            NormAct::Identity => {
+                let ($f, $keep) = (|y: f32| y, |_: f32| true);
+                $body
+            }
+            NormAct::Relu => {
+                let ($f, $keep) = (|y: f32| y.max(0.0), |y: f32| y > 0.0);
+                $body
+            }
+            NormAct::Relu6 => {
+                let ($f, $keep) = (|y: f32| y.clamp(0.0, 6.0), |y: f32| y > 0.0 && y < 6.0);
+                $body
+            }
+        }
+    };
 }
 
 /// The layout a normalisation kernel works on: `n` images of `c` channels of `s` elements.
@@ -91,24 +128,27 @@ fn row_sum(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
     total
 }
 
-/// `(Σ a, Σ a·f(b))` over two rows, eight partial sums each.
+/// `(Σ d, Σ d·(x − mu))` over a row of output gradients `dy` and inputs `x`, where `d` is `dy`
+/// where `keep(x)` holds and 0 elsewhere; eight partial sums each.
 #[inline(always)]
-fn row_sums2(a: &[f32], b: &[f32], f: impl Fn(f32) -> f32) -> [f32; 2] {
+fn row_sums2(dy: &[f32], x: &[f32], mu: f32, keep: impl Fn(f32) -> bool) -> [f32; 2] {
     let mut acc = [[0.0f32; 8]; 2];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ca, cb) = (dy.chunks_exact(8), x.chunks_exact(8));
     let (ta, tb) = (ca.remainder(), cb.remainder());
     for (xa, xb) in ca.zip(cb) {
         for i in 0..8 {
-            acc[0][i] += xa[i];
-            acc[1][i] += xa[i] * f(xb[i]);
+            let d = if keep(xb[i]) { xa[i] } else { 0.0 };
+            acc[0][i] += d;
+            acc[1][i] += d * (xb[i] - mu);
         }
     }
     let fold =
         |s: &[f32; 8]| ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
     let (mut sa, mut sb) = (fold(&acc[0]), fold(&acc[1]));
     for (&va, &vb) in ta.iter().zip(tb) {
-        sa += va;
-        sb += va * f(vb);
+        let d = if keep(vb) { va } else { 0.0 };
+        sa += d;
+        sb += d * (vb - mu);
     }
     [sa, sb]
 }
@@ -129,14 +169,28 @@ fn rstd(var: f32, eps: f32) -> f32 {
     1.0 / (var + eps).sqrt()
 }
 
-/// Normalises `x` (`[N, C, S]`, contiguous) by its group statistics and applies the
-/// per-channel `gamma`, `beta`. Returns the output, and each group's mean and biased variance.
+/// The per-channel scale and shift that row `r` is normalised with.
+fn row_affine(
+    shape: &NormShape,
+    r: usize,
+    (mean, var): (&[f32], &[f32]),
+    (gamma, beta): (&[f32], &[f32]),
+    eps: f32,
+) -> (f32, f32) {
+    let (g, ch) = (shape.group_of(r), r % shape.c);
+    let scale = rstd(var[g], eps) * gamma[ch];
+    (scale, beta[ch] - mean[g] * scale)
+}
+
+/// Normalises `x` (`[N, C, S]`, contiguous) by its group statistics, applies the per-channel
+/// `gamma`, `beta`, then `act`. Returns the output, and each group's mean and biased variance.
 pub fn norm_forward_f32(
     x: &[f32],
     shape: &NormShape,
     gamma: &[f32],
     beta: &[f32],
     eps: f32,
+    act: NormAct,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     shape.check(x.len());
     let (rows, s) = (shape.rows(), shape.s);
@@ -156,29 +210,42 @@ pub fn norm_forward_f32(
     });
     let var = group_means(shape, &sums);
     let mut y = vec![0.0f32; x.len()];
-    split_mut(&mut y, rows, s, work, |range, out| {
+    with_act!(act, |f, _keep| split_mut(&mut y, rows, s, work, |range, out| {
         for (o, r) in out.chunks_exact_mut(s).zip(range) {
-            let (g, ch) = (shape.group_of(r), r % shape.c);
-            let scale = rstd(var[g], eps) * gamma[ch];
-            let shift = beta[ch] - mean[g] * scale;
+            let (scale, shift) = row_affine(shape, r, (&mean, &var), (gamma, beta), eps);
             for (o, &v) in o.iter_mut().zip(&x[r * s..(r + 1) * s]) {
-                *o = v * scale + shift;
+                *o = f(v * scale + shift);
             }
         }
-    });
+    }));
     (y, mean, var)
 }
 
 /// Gradients of [`norm_forward_f32`] for the output gradient `dy`, from the input and the
-/// forward pass's statistics: `(dx, dgamma, dbeta)`.
+/// forward pass's statistics: `(dx, dgamma, dbeta)`. `act`'s mask is recomputed from the input
+/// exactly as the forward pass computed its argument.
+#[allow(clippy::too_many_arguments)]
 pub fn norm_backward_f32(
     x: &[f32],
     dy: &[f32],
     shape: &NormShape,
-    mean: &[f32],
-    var: &[f32],
-    gamma: &[f32],
+    (mean, var): (&[f32], &[f32]),
+    (gamma, beta): (&[f32], &[f32]),
     eps: f32,
+    act: NormAct,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    with_act!(act, |_f, keep| backward_masked(x, dy, shape, (mean, var), (gamma, beta), eps, keep))
+}
+
+/// [`norm_backward_f32`] for one activation's gradient mask `keep` of the pre-activation value.
+fn backward_masked(
+    x: &[f32],
+    dy: &[f32],
+    shape: &NormShape,
+    (mean, var): (&[f32], &[f32]),
+    (gamma, beta): (&[f32], &[f32]),
+    eps: f32,
+    keep: impl Fn(f32) -> bool + Sync,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     shape.check(x.len());
     assert_eq!(dy.len(), x.len(), "norm: gradient size");
@@ -189,8 +256,9 @@ pub fn norm_backward_f32(
     split_mut(&mut sums, rows, 1, work, |range, out| {
         for (o, r) in out.iter_mut().zip(range) {
             let g = shape.group_of(r);
-            let mu = mean[g];
-            let [a, b] = row_sums2(&dy[r * s..(r + 1) * s], &x[r * s..(r + 1) * s], |v| v - mu);
+            let (scale, shift) = row_affine(shape, r, (mean, var), (gamma, beta), eps);
+            let kept = |v: f32| keep(v * scale + shift);
+            let [a, b] = row_sums2(&dy[r * s..(r + 1) * s], &x[r * s..(r + 1) * s], mean[g], kept);
             *o = [a, b * rstd(var[g], eps)];
         }
     });
@@ -213,8 +281,10 @@ pub fn norm_backward_f32(
             let p = rs * gamma[r % c];
             let q = -rs * rs * mean_gx[g];
             let k = -rs * mean_g[g] - mean[g] * q;
+            let (scale, shift) = row_affine(shape, r, (mean, var), (gamma, beta), eps);
             let rows_in = dy[r * s..(r + 1) * s].iter().zip(&x[r * s..(r + 1) * s]);
             for (o, (&d, &v)) in o.iter_mut().zip(rows_in) {
+                let d = if keep(v * scale + shift) { d } else { 0.0 };
                 *o = d * p + v * q + k;
             }
         }
