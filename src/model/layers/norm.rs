@@ -9,7 +9,7 @@ use burn::tensor::{backend::Backend, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::model::layers::activation::activate;
-use crate::model::layers::conv::{conv2d, conv2d_with};
+use crate::model::layers::conv::{conv2d, conv2d_with_act};
 use crate::model::layers::fused_norm;
 pub use crate::model::layers::fused_norm::{NormAct, NormGroups};
 
@@ -258,7 +258,7 @@ impl<B: Backend> Norm2d<B> {
         let weight = conv.weight.val();
         let dims = weight.dims();
         let weight = (weight.reshape([c as i32, -1]) * scale.reshape([c, 1])).reshape(dims);
-        activate(conv2d_with(conv, weight, Some(bias), x), act)
+        conv2d_with_act(conv, weight, bias, x, act)
     }
 
     /// Normalises `[N, C, H, W]`.
@@ -305,9 +305,12 @@ mod tests {
         {
             let c = shape[1];
             let x = Tensor::<B, 4>::random(shape, uniform(-2.0, 3.0), &device);
-            // Outputs reach past 6, so ReLU6 clips at both ends.
-            let gamma = Tensor::<B, 1>::random([c], uniform(0.5, 4.0), &device);
-            let beta = Tensor::<B, 1>::random([c], uniform(-1.0, 2.0), &device);
+            // Scales of 3–4 and shifts of −1 to 2 take outputs past 0 and 6 in every case.
+            let ramp = |base: f32, step: f32, period: usize| {
+                let v: Vec<f32> = (0..c).map(|i| base + step * (i % period) as f32).collect();
+                Tensor::<B, 1>::from_floats(v.as_slice(), &device)
+            };
+            let (gamma, beta) = (ramp(3.0, 0.5, 3), ramp(-1.0, 1.0, 4));
             let probe = Tensor::<B, 4>::random(shape, Distribution::Default, &device);
             let run = |how: &str| {
                 let leaf = |t: &Tensor<B, 1>| t.clone().detach().require_grad();

@@ -31,8 +31,8 @@ use num_traits::Float;
 
 use crate::{FlexTensor, Layout};
 
-use super::conv_common::add_bias;
 use super::depthwise::{self, Depthwise};
+use super::norm::{NormAct, with_act};
 use super::module::{cast_from_f32, cast_to_f32};
 use super::threads::split_mut;
 use super::winograd::{self, Winograd};
@@ -52,17 +52,39 @@ pub fn conv2d(
     options: &ConvOptions<2>,
 ) -> FlexTensor {
     match x.dtype() {
-        DType::F32 => forward::<f32>(x, weight, bias, options),
-        DType::F64 => forward::<f64>(x, weight, bias, options),
+        DType::F32 => forward::<f32>(x, weight, bias, options, |y, b| y + b),
+        DType::F64 => forward::<f64>(x, weight, bias, options, |y, b| y + b),
         dtype => panic!("conv2d: unsupported dtype {dtype:?}"),
     }
 }
 
+/// [`conv2d`] of an f32 tensor followed by `act`, applied to each output as its bias is added
+/// (one pass over the output instead of two, the same values); `None` for other element types.
+pub fn conv2d_act(
+    x: FlexTensor,
+    weight: FlexTensor,
+    bias: FlexTensor,
+    options: &ConvOptions<2>,
+    act: NormAct,
+) -> Option<FlexTensor> {
+    (x.dtype() == DType::F32).then(|| {
+        with_act!(act, |f, _keep| forward::<f32>(
+            x,
+            weight,
+            Some(bias),
+            options,
+            |y, b| f(y + b)
+        ))
+    })
+}
+
+/// The convolution, then `epilogue(output, bias)` on every output when there is a bias.
 fn forward<T: Element + bytemuck::Pod + Float + 'static>(
     x: FlexTensor,
     weight: FlexTensor,
     bias: Option<FlexTensor>,
     options: &ConvOptions<2>,
+    epilogue: impl Fn(T, T) -> T,
 ) -> FlexTensor {
     let x = x.to_contiguous();
     let weight = weight.to_contiguous();
@@ -88,14 +110,11 @@ fn forward<T: Element + bytemuck::Pod + Float + 'static>(
     };
     if let Some(bias) = bias {
         let bias = bias.to_contiguous();
-        add_bias(
-            &mut y,
-            bias.storage::<T>(),
-            g.batch,
-            g.c_out,
-            g.out_h * g.out_w,
-            |a, b| a + b,
-        );
+        let bias = bias.storage::<T>();
+        for (plane, y) in y.chunks_exact_mut(g.out_h * g.out_w).enumerate() {
+            let b = bias[plane % g.c_out];
+            y.iter_mut().for_each(|v| *v = epilogue(*v, b));
+        }
     }
     FlexTensor::new(
         Bytes::from_elems(y),

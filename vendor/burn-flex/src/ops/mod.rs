@@ -98,7 +98,7 @@ pub mod comparison;
 mod conv_common;
 pub mod conv;
 // densekd patch: 2D convolutions as im2col + GEMM, forward and backward.
-mod conv2d_gemm;
+pub mod conv2d_gemm;
 // densekd patch: depthwise convolutions on stride phases, forward and backward.
 mod depthwise;
 // densekd patch: AVX-512 detection and strided copies shared by the depthwise and

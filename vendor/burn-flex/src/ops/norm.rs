@@ -59,6 +59,7 @@ macro_rules! with_act {
         }
     };
 }
+pub(crate) use with_act;
 
 /// The layout a normalisation kernel works on: `n` images of `c` channels of `s` elements.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
