@@ -225,7 +225,6 @@ pub fn norm_forward_f32(
 /// Gradients of [`norm_forward_f32`] for the output gradient `dy`, from the input and the
 /// forward pass's statistics: `(dx, dgamma, dbeta)`. `act`'s mask is recomputed from the input
 /// exactly as the forward pass computed its argument.
-#[allow(clippy::too_many_arguments)]
 pub fn norm_backward_f32(
     x: &[f32],
     dy: &[f32],
