@@ -53,7 +53,7 @@ macro_rules! with_act {
                 $body
             }
             NormAct::Relu6 => {
-                let ($f, $keep) = (|y: f32| y.clamp(0.0, 6.0), |y: f32| y > 0.0 && y < 6.0);
+                let ($f, $keep) = (|y: f32| y.clamp(0.0, 6.0), |y: f32| (y > 0.0) & (y < 6.0));
                 $body
             }
         }
@@ -129,29 +129,54 @@ fn row_sum(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
     total
 }
 
-/// `(Σ d, Σ d·(x − mu))` over a row of output gradients `dy` and inputs `x`, where `d` is `dy`
-/// where `keep(x)` holds and 0 elsewhere; eight partial sums each.
+/// `d` where `keep` holds, else +0.0 (a select's result, without a branch, so the loops
+/// vectorise: an activation's mask is unpredictable).
 #[inline(always)]
-fn row_sums2(dy: &[f32], x: &[f32], mu: f32, keep: impl Fn(f32) -> bool) -> [f32; 2] {
+pub fn masked(keep: bool, d: f32) -> f32 {
+    f32::from_bits(d.to_bits() & 0u32.wrapping_sub(keep as u32))
+}
+
+/// `(Σ a, Σ a·f(b))` over two rows, eight partial sums each.
+#[inline(always)]
+fn row_sums2(a: &[f32], b: &[f32], f: impl Fn(f32) -> f32) -> [f32; 2] {
     let mut acc = [[0.0f32; 8]; 2];
-    let (ca, cb) = (dy.chunks_exact(8), x.chunks_exact(8));
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
     let (ta, tb) = (ca.remainder(), cb.remainder());
     for (xa, xb) in ca.zip(cb) {
         for i in 0..8 {
-            let d = if keep(xb[i]) { xa[i] } else { 0.0 };
-            acc[0][i] += d;
-            acc[1][i] += d * (xb[i] - mu);
+            acc[0][i] += xa[i];
+            acc[1][i] += xa[i] * f(xb[i]);
         }
     }
     let fold =
         |s: &[f32; 8]| ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
     let (mut sa, mut sb) = (fold(&acc[0]), fold(&acc[1]));
     for (&va, &vb) in ta.iter().zip(tb) {
-        let d = if keep(vb) { va } else { 0.0 };
-        sa += d;
-        sb += d * (vb - mu);
+        sa += va;
+        sb += va * f(vb);
     }
     [sa, sb]
+}
+
+/// A row of output gradients `dy` with an activation's mask applied (`keep` of the
+/// pre-activation value `x · scale + shift`), written into `buf` in a loop of its own so that
+/// it vectorises; `dy` itself when `masking` is off.
+#[inline(always)]
+fn masked_row<'a>(
+    (dy, x): (&'a [f32], &[f32]),
+    (scale, shift): (f32, f32),
+    keep: &impl Fn(f32) -> bool,
+    masking: bool,
+    buf: &'a mut Vec<f32>,
+) -> &'a [f32] {
+    if !masking {
+        return dy;
+    }
+    buf.resize(dy.len(), 0.0);
+    for ((o, &d), &v) in buf.iter_mut().zip(dy).zip(x) {
+        *o = masked(keep(v * scale + shift), d);
+    }
+    buf
 }
 
 /// Per-group means of per-row values, rows summed in order.
@@ -234,18 +259,25 @@ pub fn norm_backward_f32(
     eps: f32,
     act: NormAct,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    with_act!(act, |_f, keep| backward_masked(x, dy, shape, (mean, var), (gamma, beta), eps, keep))
+    let masking = act != NormAct::Identity;
+    with_act!(act, |_f, keep| backward_masked(
+        (x, dy),
+        shape,
+        (mean, var),
+        (gamma, beta),
+        eps,
+        (keep, masking)
+    ))
 }
 
 /// [`norm_backward_f32`] for one activation's gradient mask `keep` of the pre-activation value.
 fn backward_masked(
-    x: &[f32],
-    dy: &[f32],
+    (x, dy): (&[f32], &[f32]),
     shape: &NormShape,
     (mean, var): (&[f32], &[f32]),
     (gamma, beta): (&[f32], &[f32]),
     eps: f32,
-    keep: impl Fn(f32) -> bool + Sync,
+    (keep, masking): (impl Fn(f32) -> bool + Sync, bool),
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     shape.check(x.len());
     assert_eq!(dy.len(), x.len(), "norm: gradient size");
@@ -254,11 +286,13 @@ fn backward_masked(
     // Per row: Σ dy and Σ dy · x̂.
     let mut sums = vec![[0.0f32; 2]; rows];
     split_mut(&mut sums, rows, 1, work, |range, out| {
+        let mut buf = Vec::new();
         for (o, r) in out.iter_mut().zip(range) {
-            let g = shape.group_of(r);
-            let (scale, shift) = row_affine(shape, r, (mean, var), (gamma, beta), eps);
-            let kept = |v: f32| keep(v * scale + shift);
-            let [a, b] = row_sums2(&dy[r * s..(r + 1) * s], &x[r * s..(r + 1) * s], mean[g], kept);
+            let (g, x_r) = (shape.group_of(r), &x[r * s..(r + 1) * s]);
+            let affine = row_affine(shape, r, (mean, var), (gamma, beta), eps);
+            let d = masked_row((&dy[r * s..(r + 1) * s], x_r), affine, &keep, masking, &mut buf);
+            let mu = mean[g];
+            let [a, b] = row_sums2(d, x_r, |v| v - mu);
             *o = [a, b * rstd(var[g], eps)];
         }
     });
@@ -275,16 +309,17 @@ fn backward_masked(
     // dx = r·(γ·dy − mean(γ·dy) − x̂·mean(γ·dy·x̂)), as dy·p + x·q + k per row.
     let mut dx = vec![0.0f32; x.len()];
     split_mut(&mut dx, rows, s, work, |range, out| {
+        let mut buf = Vec::new();
         for (o, r) in out.chunks_exact_mut(s).zip(range) {
             let g = shape.group_of(r);
             let rs = rstd(var[g], eps);
             let p = rs * gamma[r % c];
             let q = -rs * rs * mean_gx[g];
             let k = -rs * mean_g[g] - mean[g] * q;
-            let (scale, shift) = row_affine(shape, r, (mean, var), (gamma, beta), eps);
-            let rows_in = dy[r * s..(r + 1) * s].iter().zip(&x[r * s..(r + 1) * s]);
-            for (o, (&d, &v)) in o.iter_mut().zip(rows_in) {
-                let d = if keep(v * scale + shift) { d } else { 0.0 };
+            let x_r = &x[r * s..(r + 1) * s];
+            let affine = row_affine(shape, r, (mean, var), (gamma, beta), eps);
+            let d = masked_row((&dy[r * s..(r + 1) * s], x_r), affine, &keep, masking, &mut buf);
+            for (o, (&d, &v)) in o.iter_mut().zip(d.iter().zip(x_r)) {
                 *o = d * p + v * q + k;
             }
         }
