@@ -112,7 +112,7 @@ fn composed_relu6_grad<B: Backend, const D: usize>(
 /// ReLU6's gradient on flex in one pass, in place when `grad` owns its contiguous f32 buffer;
 /// other element types or layouts take [`composed_relu6_grad`].
 fn flex_relu6_grad<const D: usize>(y: &FlexTensor, mut grad: FlexTensor) -> FlexTensor {
-    let pass = |y: f32, g: f32| masked((y > 0.0) & (y < 6.0), g);
+    let pass = |y: f32, g: f32| masked(NormAct::Relu6.passes(y), g);
     let same_shape = y.layout().shape() == grad.layout().shape();
     let (Some(ys), true, DType::F32) = (y.as_slice::<f32>(), same_shape, grad.dtype()) else {
         return composed_relu6_grad::<burn::backend::Flex, D>(y.clone(), grad);

@@ -39,21 +39,44 @@ pub enum NormAct {
     Relu6,
 }
 
+impl NormAct {
+    /// The activation of `y`.
+    #[inline(always)]
+    pub fn apply(self, y: f32) -> f32 {
+        match self {
+            NormAct::Identity => y,
+            NormAct::Relu => y.max(0.0),
+            NormAct::Relu6 => y.clamp(0.0, 6.0),
+        }
+    }
+
+    /// Whether the gradient passes at the pre-activation value `y` (written without a
+    /// short-circuit, so that loops over it vectorise).
+    #[inline(always)]
+    pub fn passes(self, y: f32) -> bool {
+        match self {
+            NormAct::Identity => true,
+            NormAct::Relu => y > 0.0,
+            NormAct::Relu6 => (y > 0.0) & (y < 6.0),
+        }
+    }
+}
+
 /// Runs `$body` with `$f` bound to the activation's function and `$keep` to its gradient mask,
 /// one monomorphised copy per activation so the inner loops carry no branch on it.
 macro_rules! with_act {
     ($act:expr, |$f:ident, $keep:ident| $body:expr) => {
         match $act {
             NormAct::Identity => {
-                let ($f, $keep) = (|y: f32| y, |_: f32| true);
+                let ($f, $keep) = (|y| NormAct::Identity.apply(y), |y| NormAct::Identity.passes(y));
                 $body
             }
             NormAct::Relu => {
-                let ($f, $keep) = (|y: f32| y.max(0.0), |y: f32| y > 0.0);
+                let ($f, $keep) = (|y| NormAct::Relu.apply(y), |y| NormAct::Relu.passes(y));
                 $body
             }
             NormAct::Relu6 => {
-                let ($f, $keep) = (|y: f32| y.clamp(0.0, 6.0), |y: f32| (y > 0.0) & (y < 6.0));
+                let ($f, $keep) = (|y| NormAct::Relu6.apply(y), |y| NormAct::Relu6.passes(y));
                 $body
             }
         }
