@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
+use crate::backend::map_ordered;
 use crate::data::coco::{Category, CocoDataset, InvalidPolicy};
 use crate::data::detection::check_image_headers;
 use crate::data::detection::{
@@ -181,13 +182,11 @@ impl DetSplits {
     /// batch (one list per image).
     pub fn evaluate(
         &self,
-        mut detect: impl FnMut(&DetBatch) -> Vec<Vec<Detection>>,
+        detect: impl Fn(&DetBatch) -> Vec<Vec<Detection>> + Sync,
     ) -> Result<Stats> {
         let gt = &self.val_gt;
         let mut evaluator = CocoEvaluator::new(gt)?;
-        for batch in self.val.epoch(0) {
-            let batch = batch?;
-            let dets = detect(&batch);
+        map_ordered(self.val.epoch(0), detect, |batch, dets| {
             for (target, d) in batch.targets.iter().zip(&dets) {
                 let entry = self
                     .val_index
@@ -202,7 +201,8 @@ impl DetSplits {
                     })?;
                 evaluator.add_image(entry, d)?;
             }
-        }
+            Ok(())
+        })?;
         let stats = evaluator.finish()?;
         Ok(STAT_KEYS
             .iter()

@@ -8,6 +8,7 @@ use burn::tensor::activation::softmax;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::Tensor;
 
+use crate::backend::map_ordered;
 use crate::data::loader::{EpochIter, Loader, LoaderConfig};
 use crate::data::segmentation::{
     collate_segmentation, LabelMapFolder, SegBatch, SegSource, SynthSegSource,
@@ -227,15 +228,23 @@ impl<B: AutodiffBackend> Task<B> for SegTask {
 
     fn evaluate(&self, model: &DeepLabV3<B::InnerBackend>) -> Result<Stats> {
         let mut evaluator = SegEvaluator::new(self.class_names.len(), self.ignore_index);
-        for batch in self.val.epoch(0) {
-            let batch = batch?;
-            let pred = predict_labels(model, &batch, self.section.test.flips);
-            let [n, _, h, w] = batch.shape;
-            for i in 0..n {
-                let range = i * h * w..(i + 1) * h * w;
-                evaluator.update(&batch.labels[range.clone()], &pred[range], &batch.names[i])?;
-            }
-        }
+        let flips = self.section.test.flips;
+        map_ordered(
+            self.val.epoch(0),
+            |batch| predict_labels(model, batch, flips),
+            |batch, pred| {
+                let [n, _, h, w] = batch.shape;
+                for i in 0..n {
+                    let range = i * h * w..(i + 1) * h * w;
+                    evaluator.update(
+                        &batch.labels[range.clone()],
+                        &pred[range],
+                        &batch.names[i],
+                    )?;
+                }
+                Ok(())
+            },
+        )?;
         let stats = evaluator.stats();
         let nan = |v: Option<f64>| v.unwrap_or(f64::NAN);
         let mut out = vec![

@@ -5,6 +5,7 @@ use burn::tensor::backend::Backend;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::backend::map_ordered;
 use crate::data::detection::{DetBatch, DetSource};
 use crate::data::loader::{Loader, Subset};
 use crate::error::{Error, Result};
@@ -30,9 +31,7 @@ pub fn match_keys<B: Backend>(
     costs: &MatchCosts,
 ) -> Result<MatchKeys> {
     let device = model.query_content.device();
-    let mut keys = MatchKeys::default();
-    for batch in loader.epoch(0) {
-        let batch = batch?;
+    let batch_keys = |batch: &DetBatch| -> Result<MatchKeys> {
         let out = model.forward(batch.images_tensor::<B>(&device), &batch.padding, 1);
         let last = out.last();
         let matches = match_batch(&last.logits, &last.boxes, &batch.targets, costs)?;
@@ -42,6 +41,7 @@ pub fn match_keys<B: Backend>(
             .proposals
             .as_ref()
             .and_then(|p| Some((p.selected.clone()?, p.prediction.logits.dims()[1])));
+        let mut keys = MatchKeys::default();
         for (i, (m, t)) in matches.iter().zip(&batch.targets).enumerate() {
             let (slots, of_query): (usize, Box<dyn Fn(usize) -> usize>) = match &tokens {
                 Some((selected, n)) => {
@@ -57,7 +57,15 @@ pub fn match_keys<B: Backend>(
             keys.keys.extend(image);
             keys.targets += t.boxes.len();
         }
-    }
+        Ok(keys)
+    };
+    let mut keys = MatchKeys::default();
+    map_ordered(loader.epoch(0), batch_keys, |_, batch| {
+        let batch = batch?;
+        keys.keys.extend(batch.keys);
+        keys.targets += batch.targets;
+        Ok(())
+    })?;
     Ok(keys)
 }
 

@@ -141,7 +141,7 @@ impl FcosTask {
     /// COCO statistics of the detections `detect` makes of each validation batch.
     pub fn evaluate_with(
         &self,
-        detect: impl FnMut(&DetBatch) -> Vec<Vec<Detection>>,
+        detect: impl Fn(&DetBatch) -> Vec<Vec<Detection>> + Sync,
     ) -> Result<Stats> {
         self.data.evaluate(detect)
     }

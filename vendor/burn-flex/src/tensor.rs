@@ -251,8 +251,15 @@ impl FlexTensor {
     /// Create an empty tensor with given shape and dtype.
     pub fn empty(shape: Shape, dtype: DType) -> Self {
         let num_elements = shape.num_elements();
-        let elem_size = dtype_size(dtype);
-        let bytes = Bytes::from_bytes_vec(alloc::vec![0u8; num_elements * elem_size]);
+        // densekd patch: a buffer of the element's own width, aligned for it. A zeroed `Vec<u8>`
+        // declares alignment 1, so `Bytes::from_bytes_vec` copied every new buffer (every
+        // matmul output and `zeros`) into a second, 16-byte-aligned allocation.
+        let bytes = match dtype_size(dtype) {
+            2 => Bytes::from_elems(alloc::vec![0u16; num_elements]),
+            4 => Bytes::from_elems(alloc::vec![0u32; num_elements]),
+            8 => Bytes::from_elems(alloc::vec![0u64; num_elements]),
+            size => Bytes::from_bytes_vec(alloc::vec![0u8; num_elements * size]),
+        };
         let layout = Layout::contiguous(shape);
         Self {
             data: Arc::new(bytes),
