@@ -3,16 +3,18 @@
 //! reference box, weighted by attention it predicts too. Global attention spreads a query over
 //! every token; sampling reads sub-cell positions, which is what localises small boxes.
 //!
-//! Sampling is written as a sparse attention matrix: the four bilinear corners of every sample
-//! are scattered (added) into a `[Q, T]` weight matrix per image and head, which then multiplies
-//! the values. Gradients reach the values through the matmul, the attention weights and the
-//! sampling offsets through the corner weights.
+//! Sampling is a weighted sum of value rows: the four bilinear corners of every sample each
+//! weight the row of the token they fall on (`sampling::weighted_rows`). Gradients reach the
+//! values through that sum, the attention weights and the sampling offsets through the corner
+//! weights.
 
 use burn::module::Module;
 use burn::nn::{Initializer, Linear, LinearConfig};
 use burn::tensor::activation::softmax;
 use burn::tensor::backend::Backend;
-use burn::tensor::{IndexingUpdateOp, Int, Tensor, TensorData};
+use burn::tensor::{Tensor, TensorData};
+
+use crate::model::layers::sampling::weighted_rows;
 
 /// One feature level's place in the memory.
 #[derive(Debug, Clone, PartialEq)]
@@ -131,7 +133,7 @@ impl<B: Backend> DeformableAttention<B> {
         let n = levels * points * 4;
         // Corner indices in [B, H, Q, L·P·4] order, their validity in [B, Q, H, L, P, 4] order
         // (the weights' layout before their transpose).
-        let mut index = vec![0i64; b * heads * q * n];
+        let mut index = vec![0u32; b * heads * q * n];
         let mut valid = vec![0f32; b * q * heads * n];
         let mut floor = vec![0f32; host.len()];
         for i in 0..b {
@@ -155,7 +157,7 @@ impl<B: Backend> DeformableAttention<B> {
                                 let k = (l * points + p) * 4 + c;
                                 if inside {
                                     index[((i * heads + h) * q + j) * n + k] =
-                                        (g.start + cy as usize * g.w + cx as usize) as i64;
+                                        (g.start + cy as usize * g.w + cx as usize) as u32;
                                     valid[((i * q + j) * heads + h) * n + k] = 1.0;
                                 }
                             }
@@ -192,22 +194,13 @@ impl<B: Backend> DeformableAttention<B> {
             .reshape([b, q, heads, n])
             .swap_dims(1, 2)
             .reshape([b * heads, q, n]);
-        let index =
-            Tensor::<B, 3, Int>::from_data(TensorData::new(index, [b * heads, q, n]), &device);
-        let matrix = Tensor::<B, 3>::zeros([b * heads, q, t], &device).scatter(
-            2,
-            index,
-            weights,
-            IndexingUpdateOp::Add,
-        );
         let values = self
             .value_proj
             .forward(memory)
             .reshape([b, t, heads, dh])
             .swap_dims(1, 2)
             .reshape([b * heads, t, dh]);
-        let context = matrix
-            .matmul(values)
+        let context = weighted_rows(weights, index, values)
             .reshape([b, heads, q, dh])
             .swap_dims(1, 2)
             .reshape([b, q, d]);
@@ -222,7 +215,7 @@ mod tests {
     use burn::tensor::ops::GridSampleOptions;
     use burn::tensor::Distribution;
 
-    /// The scattered sampling matrix equals reading each level with `grid_sample` (bilinear,
+    /// The weighted sum of sampled rows equals reading each level with `grid_sample` (bilinear,
     /// zero padding, `align_corners = false`, as Deformable DETR's PyTorch reference), including
     /// points that fall outside the map.
     #[test]

@@ -9,6 +9,7 @@ pub mod mlp;
 pub mod norm;
 pub mod position;
 pub mod resize;
+pub mod sampling;
 pub mod transformer;
 
 use crate::error::{Error, Result};
