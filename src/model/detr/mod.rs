@@ -416,7 +416,9 @@ impl<B: Backend> Detr<B> {
             host_pads.push(mask.clone());
             pads.push(padding_tensor(mask, [b, fh, fw], &device));
         }
-        let memory = self.encode_levels(srcs, &poss, &pads);
+        // Without padding the encoder's mask would fill nothing: it is left out.
+        let padded = host_pads.iter().flatten().any(|&p| p);
+        let memory = self.encode_levels(srcs, &poss, padded.then_some(&pads[..]));
         let memory_pos = Tensor::cat(poss, 1);
         let memory_padding: Tensor<B, 2, Bool> = Tensor::cat(pads, 1);
         let t = memory.dims()[1];
@@ -472,7 +474,7 @@ impl<B: Backend> Detr<B> {
         &self,
         mut srcs: Vec<Tensor<B, 3>>,
         poss: &[Tensor<B, 3>],
-        pads: &[Tensor<B, 2, Bool>],
+        pads: Option<&[Tensor<B, 2, Bool>]>,
     ) -> Tensor<B, 3> {
         let chosen: Vec<usize> = (0..srcs.len())
             .filter(|&l| self.encoded_levels.get(l).copied().unwrap_or(true))
@@ -484,8 +486,8 @@ impl<B: Backend> Detr<B> {
             |v: &[Tensor<B, 3>]| Tensor::cat(chosen.iter().map(|&l| v[l].clone()).collect(), 1);
         let mut x = pick(&srcs);
         let pos = pick(poss);
-        let pad: Tensor<B, 2, Bool> =
-            Tensor::cat(chosen.iter().map(|&l| pads[l].clone()).collect(), 1);
+        let pad: Option<Tensor<B, 2, Bool>> =
+            pads.map(|pads| Tensor::cat(chosen.iter().map(|&l| pads[l].clone()).collect(), 1));
         for layer in &self.encoder {
             x = layer.forward(x, pos.clone(), pad.clone());
         }

@@ -1,8 +1,9 @@
-//! ReLU6 as one autodiff operation. burn's autodiff has no clamp: `clamp(0, 6)` records two
-//! comparisons and two mask fills forward and two mask fills backward, about 15 % of a
-//! MobileNetV2 training step on flex; here it is the backend's one clamp pass forward, and
+//! ReLU6 and softmax as one autodiff operation each. burn's autodiff has no clamp: `clamp(0, 6)`
+//! records two comparisons and two mask fills forward and two mask fills backward, about 15 % of
+//! a MobileNetV2 training step on flex; here it is the backend's one clamp pass forward, and
 //! backward the gradient masked by the stored output, with no boolean masks kept in between (on
-//! flex one pass that zeroes the incoming gradient in place; burn's ops take three).
+//! flex one pass that zeroes the incoming gradient in place; burn's ops take three). Softmax is
+//! the backend's fused kernel forward and one pass per row backward.
 
 use std::any::Any;
 
@@ -10,7 +11,7 @@ use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{unary, Backward, Ops, OpsKind};
-use burn::backend::Autodiff;
+use burn::backend::{Autodiff, Flex};
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
 use burn_flex::ops::norm::{masked, NormAct};
@@ -135,6 +136,127 @@ fn flex_relu6_grad<const D: usize>(y: &FlexTensor, mut grad: FlexTensor) -> Flex
     }
 }
 
+/// Softmax over `dim`; recorded for autodiff as one node whose backward pass reads only the
+/// output: `y ⊙ (dy − Σ_dim dy ⊙ y)`. burn composes it from a max, a subtraction, an
+/// exponential (recomputed in the backward pass), a sum and a division, each a node.
+pub fn softmax<B: Backend, const D: usize>(x: Tensor<B, D>, dim: usize) -> Tensor<B, D> {
+    let x: Box<dyn Any> = Box::new(x);
+    match x.downcast::<Tensor<Training, D>>() {
+        Ok(x) => {
+            let y: Box<dyn Any> = Box::new(recorded_softmax(*x, dim));
+            *y.downcast::<Tensor<B, D>>()
+                .expect("the same type it was cast from")
+        }
+        Err(x) => burn::tensor::activation::softmax(
+            *x.downcast::<Tensor<B, D>>()
+                .expect("the type it was boxed as"),
+            dim,
+        ),
+    }
+}
+
+/// Softmax recorded as one node of the autodiff graph.
+fn recorded_softmax<B: Backend, C: CheckpointStrategy, const D: usize>(
+    x: Tensor<Autodiff<B, C>, D>,
+    dim: usize,
+) -> Tensor<Autodiff<B, C>, D> {
+    let x = x.into_primitive().tensor();
+    let node = x.node.clone();
+    let y = B::softmax(x.primitive, dim);
+    let out = match (SoftmaxBackward { dim })
+        .prepare::<C>([node])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish(y.clone(), y),
+        OpsKind::UnTracked(prep) => prep.finish(y),
+    };
+    Tensor::from_primitive(TensorPrimitive::Float(out))
+}
+
+/// The gradient of softmax over `dim` from its output.
+#[derive(Debug)]
+struct SoftmaxBackward {
+    dim: usize,
+}
+
+impl<B: Backend> Backward<B, 1> for SoftmaxBackward {
+    type State = B::FloatTensorPrimitive;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (y, dim) = (ops.state, self.dim);
+        unary::<B, _>(ops.parents, ops.node, grads, |grad| {
+            let pair: Box<dyn Any> = Box::new((y, grad));
+            match pair.downcast::<(FlexTensor, FlexTensor)>() {
+                Ok(pair) => {
+                    let (y, grad) = *pair;
+                    let grad: Box<dyn Any> = Box::new(
+                        flex_softmax_grad(&y, &grad, dim)
+                            .unwrap_or_else(|| composed_softmax_grad::<Flex>(y, grad, dim)),
+                    );
+                    *grad
+                        .downcast::<B::FloatTensorPrimitive>()
+                        .expect("the primitive type it was cast from")
+                }
+                Err(pair) => {
+                    let (y, grad) = *pair
+                        .downcast::<(B::FloatTensorPrimitive, B::FloatTensorPrimitive)>()
+                        .expect("the type it was boxed as");
+                    composed_softmax_grad::<B>(y, grad, dim)
+                }
+            }
+        });
+    }
+}
+
+/// Softmax's gradient from its output with the backend's ops.
+fn composed_softmax_grad<B: Backend>(
+    y: B::FloatTensorPrimitive,
+    grad: B::FloatTensorPrimitive,
+    dim: usize,
+) -> B::FloatTensorPrimitive {
+    let weighted = B::float_mul(grad, y.clone());
+    let sum = B::float_sum_dim(weighted.clone(), dim);
+    B::float_sub(weighted, B::float_mul(y, sum))
+}
+
+/// Softmax's gradient on flex over the last dimension of f32 tensors, one pass per row: the
+/// row's `Σ dy ⊙ y` in eight fixed lanes (so it vectorises and its bits do not depend on
+/// timing), then `y ⊙ (dy − Σ)`. `None` for other dimensions or element types.
+fn flex_softmax_grad(y: &FlexTensor, grad: &FlexTensor, dim: usize) -> Option<FlexTensor> {
+    let shape = y.layout().shape().to_vec();
+    let (DType::F32, true) = (y.dtype(), dim + 1 == shape.len()) else {
+        return None;
+    };
+    let (y, grad) = (y.to_contiguous(), grad.to_contiguous());
+    let (ys, gs) = (y.as_slice::<f32>()?, grad.as_slice::<f32>()?);
+    let n = shape[dim];
+    if n == 0 || ys.len() != gs.len() {
+        return None;
+    }
+    let mut out = vec![0f32; ys.len()];
+    for ((o, y), g) in out
+        .chunks_exact_mut(n)
+        .zip(ys.chunks_exact(n))
+        .zip(gs.chunks_exact(n))
+    {
+        let mut lanes = [0f32; 8];
+        let (y8, g8) = (y.chunks_exact(8), g.chunks_exact(8));
+        let (y_rest, g_rest) = (y8.remainder(), g8.remainder());
+        for (y, g) in y8.zip(g8) {
+            for l in 0..8 {
+                lanes[l] += y[l] * g[l];
+            }
+        }
+        let tail: f32 = y_rest.iter().zip(g_rest).map(|(a, b)| a * b).sum();
+        let dot = lanes.iter().sum::<f32>() + tail;
+        for ((o, &y), &g) in o.iter_mut().zip(y).zip(g) {
+            *o = y * (g - dot);
+        }
+    }
+    Some(FlexTensor::from_data(TensorData::new(out, shape)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -163,6 +285,38 @@ mod tests {
         plain
             .to_data()
             .assert_eq(&TensorData::from(expected), false);
+    }
+
+    /// The recorded softmax gives burn's softmax and its gradient over the last and another
+    /// dimension, on rows longer and shorter than the eight lanes.
+    #[test]
+    fn recorded_softmax_matches_burns_with_gradients() {
+        let device = Default::default();
+        let shape = [2, 3, 13];
+        let n = shape.iter().product::<usize>();
+        let values: Vec<f32> = (0..n).map(|i| (i as f32 * 0.73).sin() * 4.0).collect();
+        let weights: Vec<f32> = (0..n).map(|i| (i as f32 * 0.29).cos()).collect();
+        let weights = Tensor::<Training, 3>::from_data(TensorData::new(weights, shape), &device);
+        for dim in [2, 1] {
+            let run = |f: &dyn Fn(Tensor<Training, 3>) -> Tensor<Training, 3>| {
+                let x = Tensor::<Training, 3>::from_data(
+                    TensorData::new(values.clone(), shape),
+                    &device,
+                )
+                .require_grad();
+                let y = f(x.clone());
+                let grads = (y.clone() * weights.clone()).sum().backward();
+                (
+                    y.into_data(),
+                    x.grad(&grads).expect("a gradient").into_data(),
+                )
+            };
+            let (y, dx) = run(&|x| softmax(x, dim));
+            let (want_y, want_dx) = run(&|x| burn::tensor::activation::softmax(x, dim));
+            let tolerance = burn::tensor::Tolerance::<f32>::absolute(1e-6);
+            y.assert_approx_eq::<f32>(&want_y, tolerance);
+            dx.assert_approx_eq::<f32>(&want_dx, tolerance);
+        }
     }
 
     /// flex's one-pass gradient equals burn's composed ops bit for bit, in place on a gradient

@@ -10,10 +10,10 @@
 
 use burn::module::Module;
 use burn::nn::{Initializer, Linear, LinearConfig};
-use burn::tensor::activation::softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 
+use crate::model::layers::activation::softmax;
 use crate::model::layers::sampling::weighted_rows;
 
 /// One feature level's place in the memory.

@@ -37,7 +37,9 @@ pub fn weighted_rows<B: Backend>(
             let flex = |t: Tensor<Flex, 3>| f32_values(&t.into_primitive().tensor());
             if let (Some(w), Some(v)) = (flex(weights.clone()), flex(values.clone())) {
                 let out = forward(&w, &index, &v);
-                return cast(Tensor::<Flex, 3>::from_primitive(TensorPrimitive::Float(out)));
+                return cast(Tensor::<Flex, 3>::from_primitive(TensorPrimitive::Float(
+                    out,
+                )));
             }
             Box::new((weights, index, values)) as Box<dyn Any>
         }
@@ -187,7 +189,10 @@ impl Backward<Flex, 2> for SampleBackward {
             (node_v, dv, s.values.layout().shape().to_vec()),
         ] {
             if let Some(node) = node {
-                grads.register::<Flex>(node.id, FlexTensor::from_data(TensorData::new(values, shape)));
+                grads.register::<Flex>(
+                    node.id,
+                    FlexTensor::from_data(TensorData::new(values, shape)),
+                );
             }
         }
     }
@@ -204,7 +209,9 @@ mod tests {
     /// (two corners of one sample on one row, as at a map's edge).
     fn inputs(g: usize, q: usize, n: usize, t: usize, c: usize) -> (Vec<f32>, Vec<u32>, Vec<f32>) {
         let w = (0..g * q * n).map(|i| (i as f32 * 0.7).sin()).collect();
-        let index = (0..g * q * n).map(|i| ((i * 7 + i / 5) % t) as u32).collect();
+        let index = (0..g * q * n)
+            .map(|i| ((i * 7 + i / 5) % t) as u32)
+            .collect();
         let v = (0..g * t * c).map(|i| (i as f32 * 0.31).cos()).collect();
         (w, index, v)
     }

@@ -3,13 +3,11 @@
 
 use crate::model::layers::deformable::{DeformableAttention, LevelGrid};
 use burn::module::Module;
-use burn::nn::attention::{MhaInput, MultiHeadAttention, MultiHeadAttentionConfig};
+use burn::nn::attention::{MultiHeadAttention, MultiHeadAttentionConfig};
 use burn::nn::{Dropout, DropoutConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
-use burn::tensor::{
-    activation::{relu, softmax},
-    backend::Backend,
-    Bool, Tensor, TensorData,
-};
+use burn::tensor::{activation::relu, backend::Backend, Bool, Tensor, TensorData};
+
+use crate::model::layers::activation::softmax;
 
 /// Layer sizes shared by encoder and decoder layers.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -81,18 +79,20 @@ impl<B: Backend> EncoderLayer<B> {
         }
     }
 
-    /// `src, pos: [B, L, D]`, `padding: [B, L]` (true = padding).
+    /// `src, pos: [B, L, D]`, `padding: [B, L]` (true = padding; `None`: no token is).
     pub fn forward(
         &self,
         src: Tensor<B, 3>,
         pos: Tensor<B, 3>,
-        padding: Tensor<B, 2, Bool>,
+        padding: Option<Tensor<B, 2, Bool>>,
     ) -> Tensor<B, 3> {
         let qk = src.clone() + pos;
-        let attn = self
-            .self_attn
-            .forward(MhaInput::new(qk.clone(), qk, src.clone()).mask_pad(padding))
-            .context;
+        let attn = attend(
+            &self.self_attn,
+            (qk.clone(), qk, src.clone()),
+            padding,
+            None,
+        );
         let src = self.norm1.forward(src + attn);
         self.norm2.forward(src.clone() + self.ffn.forward(src))
     }
@@ -130,6 +130,44 @@ pub struct DecoderContext<B: Backend> {
     pub self_attn_mask: Option<Tensor<B, 3, Bool>>,
     /// The memory's levels, for deformable attention.
     pub grids: Vec<LevelGrid>,
+}
+
+/// `MultiHeadAttention::forward`'s context, with [`softmax`] recorded as one autodiff node.
+fn attend<B: Backend>(
+    mha: &MultiHeadAttention<B>,
+    (query, key, value): (Tensor<B, 3>, Tensor<B, 3>, Tensor<B, 3>),
+    mask_pad: Option<Tensor<B, 2, Bool>>,
+    mask_attn: Option<Tensor<B, 3, Bool>>,
+) -> Tensor<B, 3> {
+    let [b, lq, d] = query.dims();
+    let heads = mha.n_heads;
+    let split = |t: Tensor<B, 3>, linear: &Linear<B>| {
+        let l = t.dims()[1];
+        linear
+            .forward(t)
+            .reshape([b, l, heads, mha.d_k])
+            .swap_dims(1, 2)
+    };
+    let (q, k, v) = (
+        split(query, &mha.query),
+        split(key, &mha.key),
+        split(value, &mha.value),
+    );
+    let mut scores = mha.dropout.forward(
+        q.matmul(k.swap_dims(2, 3))
+            .div_scalar((mha.d_k as f32).sqrt()),
+    );
+    if let Some(mask) = mask_pad {
+        let lk = mask.dims()[1];
+        scores = scores.mask_fill(mask.reshape([b, 1, 1, lk]), mha.min_float);
+    }
+    if let Some(mask) = mask_attn {
+        let [_, l1, l2] = mask.dims();
+        scores = scores.mask_fill(mask.reshape([b, 1, l1, l2]), mha.min_float);
+    }
+    let context = softmax(scores, 3).matmul(v);
+    mha.output
+        .forward(context.swap_dims(1, 2).reshape([b, lq, d]))
 }
 
 /// Multi-head attention with burn's projections and an optional additive bias `[B, Lq, Lk]` on
@@ -195,13 +233,13 @@ impl<B: Backend> DecoderLayer<B> {
         cross_bias: Option<Tensor<B, 3>>,
     ) -> Tensor<B, 3> {
         let qk = tgt.clone() + query_pos.clone();
-        let mut input = MhaInput::new(qk.clone(), qk, tgt.clone());
-        if let Some(mask) = &ctx.self_attn_mask {
-            input = input.mask_attn(mask.clone());
-        }
-        let tgt = self
-            .norm1
-            .forward(tgt + self.self_attn.forward(input).context);
+        let attn = attend(
+            &self.self_attn,
+            (qk.clone(), qk, tgt.clone()),
+            None,
+            ctx.self_attn_mask.clone(),
+        );
+        let tgt = self.norm1.forward(tgt + attn);
         let query = tgt.clone() + query_pos;
         let cross = match (&self.deformable, &self.cross_attn) {
             (Some(deformable), _) => {
