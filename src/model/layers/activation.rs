@@ -13,11 +13,12 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{unary, Backward, Ops, OpsKind};
 use burn::backend::{Autodiff, Flex};
 use burn::tensor::backend::Backend;
+use burn::tensor::ops::{ActivationOps, FloatTensorOps};
 use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
 use burn_flex::ops::norm::{masked, NormAct};
 use burn_flex::FlexTensor;
 
-use crate::backend::Training;
+use crate::backend::{Inference, Training};
 
 /// `act` applied on its own (where it could not be fused into the operation before it).
 pub fn activate<B: Backend, const D: usize>(x: Tensor<B, D>, act: NormAct) -> Tensor<B, D> {
@@ -30,40 +31,85 @@ pub fn activate<B: Backend, const D: usize>(x: Tensor<B, D>, act: NormAct) -> Te
 
 /// `min(max(x, 0), 6)`; its gradient passes where `0 < x < 6` (PyTorch's `hardtanh`).
 pub fn relu6<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
-    // Rust has no specialisation: the training backend is recognised by its type at run time;
-    // any other backend (inference, no graph to record) clamps directly.
+    on_training(
+        x,
+        |x| {
+            recorded_from_output(x, Relu6Backward::<D>, |x| {
+                Inference::float_clamp(x, 0.0.into(), 6.0.into())
+            })
+        },
+        |x| x.clamp(0.0, 6.0),
+    )
+}
+
+/// `recorded(x)` on the training backend, `plain(x)` on any other (inference: no graph to
+/// record). Rust has no specialisation: the training backend is recognised by its type at run
+/// time.
+fn on_training<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    recorded: impl FnOnce(Tensor<Training, D>) -> Tensor<Training, D>,
+    plain: impl FnOnce(Tensor<B, D>) -> Tensor<B, D>,
+) -> Tensor<B, D> {
     let x: Box<dyn Any> = Box::new(x);
     match x.downcast::<Tensor<Training, D>>() {
         Ok(x) => {
-            let y: Box<dyn Any> = Box::new(recorded_relu6(*x));
+            let y: Box<dyn Any> = Box::new(recorded(*x));
             *y.downcast::<Tensor<B, D>>()
                 .expect("the same type it was cast from")
         }
-        Err(x) => x
-            .downcast::<Tensor<B, D>>()
-            .expect("the type it was boxed as")
-            .clamp(0.0, 6.0),
+        Err(x) => plain(
+            *x.downcast::<Tensor<B, D>>()
+                .expect("the type it was boxed as"),
+        ),
     }
 }
 
-/// ReLU6 recorded as one node of the autodiff graph.
-fn recorded_relu6<B: Backend, C: CheckpointStrategy, const D: usize>(
+/// `forward(x)` recorded as one node of the autodiff graph whose backward pass `op` reads only
+/// the output. The input's buffer is handed over, so a backend may compute in place.
+fn recorded_from_output<B, C, O, const D: usize>(
     x: Tensor<Autodiff<B, C>, D>,
-) -> Tensor<Autodiff<B, C>, D> {
+    op: O,
+    forward: impl FnOnce(B::FloatTensorPrimitive) -> B::FloatTensorPrimitive,
+) -> Tensor<Autodiff<B, C>, D>
+where
+    B: Backend,
+    C: CheckpointStrategy,
+    O: Backward<B, 1, State = B::FloatTensorPrimitive>,
+{
     let x = x.into_primitive().tensor();
-    // The input's buffer is handed over (the backward reads the output only), so a backend may
-    // clamp in place.
     let node = x.node.clone();
-    let y = B::float_clamp(x.primitive, 0.0.into(), 6.0.into());
-    let out = match Relu6Backward::<D>
-        .prepare::<C>([node])
-        .compute_bound()
-        .stateful()
-    {
+    let y = forward(x.primitive);
+    let out = match op.prepare::<C>([node]).compute_bound().stateful() {
         OpsKind::Tracked(prep) => prep.finish(y.clone(), y),
         OpsKind::UnTracked(prep) => prep.finish(y),
     };
     Tensor::from_primitive(TensorPrimitive::Float(out))
+}
+
+/// The input gradient from the output `y` and the output gradient: `flex(y, grad)` on flex,
+/// `composed(y, grad)` with the backend's ops on any other.
+fn grad_from_output<B: Backend>(
+    y: B::FloatTensorPrimitive,
+    grad: B::FloatTensorPrimitive,
+    flex: impl FnOnce(FlexTensor, FlexTensor) -> FlexTensor,
+    composed: impl FnOnce(B::FloatTensorPrimitive, B::FloatTensorPrimitive) -> B::FloatTensorPrimitive,
+) -> B::FloatTensorPrimitive {
+    let pair: Box<dyn Any> = Box::new((y, grad));
+    match pair.downcast::<(FlexTensor, FlexTensor)>() {
+        Ok(pair) => {
+            let (y, grad) = *pair;
+            let grad: Box<dyn Any> = Box::new(flex(y, grad));
+            *grad
+                .downcast::<B::FloatTensorPrimitive>()
+                .expect("the primitive type it was cast from")
+        }
+        Err(pair) => {
+            let (y, grad) = *pair
+                .downcast::<(B::FloatTensorPrimitive, B::FloatTensorPrimitive)>()
+                .expect("the type it was boxed as");
+            composed(y, grad)
+        }
+    }
 }
 
 /// The gradient of ReLU6 from its output `y`: `grad` where `0 < y < 6`, else 0.
@@ -76,22 +122,12 @@ impl<B: Backend, const D: usize> Backward<B, 1> for Relu6Backward<D> {
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
         let y = ops.state;
         unary::<B, _>(ops.parents, ops.node, grads, |grad| {
-            let pair: Box<dyn Any> = Box::new((y, grad));
-            match pair.downcast::<(FlexTensor, FlexTensor)>() {
-                Ok(pair) => {
-                    let (y, grad) = *pair;
-                    let grad: Box<dyn Any> = Box::new(flex_relu6_grad::<D>(&y, grad));
-                    *grad
-                        .downcast::<B::FloatTensorPrimitive>()
-                        .expect("the primitive type it was cast from")
-                }
-                Err(pair) => {
-                    let (y, grad) = *pair
-                        .downcast::<(B::FloatTensorPrimitive, B::FloatTensorPrimitive)>()
-                        .expect("the type it was boxed as");
-                    composed_relu6_grad::<B, D>(y, grad)
-                }
-            }
+            grad_from_output::<B>(
+                y,
+                grad,
+                |y, grad| flex_relu6_grad::<D>(&y, grad),
+                composed_relu6_grad::<B, D>,
+            )
         });
     }
 }
@@ -140,38 +176,11 @@ fn flex_relu6_grad<const D: usize>(y: &FlexTensor, mut grad: FlexTensor) -> Flex
 /// output: `y ⊙ (dy − Σ_dim dy ⊙ y)`. burn composes it from a max, a subtraction, an
 /// exponential (recomputed in the backward pass), a sum and a division, each a node.
 pub fn softmax<B: Backend, const D: usize>(x: Tensor<B, D>, dim: usize) -> Tensor<B, D> {
-    let x: Box<dyn Any> = Box::new(x);
-    match x.downcast::<Tensor<Training, D>>() {
-        Ok(x) => {
-            let y: Box<dyn Any> = Box::new(recorded_softmax(*x, dim));
-            *y.downcast::<Tensor<B, D>>()
-                .expect("the same type it was cast from")
-        }
-        Err(x) => burn::tensor::activation::softmax(
-            *x.downcast::<Tensor<B, D>>()
-                .expect("the type it was boxed as"),
-            dim,
-        ),
-    }
-}
-
-/// Softmax recorded as one node of the autodiff graph.
-fn recorded_softmax<B: Backend, C: CheckpointStrategy, const D: usize>(
-    x: Tensor<Autodiff<B, C>, D>,
-    dim: usize,
-) -> Tensor<Autodiff<B, C>, D> {
-    let x = x.into_primitive().tensor();
-    let node = x.node.clone();
-    let y = B::softmax(x.primitive, dim);
-    let out = match (SoftmaxBackward { dim })
-        .prepare::<C>([node])
-        .compute_bound()
-        .stateful()
-    {
-        OpsKind::Tracked(prep) => prep.finish(y.clone(), y),
-        OpsKind::UnTracked(prep) => prep.finish(y),
-    };
-    Tensor::from_primitive(TensorPrimitive::Float(out))
+    on_training(
+        x,
+        |x| recorded_from_output(x, SoftmaxBackward { dim }, |x| Inference::softmax(x, dim)),
+        |x| burn::tensor::activation::softmax(x, dim),
+    )
 }
 
 /// The gradient of softmax over `dim` from its output.
@@ -186,25 +195,15 @@ impl<B: Backend> Backward<B, 1> for SoftmaxBackward {
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
         let (y, dim) = (ops.state, self.dim);
         unary::<B, _>(ops.parents, ops.node, grads, |grad| {
-            let pair: Box<dyn Any> = Box::new((y, grad));
-            match pair.downcast::<(FlexTensor, FlexTensor)>() {
-                Ok(pair) => {
-                    let (y, grad) = *pair;
-                    let grad: Box<dyn Any> = Box::new(
-                        flex_softmax_grad(&y, &grad, dim)
-                            .unwrap_or_else(|| composed_softmax_grad::<Flex>(y, grad, dim)),
-                    );
-                    *grad
-                        .downcast::<B::FloatTensorPrimitive>()
-                        .expect("the primitive type it was cast from")
-                }
-                Err(pair) => {
-                    let (y, grad) = *pair
-                        .downcast::<(B::FloatTensorPrimitive, B::FloatTensorPrimitive)>()
-                        .expect("the type it was boxed as");
-                    composed_softmax_grad::<B>(y, grad, dim)
-                }
-            }
+            grad_from_output::<B>(
+                y,
+                grad,
+                |y, grad| {
+                    flex_softmax_grad(&y, &grad, dim)
+                        .unwrap_or_else(|| composed_softmax_grad::<Flex>(y, grad, dim))
+                },
+                |y, grad| composed_softmax_grad::<B>(y, grad, dim),
+            )
         });
     }
 }

@@ -10,6 +10,7 @@ use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::NodeId;
 use burn::backend::{Autodiff, Flex};
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
@@ -59,12 +60,12 @@ pub fn fused<B: Backend>(
 type Inputs<B> = (Tensor<B, 4>, Tensor<B, 1>, Tensor<B, 1>);
 
 /// A contiguous f32 view of a flex tensor, or `None` for another element type.
-fn f32_values(t: &FlexTensor) -> Option<FlexTensor> {
+pub(crate) fn f32_values(t: &FlexTensor) -> Option<FlexTensor> {
     (t.dtype() == DType::F32).then(|| t.to_contiguous())
 }
 
 /// A contiguous flex tensor of `values`.
-fn flex_tensor(values: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
+pub(crate) fn flex_tensor(values: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
     FlexTensor::from_data(TensorData::new(values, shape))
 }
 
@@ -162,10 +163,10 @@ struct NormState {
     act: NormAct,
 }
 
-/// The values of a tensor made contiguous f32 in the forward pass.
-fn values(t: &FlexTensor) -> &[f32] {
+/// The values of a tensor made contiguous f32 (by [`f32_values`]).
+pub(crate) fn values(t: &FlexTensor) -> &[f32] {
     t.as_slice::<f32>()
-        .expect("contiguous f32, as made in the forward pass")
+        .expect("contiguous f32, as made by f32_values")
 }
 
 #[derive(Debug)]
@@ -186,16 +187,28 @@ impl Backward<Flex, 3> for NormBackward {
             s.eps,
             s.act,
         );
-        let [node_x, node_gamma, node_beta] = ops.parents;
         let c = s.shape.c;
-        for (node, values, shape) in [
-            (node_x, dx, s.x.layout().shape().to_vec()),
-            (node_gamma, dgamma, vec![c]),
-            (node_beta, dbeta, vec![c]),
-        ] {
-            if let Some(node) = node {
-                grads.register::<Flex>(node.id, flex_tensor(values, shape));
-            }
+        register_grads(
+            grads,
+            ops.parents.map(|p| p.map(|node| node.id)),
+            [
+                (dx, s.x.layout().shape().to_vec()),
+                (dgamma, vec![c]),
+                (dbeta, vec![c]),
+            ],
+        );
+    }
+}
+
+/// Registers the gradient of each tracked parent (`Some` id), given as values and shape.
+pub(crate) fn register_grads<const N: usize>(
+    grads: &mut Gradients,
+    parents: [Option<NodeId>; N],
+    values: [(Vec<f32>, Vec<usize>); N],
+) {
+    for (id, (values, shape)) in parents.into_iter().zip(values) {
+        if let Some(id) = id {
+            grads.register::<Flex>(id, flex_tensor(values, shape));
         }
     }
 }

@@ -12,8 +12,10 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::{Autodiff, Flex};
 use burn::tensor::backend::Backend;
-use burn::tensor::{DType, IndexingUpdateOp, Int, Tensor, TensorData, TensorPrimitive};
+use burn::tensor::{IndexingUpdateOp, Int, Tensor, TensorData, TensorPrimitive};
 use burn_flex::FlexTensor;
+
+use crate::model::layers::fused_norm::{self, f32_values, flex_tensor, register_grads};
 
 /// `out[g, q, :] = Σ_k weights[g, q, k] · values[g, index[g, q, k], :]` for `weights [G, Q, n]`,
 /// `values [G, T, C]` and `index` (row-major `[G, Q, n]`, each entry `< T`).
@@ -73,17 +75,6 @@ fn dense<B: Backend>(weights: Tensor<B, 3>, index: Vec<u32>, values: Tensor<B, 3
         .matmul(values)
 }
 
-/// A contiguous f32 view of a flex tensor, or `None` for another element type.
-fn f32_values(t: &FlexTensor) -> Option<FlexTensor> {
-    (t.dtype() == DType::F32).then(|| t.to_contiguous())
-}
-
-/// The values of a tensor made contiguous f32 by [`f32_values`].
-fn values_of(t: &FlexTensor) -> &[f32] {
-    t.as_slice::<f32>()
-        .expect("contiguous f32, as made by f32_values")
-}
-
 /// The shape `[G, Q, n]`, `T`, `C` of a read.
 fn dims(weights: &FlexTensor, values: &FlexTensor) -> ([usize; 3], usize, usize) {
     let (w, v) = (weights.layout().shape(), values.layout().shape());
@@ -93,7 +84,7 @@ fn dims(weights: &FlexTensor, values: &FlexTensor) -> ([usize; 3], usize, usize)
 /// The forward loop: for every query its samples in order, each adding its weighted row.
 fn forward(weights: &FlexTensor, index: &[u32], values: &FlexTensor) -> FlexTensor {
     let ([g, q, n], t, c) = dims(weights, values);
-    let (w, v) = (values_of(weights), values_of(values));
+    let (w, v) = (fused_norm::values(weights), fused_norm::values(values));
     let mut out = vec![0f32; g * q * c];
     for (gq, row) in out.chunks_exact_mut(c).enumerate() {
         let base = gq / q * t;
@@ -104,7 +95,7 @@ fn forward(weights: &FlexTensor, index: &[u32], values: &FlexTensor) -> FlexTens
             }
         }
     }
-    FlexTensor::from_data(TensorData::new(out, [g, q, c]))
+    flex_tensor(out, vec![g, q, c])
 }
 
 /// The backward loop: each sample's weight gradient is its row dotted with the output
@@ -117,7 +108,11 @@ fn backward(
     grad: &FlexTensor,
 ) -> (Vec<f32>, Vec<f32>) {
     let ([g, q, n], t, c) = dims(weights, values);
-    let (w, v, dy) = (values_of(weights), values_of(values), values_of(grad));
+    let (w, v, dy) = (
+        fused_norm::values(weights),
+        fused_norm::values(values),
+        fused_norm::values(grad),
+    );
     let mut dw = vec![0f32; g * q * n];
     let mut dv = vec![0f32; g * t * c];
     for gq in 0..g * q {
@@ -183,18 +178,14 @@ impl Backward<Flex, 2> for SampleBackward {
         let s = ops.state;
         let dy = grads.consume::<Flex>(&ops.node).to_contiguous();
         let (dw, dv) = backward(&s.weights, &s.index, &s.values, &dy);
-        let [node_w, node_v] = ops.parents;
-        for (node, values, shape) in [
-            (node_w, dw, s.weights.layout().shape().to_vec()),
-            (node_v, dv, s.values.layout().shape().to_vec()),
-        ] {
-            if let Some(node) = node {
-                grads.register::<Flex>(
-                    node.id,
-                    FlexTensor::from_data(TensorData::new(values, shape)),
-                );
-            }
-        }
+        register_grads(
+            grads,
+            ops.parents.map(|p| p.map(|node| node.id)),
+            [
+                (dw, s.weights.layout().shape().to_vec()),
+                (dv, s.values.layout().shape().to_vec()),
+            ],
+        );
     }
 }
 
