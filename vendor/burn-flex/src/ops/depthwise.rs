@@ -8,16 +8,16 @@
 //! `C` a tap is a single contiguous multiply-add over the whole plane: no bounds or strided
 //! gathers inside the loop, and a 7×7 map is one 63-long loop instead of seven 7-long ones. The
 //! `C − out_w` columns after each output row are scratch (zero where they feed a gradient). The
-//! inner loops (multiply-adds, dot products, stride-2 copies) are compiled twice, once for
-//! AVX-512, and picked at run time; both versions multiply and add separately in the same order,
-//! so they give the same bits.
+//! inner loops (multiply-adds, dot products, stride-2 copies) are compiled three times (AVX-512,
+//! AVX2 and the SSE2 baseline) and picked at run time; all versions multiply and add separately
+//! in the same order, so they give the same bits.
 
 use alloc::vec;
 use alloc::vec::Vec;
 use num_traits::Float;
 
 #[cfg(all(feature = "std", target_arch = "x86_64"))]
-use super::simd::avx512;
+use super::simd::{avx2, avx512};
 use super::simd::gather;
 use super::threads::split_mut;
 
@@ -299,12 +299,24 @@ fn interleave<T: Float>(dst: &mut [T], even: &[T], odd: &[T]) {
         unsafe { interleave_avx512(dst, even, odd) };
         return;
     }
+    #[cfg(all(feature = "std", target_arch = "x86_64"))]
+    if avx2() {
+        // SAFETY: the CPU has AVX2.
+        unsafe { interleave_avx2(dst, even, odd) };
+        return;
+    }
     interleave_body(dst, even, odd);
 }
 
 #[cfg(all(feature = "std", target_arch = "x86_64"))]
 #[target_feature(enable = "avx512f")]
 unsafe fn interleave_avx512<T: Float>(dst: &mut [T], even: &[T], odd: &[T]) {
+    interleave_body(dst, even, odd);
+}
+
+#[cfg(all(feature = "std", target_arch = "x86_64"))]
+#[target_feature(enable = "avx2")]
+unsafe fn interleave_avx2<T: Float>(dst: &mut [T], even: &[T], odd: &[T]) {
     interleave_body(dst, even, odd);
 }
 
@@ -327,12 +339,24 @@ fn axpy<T: Float>(dst: &mut [T], a: T, src: &[T]) {
         unsafe { axpy_avx512(dst, a, src) };
         return;
     }
+    #[cfg(all(feature = "std", target_arch = "x86_64"))]
+    if avx2() {
+        // SAFETY: the CPU has AVX2.
+        unsafe { axpy_avx2(dst, a, src) };
+        return;
+    }
     axpy_body(dst, a, src);
 }
 
 #[cfg(all(feature = "std", target_arch = "x86_64"))]
 #[target_feature(enable = "avx512f")]
 unsafe fn axpy_avx512<T: Float>(dst: &mut [T], a: T, src: &[T]) {
+    axpy_body(dst, a, src);
+}
+
+#[cfg(all(feature = "std", target_arch = "x86_64"))]
+#[target_feature(enable = "avx2")]
+unsafe fn axpy_avx2<T: Float>(dst: &mut [T], a: T, src: &[T]) {
     axpy_body(dst, a, src);
 }
 
@@ -351,12 +375,24 @@ fn dot<T: Float>(acc: &mut [T; LANES], a: &[T], b: &[T]) {
         unsafe { dot_avx512(acc, a, b) };
         return;
     }
+    #[cfg(all(feature = "std", target_arch = "x86_64"))]
+    if avx2() {
+        // SAFETY: the CPU has AVX2.
+        unsafe { dot_avx2(acc, a, b) };
+        return;
+    }
     dot_body(acc, a, b);
 }
 
 #[cfg(all(feature = "std", target_arch = "x86_64"))]
 #[target_feature(enable = "avx512f")]
 unsafe fn dot_avx512<T: Float>(acc: &mut [T; LANES], a: &[T], b: &[T]) {
+    dot_body(acc, a, b);
+}
+
+#[cfg(all(feature = "std", target_arch = "x86_64"))]
+#[target_feature(enable = "avx2")]
+unsafe fn dot_avx2<T: Float>(acc: &mut [T; LANES], a: &[T], b: &[T]) {
     dot_body(acc, a, b);
 }
 

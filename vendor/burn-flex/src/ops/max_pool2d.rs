@@ -173,6 +173,12 @@ fn take_max(best: &mut [f32], at: &mut [i32], taps: &[f32], base: i32, step: i32
         unsafe { take_max_avx512(best, at, taps, base, step) };
         return;
     }
+    #[cfg(all(feature = "std", target_arch = "x86_64"))]
+    if super::simd::avx2() {
+        // SAFETY: the CPU has AVX2.
+        unsafe { take_max_avx2(best, at, taps, base, step) };
+        return;
+    }
     take_max_body(best, at, taps, base, step);
 }
 
@@ -181,6 +187,13 @@ fn take_max(best: &mut [f32], at: &mut [i32], taps: &[f32], base: i32, step: i32
 #[cfg(all(feature = "std", target_arch = "x86_64"))]
 #[target_feature(enable = "avx512f")]
 unsafe fn take_max_avx512(best: &mut [f32], at: &mut [i32], taps: &[f32], base: i32, step: i32) {
+    take_max_body(best, at, taps, base, step);
+}
+
+/// [`take_max`] compiled for AVX2, whose blends keep the selects branch-free too.
+#[cfg(all(feature = "std", target_arch = "x86_64"))]
+#[target_feature(enable = "avx2")]
+unsafe fn take_max_avx2(best: &mut [f32], at: &mut [i32], taps: &[f32], base: i32, step: i32) {
     take_max_body(best, at, taps, base, step);
 }
 

@@ -1,5 +1,6 @@
 //! densekd patch: helpers shared by the hand-written kernels (depthwise convolution, max
-//! pooling): run-time AVX-512 detection and strided copies compiled for it.
+//! pooling): run-time AVX-512 and AVX2 detection and strided copies compiled for them. Without
+//! a target feature the loops are SSE2 code (the x86-64 baseline), four lanes wide.
 
 use num_traits::Float;
 
@@ -7,6 +8,13 @@ use num_traits::Float;
 #[cfg(all(feature = "std", target_arch = "x86_64"))]
 pub(super) fn avx512() -> bool {
     std::arch::is_x86_feature_detected!("avx512f")
+}
+
+/// Whether the CPU has AVX2 (detected once, then cached by the standard library). Kernels
+/// compiled for it use no FMA, so they give the same bits as the other versions.
+#[cfg(all(feature = "std", target_arch = "x86_64"))]
+pub(super) fn avx2() -> bool {
+    std::arch::is_x86_feature_detected!("avx2")
 }
 
 /// `dst[i] = src[i · step]` for every `i` of `dst`.
@@ -22,6 +30,12 @@ pub(super) fn gather<T: Float>(dst: &mut [T], src: &[T], step: usize) {
                 unsafe { gather2_avx512(dst, src) };
                 return;
             }
+            #[cfg(all(feature = "std", target_arch = "x86_64"))]
+            if avx2() {
+                // SAFETY: the CPU has AVX2.
+                unsafe { gather2_avx2(dst, src) };
+                return;
+            }
             gather2_body(dst, src);
         }
         _ => {
@@ -35,6 +49,12 @@ pub(super) fn gather<T: Float>(dst: &mut [T], src: &[T], step: usize) {
 #[cfg(all(feature = "std", target_arch = "x86_64"))]
 #[target_feature(enable = "avx512f")]
 unsafe fn gather2_avx512<T: Float>(dst: &mut [T], src: &[T]) {
+    gather2_body(dst, src);
+}
+
+#[cfg(all(feature = "std", target_arch = "x86_64"))]
+#[target_feature(enable = "avx2")]
+unsafe fn gather2_avx2<T: Float>(dst: &mut [T], src: &[T]) {
     gather2_body(dst, src);
 }
 
