@@ -4,6 +4,7 @@
 //! clipping, data-parallel replicas), with periodic evaluation, `metrics.jsonl`, plots, atomic
 //! checkpoints with exact resume, and the exported inference weights.
 
+pub mod adamw;
 pub mod checkpoint;
 pub mod collective;
 pub mod config;
@@ -101,7 +102,7 @@ where
 {
     match config.optim.optimizer {
         OptimizerKind::Adamw => {
-            let optim = optim::adamw_config(&config.optim).init::<B, Trained<B, T, D>>();
+            let optim = optim::adamw(&config.optim).init::<B, Trained<B, T, D>>();
             fit_with(task, distiller, student, config, options, device, optim)
         }
         OptimizerKind::Sgd => {

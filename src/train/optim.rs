@@ -5,18 +5,17 @@
 use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::decay::WeightDecayConfig;
 use burn::optim::momentum::MomentumConfig;
-use burn::optim::{AdamWConfig, GradientsParams, Optimizer, SgdConfig};
+use burn::optim::{GradientsParams, Optimizer, SgdConfig};
 
 use crate::task::ParamGroup;
+use crate::train::adamw::FusedAdamW;
 use crate::train::config::OptimConfig;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Tensor};
 
 /// AdamW as `optim` sets it: decoupled weight decay and `eps`.
-pub fn adamw_config(optim: &OptimConfig) -> AdamWConfig {
-    AdamWConfig::new()
-        .with_weight_decay(optim.weight_decay as f32)
-        .with_epsilon(optim.eps as f32)
+pub fn adamw(optim: &OptimConfig) -> FusedAdamW {
+    FusedAdamW::new(optim.eps as f32, optim.weight_decay as f32)
 }
 
 /// SGD as `optim` sets it, with `torch.optim.SGD`'s semantics: momentum without dampening
