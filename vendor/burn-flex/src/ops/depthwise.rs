@@ -211,9 +211,13 @@ pub(super) fn forward<T: Float + Send + Sync>(dw: &Depthwise, x: &[T], w: &[T]) 
                     &mut phases,
                 );
                 acc.fill(T::zero());
-                for (&(phase, off), &a) in dw.taps.iter().zip(&w[c * k..(c + 1) * k]) {
-                    let src = &phases[phase * dw.phase_len() + off..];
-                    axpy(&mut acc, a, &src[..dw.span()]);
+                // Every tap over one block of outputs at a time, so the block's sums stay in
+                // L1 between taps. Each output still adds its taps in order: the same bits.
+                for (b, acc) in acc.chunks_mut(BLOCK).enumerate() {
+                    for (&(phase, off), &a) in dw.taps.iter().zip(&w[c * k..(c + 1) * k]) {
+                        let src = &phases[phase * dw.phase_len() + off + b * BLOCK..];
+                        axpy(acc, a, &src[..acc.len()]);
+                    }
                 }
                 for (oh, row) in y.chunks_mut(dw.output[1]).enumerate() {
                     row.copy_from_slice(&acc[oh * dw.cols..oh * dw.cols + dw.output[1]]);
@@ -267,9 +271,13 @@ pub(super) fn weight_grad<T: Float + Send + Sync>(dw: &Depthwise, x: &[T], dy: &
                 let plane = b * dw.channels + c;
                 dw.split(&x[plane * in_plane..(plane + 1) * in_plane], &mut phases);
                 dw.widen(&dy[plane * out_plane..(plane + 1) * out_plane], &mut wide);
-                for (&(phase, off), acc) in dw.taps.iter().zip(acc.iter_mut()) {
-                    let src = &phases[phase * dw.phase_len() + off..];
-                    dot(acc, &wide, &src[..wide.len()]);
+                // Blocks of whole lane groups: each lane sums the same products in the same
+                // order as over the whole row.
+                for (b, wide) in wide.chunks(BLOCK).enumerate() {
+                    for (&(phase, off), acc) in dw.taps.iter().zip(acc.iter_mut()) {
+                        let src = &phases[phase * dw.phase_len() + off + b * BLOCK..];
+                        dot(acc, wide, &src[..wide.len()]);
+                    }
                 }
             }
             for (g, acc) in grad.iter_mut().zip(&acc) {
@@ -330,6 +338,9 @@ fn interleave_body<T: Float>(dst: &mut [T], even: &[T], odd: &[T]) {
 
 /// Partial sums of a dot product, one per lane of a 512-bit f32 vector.
 const LANES: usize = 16;
+
+/// Outputs per cache block of the tap loops (a multiple of [`LANES`]; 2 KiB of f32).
+const BLOCK: usize = 32 * LANES;
 
 /// `dst[i] += a · src[i]`.
 fn axpy<T: Float>(dst: &mut [T], a: T, src: &[T]) {
