@@ -33,6 +33,7 @@ use crate::{FlexTensor, Layout};
 
 use super::depthwise::{self, Depthwise};
 use super::norm::{NormAct, with_act};
+use super::simd::gather;
 use super::module::{cast_from_f32, cast_to_f32};
 use super::threads::split_mut;
 use super::winograd::{self, Winograd};
@@ -589,14 +590,9 @@ fn im2col<T: Float>(
                     };
                     out[..lo].fill(T::zero());
                     out[hi..].fill(T::zero());
-                    let src_row = &src[ih * g.in_w..(ih + 1) * g.in_w];
-                    if g.stride[1] == 1 {
-                        let start = g.in_col(lo, kw);
-                        out[lo..hi].copy_from_slice(&src_row[start..start + hi - lo]);
-                    } else {
-                        for (ow, v) in out[lo..hi].iter_mut().enumerate() {
-                            *v = src_row[g.in_col(lo + ow, kw)];
-                        }
+                    if lo < hi {
+                        let src_row = &src[ih * g.in_w..(ih + 1) * g.in_w];
+                        gather(&mut out[lo..hi], &src_row[g.in_col(lo, kw)..], g.stride[1]);
                     }
                 }
             }

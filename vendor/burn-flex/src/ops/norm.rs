@@ -16,6 +16,7 @@
 use alloc::vec;
 use alloc::vec::Vec;
 
+use super::simd::vectorized;
 use super::threads::split_mut;
 
 /// Which rows of an `[N, C, S]` tensor share statistics.
@@ -246,26 +247,32 @@ pub fn norm_forward_f32(
     let work = x.len();
     let mut sums = vec![0.0f32; rows];
     split_mut(&mut sums, rows, 1, work, |range, out| {
-        for (o, r) in out.iter_mut().zip(range) {
-            *o = row_sum(&x[r * s..(r + 1) * s], |v| v);
-        }
+        vectorized(#[inline(always)] || {
+            for (o, r) in out.iter_mut().zip(range) {
+                *o = row_sum(&x[r * s..(r + 1) * s], |v| v);
+            }
+        })
     });
     let mean = group_means(shape, &sums);
     split_mut(&mut sums, rows, 1, work, |range, out| {
-        for (o, r) in out.iter_mut().zip(range) {
-            let mu = mean[shape.group_of(r)];
-            *o = row_sum(&x[r * s..(r + 1) * s], |v| (v - mu) * (v - mu));
-        }
+        vectorized(#[inline(always)] || {
+            for (o, r) in out.iter_mut().zip(range) {
+                let mu = mean[shape.group_of(r)];
+                *o = row_sum(&x[r * s..(r + 1) * s], |v| (v - mu) * (v - mu));
+            }
+        })
     });
     let var = group_means(shape, &sums);
     let mut y = vec![0.0f32; x.len()];
     with_act!(act, |f, _keep| split_mut(&mut y, rows, s, work, |range, out| {
-        for (o, r) in out.chunks_exact_mut(s).zip(range) {
-            let (scale, shift) = row_affine(shape, r, (&mean, &var), (gamma, beta), eps);
-            for (o, &v) in o.iter_mut().zip(&x[r * s..(r + 1) * s]) {
-                *o = f(v * scale + shift);
+        vectorized(#[inline(always)] || {
+            for (o, r) in out.chunks_exact_mut(s).zip(range) {
+                let (scale, shift) = row_affine(shape, r, (&mean, &var), (gamma, beta), eps);
+                for (o, &v) in o.iter_mut().zip(&x[r * s..(r + 1) * s]) {
+                    *o = f(v * scale + shift);
+                }
             }
-        }
+        })
     }));
     (y, mean, var)
 }
@@ -310,14 +317,17 @@ fn backward_masked(
     let mut sums = vec![[0.0f32; 2]; rows];
     split_mut(&mut sums, rows, 1, work, |range, out| {
         let mut buf = Vec::new();
-        for (o, r) in out.iter_mut().zip(range) {
-            let (g, x_r) = (shape.group_of(r), &x[r * s..(r + 1) * s]);
-            let affine = row_affine(shape, r, (mean, var), (gamma, beta), eps);
-            let d = masked_row((&dy[r * s..(r + 1) * s], x_r), affine, &keep, masking, &mut buf);
-            let mu = mean[g];
-            let [a, b] = row_sums2(d, x_r, |v| v - mu);
-            *o = [a, b * rstd(var[g], eps)];
-        }
+        vectorized(#[inline(always)] || {
+            for (o, r) in out.iter_mut().zip(range) {
+                let (g, x_r) = (shape.group_of(r), &x[r * s..(r + 1) * s]);
+                let affine = row_affine(shape, r, (mean, var), (gamma, beta), eps);
+                let dy_r = &dy[r * s..(r + 1) * s];
+                let d = masked_row((dy_r, x_r), affine, &keep, masking, &mut buf);
+                let mu = mean[g];
+                let [a, b] = row_sums2(d, x_r, |v| v - mu);
+                *o = [a, b * rstd(var[g], eps)];
+            }
+        })
     });
     let (mut dgamma, mut dbeta) = (vec![0.0f32; c], vec![0.0f32; c]);
     for (r, [a, b]) in sums.iter().enumerate() {
@@ -333,19 +343,22 @@ fn backward_masked(
     let mut dx = vec![0.0f32; x.len()];
     split_mut(&mut dx, rows, s, work, |range, out| {
         let mut buf = Vec::new();
-        for (o, r) in out.chunks_exact_mut(s).zip(range) {
-            let g = shape.group_of(r);
-            let rs = rstd(var[g], eps);
-            let p = rs * gamma[r % c];
-            let q = -rs * rs * mean_gx[g];
-            let k = -rs * mean_g[g] - mean[g] * q;
-            let x_r = &x[r * s..(r + 1) * s];
-            let affine = row_affine(shape, r, (mean, var), (gamma, beta), eps);
-            let d = masked_row((&dy[r * s..(r + 1) * s], x_r), affine, &keep, masking, &mut buf);
-            for (o, (&d, &v)) in o.iter_mut().zip(d.iter().zip(x_r)) {
-                *o = d * p + v * q + k;
+        vectorized(#[inline(always)] || {
+            for (o, r) in out.chunks_exact_mut(s).zip(range) {
+                let g = shape.group_of(r);
+                let rs = rstd(var[g], eps);
+                let p = rs * gamma[r % c];
+                let q = -rs * rs * mean_gx[g];
+                let k = -rs * mean_g[g] - mean[g] * q;
+                let x_r = &x[r * s..(r + 1) * s];
+                let affine = row_affine(shape, r, (mean, var), (gamma, beta), eps);
+                let dy_r = &dy[r * s..(r + 1) * s];
+                let d = masked_row((dy_r, x_r), affine, &keep, masking, &mut buf);
+                for (o, (&d, &v)) in o.iter_mut().zip(d.iter().zip(x_r)) {
+                    *o = d * p + v * q + k;
+                }
             }
-        }
+        })
     });
     (dx, dgamma, dbeta)
 }

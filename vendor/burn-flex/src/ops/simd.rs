@@ -1,6 +1,7 @@
 //! densekd patch: helpers shared by the hand-written kernels (depthwise convolution, max
-//! pooling): run-time AVX-512 and AVX2 detection and strided copies compiled for them. Without
-//! a target feature the loops are SSE2 code (the x86-64 baseline), four lanes wide.
+//! pooling, normalisation, Winograd transforms): run-time AVX-512 and AVX2 detection, and
+//! loops compiled for them. Without a target feature the loops are SSE2 code (the x86-64
+//! baseline), four lanes wide.
 
 use num_traits::Float;
 
@@ -15,6 +16,36 @@ pub(super) fn avx512() -> bool {
 #[cfg(all(feature = "std", target_arch = "x86_64"))]
 pub(super) fn avx2() -> bool {
     std::arch::is_x86_feature_detected!("avx2")
+}
+
+/// Runs `body` compiled for AVX-512 or AVX2 when the CPU has them, else as baseline code.
+/// `body` must be an `#[inline(always)]` closure, so that it is compiled into each version
+/// below and its loops get the wider vectors; none enables FMA, so all give the same bits.
+#[inline(always)]
+pub(super) fn vectorized<R>(body: impl FnOnce() -> R) -> R {
+    #[cfg(all(feature = "std", target_arch = "x86_64"))]
+    if avx512() {
+        // SAFETY: the CPU has AVX-512F.
+        return unsafe { vectorized_avx512(body) };
+    }
+    #[cfg(all(feature = "std", target_arch = "x86_64"))]
+    if avx2() {
+        // SAFETY: the CPU has AVX2.
+        return unsafe { vectorized_avx2(body) };
+    }
+    body()
+}
+
+#[cfg(all(feature = "std", target_arch = "x86_64"))]
+#[target_feature(enable = "avx512f")]
+unsafe fn vectorized_avx512<R>(body: impl FnOnce() -> R) -> R {
+    body()
+}
+
+#[cfg(all(feature = "std", target_arch = "x86_64"))]
+#[target_feature(enable = "avx2")]
+unsafe fn vectorized_avx2<R>(body: impl FnOnce() -> R) -> R {
+    body()
 }
 
 /// `dst[i] = src[i · step]` for every `i` of `dst`.
