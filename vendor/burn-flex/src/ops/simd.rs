@@ -1,7 +1,7 @@
 //! densekd patch: helpers shared by the hand-written kernels (depthwise convolution, max
-//! pooling, normalisation, Winograd transforms): run-time AVX-512 and AVX2 detection, and
-//! loops compiled for them. Without a target feature the loops are SSE2 code (the x86-64
-//! baseline), four lanes wide.
+//! pooling, normalisation, im2col): run-time AVX-512 and AVX2 detection, and loops compiled
+//! for them. Without a target feature the loops are SSE2 code (the x86-64 baseline), four
+//! lanes wide.
 
 use num_traits::Float;
 

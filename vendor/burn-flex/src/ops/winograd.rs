@@ -16,7 +16,7 @@ use alloc::vec;
 use alloc::vec::Vec;
 use num_traits::Float;
 
-use super::simd::{gather, vectorized};
+use super::simd::gather;
 use super::threads::split_mut;
 
 /// Elements of the transformed input and products of one chunk of images (16 ×
@@ -120,8 +120,7 @@ pub(super) fn forward<T: Float + Send + Sync + 'static>(wg: &Winograd, x: &[T], 
             let (b0, nb) = (chunk * per_chunk, y.len() / out_image);
             let n = nb * tiles;
             let (v, m) = (&mut v[..16 * wg.c_in * n], &mut m[..16 * wg.c_out * n]);
-            let x = &x[b0 * in_image..(b0 + nb) * in_image];
-            vectorized(#[inline(always)] || input_transform(wg, x, nb, v, &mut scratch));
+            input_transform(wg, &x[b0 * in_image..(b0 + nb) * in_image], nb, v, &mut scratch);
             for xi in 0..16 {
                 // U_ξ: c_out rows of c_in, 16·c_in apart.
                 let u = &u[xi * wg.c_in..];
@@ -140,11 +139,9 @@ pub(super) fn forward<T: Float + Send + Sync + 'static>(wg: &Winograd, x: &[T], 
                     );
                 }
             }
-            vectorized(#[inline(always)] || {
-                for (plane, y) in y.chunks_mut(out_h * out_w).enumerate() {
-                    output_transform(wg, m, n, plane, y, &mut rows);
-                }
-            });
+            for (plane, y) in y.chunks_mut(out_h * out_w).enumerate() {
+                output_transform(wg, m, n, plane, y, &mut rows);
+            }
         }
     });
     y
@@ -227,7 +224,6 @@ impl<T: Float> Scratch<T> {
 /// Each input plane is zero-padded to `2·th + 2` rows of `2·tw + 2` and split into its even
 /// and odd columns, so that tile column `t` reads columns `t` and `t + 1` of the two phases:
 /// every step below is an add or subtract of contiguous rows.
-#[inline(always)]
 fn input_transform<T: Float>(
     wg: &Winograd,
     x: &[T],
@@ -304,7 +300,7 @@ fn input_transform<T: Float>(
 }
 
 /// `dst = a + b` (`add`) or `a − b`.
-#[inline(always)]
+#[inline]
 fn combine<T: Float>(dst: &mut [T], a: &[T], b: &[T], add: bool) {
     if add {
         for ((d, &a), &b) in dst.iter_mut().zip(a).zip(b) {
@@ -339,7 +335,6 @@ impl<T: Float> Rows<T> {
 
 /// One output plane (`plane` = image × c_out + channel, images counted from the chunk's first)
 /// from the products `m` (`[ξ][c_out][image, tile]`, `n` columns): `Y = Aᵀ M A` per tile.
-#[inline(always)]
 fn output_transform<T: Float>(
     wg: &Winograd,
     m: &[T],
