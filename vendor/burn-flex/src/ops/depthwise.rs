@@ -17,8 +17,7 @@ use alloc::vec::Vec;
 use num_traits::Float;
 
 #[cfg(all(feature = "std", target_arch = "x86_64"))]
-use super::simd::{avx2, avx512};
-use super::simd::gather;
+use super::simd::{gather, vectorized};
 use super::threads::split_mut;
 
 /// The shapes of one depthwise convolution and its phase layout.
@@ -301,31 +300,7 @@ fn scatter<T: Float>(dst: &mut [T], src: &[T], step: usize) {
 
 /// `dst[2i] = even[i]`, `dst[2i + 1] = odd[i]` for every pair of `dst`.
 fn interleave<T: Float>(dst: &mut [T], even: &[T], odd: &[T]) {
-    #[cfg(all(feature = "std", target_arch = "x86_64"))]
-    if avx512() {
-        // SAFETY: the CPU has AVX-512F.
-        unsafe { interleave_avx512(dst, even, odd) };
-        return;
-    }
-    #[cfg(all(feature = "std", target_arch = "x86_64"))]
-    if avx2() {
-        // SAFETY: the CPU has AVX2.
-        unsafe { interleave_avx2(dst, even, odd) };
-        return;
-    }
-    interleave_body(dst, even, odd);
-}
-
-#[cfg(all(feature = "std", target_arch = "x86_64"))]
-#[target_feature(enable = "avx512f")]
-unsafe fn interleave_avx512<T: Float>(dst: &mut [T], even: &[T], odd: &[T]) {
-    interleave_body(dst, even, odd);
-}
-
-#[cfg(all(feature = "std", target_arch = "x86_64"))]
-#[target_feature(enable = "avx2")]
-unsafe fn interleave_avx2<T: Float>(dst: &mut [T], even: &[T], odd: &[T]) {
-    interleave_body(dst, even, odd);
+    vectorized(#[inline(always)] || interleave_body(dst, even, odd));
 }
 
 #[inline(always)]
@@ -344,31 +319,7 @@ const BLOCK: usize = 32 * LANES;
 
 /// `dst[i] += a · src[i]`.
 fn axpy<T: Float>(dst: &mut [T], a: T, src: &[T]) {
-    #[cfg(all(feature = "std", target_arch = "x86_64"))]
-    if avx512() {
-        // SAFETY: the CPU has AVX-512F.
-        unsafe { axpy_avx512(dst, a, src) };
-        return;
-    }
-    #[cfg(all(feature = "std", target_arch = "x86_64"))]
-    if avx2() {
-        // SAFETY: the CPU has AVX2.
-        unsafe { axpy_avx2(dst, a, src) };
-        return;
-    }
-    axpy_body(dst, a, src);
-}
-
-#[cfg(all(feature = "std", target_arch = "x86_64"))]
-#[target_feature(enable = "avx512f")]
-unsafe fn axpy_avx512<T: Float>(dst: &mut [T], a: T, src: &[T]) {
-    axpy_body(dst, a, src);
-}
-
-#[cfg(all(feature = "std", target_arch = "x86_64"))]
-#[target_feature(enable = "avx2")]
-unsafe fn axpy_avx2<T: Float>(dst: &mut [T], a: T, src: &[T]) {
-    axpy_body(dst, a, src);
+    vectorized(#[inline(always)] || axpy_body(dst, a, src));
 }
 
 #[inline(always)]
@@ -380,31 +331,7 @@ fn axpy_body<T: Float>(dst: &mut [T], a: T, src: &[T]) {
 
 /// `acc[i mod LANES] += a[i] · b[i]`.
 fn dot<T: Float>(acc: &mut [T; LANES], a: &[T], b: &[T]) {
-    #[cfg(all(feature = "std", target_arch = "x86_64"))]
-    if avx512() {
-        // SAFETY: the CPU has AVX-512F.
-        unsafe { dot_avx512(acc, a, b) };
-        return;
-    }
-    #[cfg(all(feature = "std", target_arch = "x86_64"))]
-    if avx2() {
-        // SAFETY: the CPU has AVX2.
-        unsafe { dot_avx2(acc, a, b) };
-        return;
-    }
-    dot_body(acc, a, b);
-}
-
-#[cfg(all(feature = "std", target_arch = "x86_64"))]
-#[target_feature(enable = "avx512f")]
-unsafe fn dot_avx512<T: Float>(acc: &mut [T; LANES], a: &[T], b: &[T]) {
-    dot_body(acc, a, b);
-}
-
-#[cfg(all(feature = "std", target_arch = "x86_64"))]
-#[target_feature(enable = "avx2")]
-unsafe fn dot_avx2<T: Float>(acc: &mut [T; LANES], a: &[T], b: &[T]) {
-    dot_body(acc, a, b);
+    vectorized(#[inline(always)] || dot_body(acc, a, b));
 }
 
 #[inline(always)]

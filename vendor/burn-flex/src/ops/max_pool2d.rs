@@ -16,7 +16,7 @@ use burn_backend::DType;
 use burn_std::{Bytes, Shape};
 
 use super::pool::pool_output_size;
-use super::simd::gather;
+use super::simd::{gather, vectorized};
 use super::threads::split_mut;
 use crate::{FlexTensor, Layout};
 
@@ -165,36 +165,10 @@ pub(crate) fn max_pool2d_f32(
 }
 
 /// Takes `taps[j]` into window `j` where it is the window's first tap or above its maximum so
-/// far, recording its index `base + j · step`.
+/// far, recording its index `base + j · step`. Compiled for AVX-512 or AVX2, whose masks and
+/// blends keep the selects branch-free (SSE2 code tests each lane with a branch).
 fn take_max(best: &mut [f32], at: &mut [i32], taps: &[f32], base: i32, step: i32) {
-    #[cfg(all(feature = "std", target_arch = "x86_64"))]
-    if super::simd::avx512() {
-        // SAFETY: the CPU has AVX-512F.
-        unsafe { take_max_avx512(best, at, taps, base, step) };
-        return;
-    }
-    #[cfg(all(feature = "std", target_arch = "x86_64"))]
-    if super::simd::avx2() {
-        // SAFETY: the CPU has AVX2.
-        unsafe { take_max_avx2(best, at, taps, base, step) };
-        return;
-    }
-    take_max_body(best, at, taps, base, step);
-}
-
-/// [`take_max`] compiled for AVX-512, whose mask registers keep the selects branch-free (SSE2
-/// code tests each lane with a branch).
-#[cfg(all(feature = "std", target_arch = "x86_64"))]
-#[target_feature(enable = "avx512f")]
-unsafe fn take_max_avx512(best: &mut [f32], at: &mut [i32], taps: &[f32], base: i32, step: i32) {
-    take_max_body(best, at, taps, base, step);
-}
-
-/// [`take_max`] compiled for AVX2, whose blends keep the selects branch-free too.
-#[cfg(all(feature = "std", target_arch = "x86_64"))]
-#[target_feature(enable = "avx2")]
-unsafe fn take_max_avx2(best: &mut [f32], at: &mut [i32], taps: &[f32], base: i32, step: i32) {
-    take_max_body(best, at, taps, base, step);
+    vectorized(#[inline(always)] || take_max_body(best, at, taps, base, step));
 }
 
 #[inline(always)]

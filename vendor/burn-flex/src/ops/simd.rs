@@ -7,14 +7,14 @@ use num_traits::Float;
 
 /// Whether the CPU has AVX-512F (detected once, then cached by the standard library).
 #[cfg(all(feature = "std", target_arch = "x86_64"))]
-pub(super) fn avx512() -> bool {
+fn avx512() -> bool {
     std::arch::is_x86_feature_detected!("avx512f")
 }
 
 /// Whether the CPU has AVX2 (detected once, then cached by the standard library). Kernels
 /// compiled for it use no FMA, so they give the same bits as the other versions.
 #[cfg(all(feature = "std", target_arch = "x86_64"))]
-pub(super) fn avx2() -> bool {
+fn avx2() -> bool {
     std::arch::is_x86_feature_detected!("avx2")
 }
 
@@ -53,40 +53,13 @@ pub(super) fn gather<T: Float>(dst: &mut [T], src: &[T], step: usize) {
     let n = dst.len();
     match step {
         1 => dst.copy_from_slice(&src[..n]),
-        2 => {
-            let src = &src[..2 * n - 1];
-            #[cfg(all(feature = "std", target_arch = "x86_64"))]
-            if avx512() {
-                // SAFETY: the CPU has AVX-512F.
-                unsafe { gather2_avx512(dst, src) };
-                return;
-            }
-            #[cfg(all(feature = "std", target_arch = "x86_64"))]
-            if avx2() {
-                // SAFETY: the CPU has AVX2.
-                unsafe { gather2_avx2(dst, src) };
-                return;
-            }
-            gather2_body(dst, src);
-        }
+        2 => vectorized(#[inline(always)] || gather2_body(dst, &src[..2 * n - 1])),
         _ => {
             for (d, &s) in dst.iter_mut().zip(src.iter().step_by(step)) {
                 *d = s;
             }
         }
     }
-}
-
-#[cfg(all(feature = "std", target_arch = "x86_64"))]
-#[target_feature(enable = "avx512f")]
-unsafe fn gather2_avx512<T: Float>(dst: &mut [T], src: &[T]) {
-    gather2_body(dst, src);
-}
-
-#[cfg(all(feature = "std", target_arch = "x86_64"))]
-#[target_feature(enable = "avx2")]
-unsafe fn gather2_avx2<T: Float>(dst: &mut [T], src: &[T]) {
-    gather2_body(dst, src);
 }
 
 #[inline(always)]
