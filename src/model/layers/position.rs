@@ -31,15 +31,36 @@ pub fn sine_position_encoding(
                 x_embed[y * w + x] = v + if x > 0 { x_embed[y * w + x - 1] } else { 0.0 };
             }
         }
-        for y in 0..h {
-            for x in 0..w {
-                let ye = y_embed[y * w + x] / (y_embed[(h - 1) * w + x] + 1e-6) * scale;
-                let xe = x_embed[y * w + x] / (x_embed[y * w + w - 1] + 1e-6) * scale;
-                for (i, d) in dim_t.iter().enumerate() {
-                    // Even channels take sin, odd ones cos; y's channels come first.
-                    let trig = |v: f64| if i % 2 == 0 { v.sin() } else { v.cos() };
-                    out[((n * 2 * f + i) * h + y) * w + x] = trig(ye / d) as f32;
-                    out[((n * 2 * f + f + i) * h + y) * w + x] = trig(xe / d) as f32;
+        // Columns (rows) with equal counts give equal y (x) values: with padding only at the
+        // bottom and right, nearly all do, so each value is computed once and copied.
+        let same_col: Vec<bool> = (0..w)
+            .map(|x| x > 0 && (0..h).all(|y| y_embed[y * w + x] == y_embed[y * w + x - 1]))
+            .collect();
+        let same_row: Vec<bool> = (0..h)
+            .map(|y| y > 0 && x_embed[y * w..][..w] == x_embed[(y - 1) * w..][..w])
+            .collect();
+        for (i, d) in dim_t.iter().enumerate() {
+            // Even channels take sin, odd ones cos; y's channels come first.
+            let trig = |v: f64| (if i % 2 == 0 { v.sin() } else { v.cos() }) as f32;
+            let y_chan = &mut out[(n * 2 * f + i) * h * w..][..h * w];
+            for y in 0..h {
+                for x in 0..w {
+                    y_chan[y * w + x] = if same_col[x] {
+                        y_chan[y * w + x - 1]
+                    } else {
+                        trig(y_embed[y * w + x] / (y_embed[(h - 1) * w + x] + 1e-6) * scale / d)
+                    };
+                }
+            }
+            let x_chan = &mut out[(n * 2 * f + f + i) * h * w..][..h * w];
+            for y in 0..h {
+                if same_row[y] {
+                    x_chan.copy_within((y - 1) * w..y * w, y * w);
+                    continue;
+                }
+                for x in 0..w {
+                    x_chan[y * w + x] =
+                        trig(x_embed[y * w + x] / (x_embed[y * w + w - 1] + 1e-6) * scale / d);
                 }
             }
         }
