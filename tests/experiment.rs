@@ -67,7 +67,7 @@ fn named_grids() {
     assert!(e.to_string().contains("od-detr"), "{e}");
 
     let grid = named_grid("od-detr").expect("od-detr");
-    let names: Vec<&str> = grid.variants.iter().map(|v| v.name.as_str()).collect();
+    let names = variant_names(&grid);
     assert_eq!(
         names,
         ["baseline", "ema", "ema+a", "ema+a+b", "ema+a+b+c"],
@@ -96,15 +96,10 @@ fn named_grids() {
 #[test]
 fn the_long_od_detr_grid_runs_the_default_schedule_with_od_detr_shapes_settings() {
     let grid = named_grid("od-detr-long").expect("od-detr-long");
-    let names: Vec<&str> = grid.variants.iter().map(|v| v.name.as_str()).collect();
+    let names = variant_names(&grid);
     assert_eq!(names, ["baseline", "ema", "full"], "variant order");
     assert!(grid.base_overrides.is_empty(), "the default schedule");
-    let options = ExperimentOptions {
-        seeds: 3,
-        out: PathBuf::from("out-long"),
-        overrides: Vec::new(),
-        progress: false,
-    };
+    let options = options(3, Path::new("out-long"));
     let runs = plan(&grid, &options).expect("plan");
     let trained: Vec<(&str, usize)> = runs
         .iter()
@@ -143,7 +138,7 @@ fn the_long_od_detr_grid_runs_the_default_schedule_with_od_detr_shapes_settings(
 #[test]
 fn the_rdd_grid_trains_its_teacher_first_and_names_it_in_the_variants() {
     let grid = named_grid("rdd").expect("rdd");
-    let names: Vec<&str> = grid.variants.iter().map(|v| v.name.as_str()).collect();
+    let names = variant_names(&grid);
     assert_eq!(
         names,
         ["baseline", "kd", "cwd", "kd+rdd", "cwd+rdd", "kd+tfe", "kd+tse"],
@@ -236,19 +231,14 @@ fn the_rdd_grid_trains_its_teacher_first_and_names_it_in_the_variants() {
 #[test]
 fn the_lgd_grid_compares_teacher_free_lgd_with_teacher_based_baselines() {
     let grid = named_grid("lgd").expect("lgd");
-    let names: Vec<&str> = grid.variants.iter().map(|v| v.name.as_str()).collect();
+    let names = variant_names(&grid);
     assert_eq!(
         names,
         ["baseline", "lgd", "cwd", "pkd", "fitnet"],
         "variant order"
     );
     let out = PathBuf::from("out-lgd");
-    let options = ExperimentOptions {
-        seeds: 1,
-        out: out.clone(),
-        overrides: Vec::new(),
-        progress: false,
-    };
+    let options = options(1, &out);
     let teacher = plan_teacher(&grid, &options)
         .expect("plan")
         .expect("a teacher");
@@ -280,19 +270,14 @@ fn the_lgd_grid_compares_teacher_free_lgd_with_teacher_based_baselines() {
 #[test]
 fn the_long_lgd_grid_runs_the_fcos_recipe_and_the_three_seed_lgd_setting_at_2000_steps() {
     let grid = named_grid("lgd-long").expect("lgd-long");
-    let names: Vec<&str> = grid.variants.iter().map(|v| v.name.as_str()).collect();
+    let names = variant_names(&grid);
     assert_eq!(
         names,
         ["baseline", "lgd", "cwd", "pkd", "fitnet"],
         "variant order"
     );
     let out = PathBuf::from("out-lgd-long");
-    let options = ExperimentOptions {
-        seeds: 1,
-        out: out.clone(),
-        overrides: Vec::new(),
-        progress: false,
-    };
+    let options = options(1, &out);
     let configs = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
     let long = ["optim.epochs=20".to_string()];
     let recipe = TrainConfig::load(&configs.join("fcos_shapes.toml"), &long).expect("fcos");
@@ -433,13 +418,23 @@ fn plan_orders_overrides_and_seeds() {
     }
 }
 
-fn options_one() -> ExperimentOptions {
+/// `seeds` seeds into `out`, no overrides, no progress bars.
+fn options(seeds: usize, out: &Path) -> ExperimentOptions {
     ExperimentOptions {
-        seeds: 1,
-        out: PathBuf::from("out"),
+        seeds,
+        out: out.to_path_buf(),
         overrides: Vec::new(),
         progress: false,
     }
+}
+
+/// The grid's variant names in order.
+fn variant_names(grid: &Grid) -> Vec<&str> {
+    grid.variants.iter().map(|v| v.name.as_str()).collect()
+}
+
+fn options_one() -> ExperimentOptions {
+    options(1, Path::new("out"))
 }
 
 #[test]
@@ -736,12 +731,7 @@ fn tiny_grid_trains_reuses_resumes_and_refuses() {
     let out = tmp.path().join("exp");
     let mut grid = lr_grid();
     grid.base_overrides = tiny().map(String::from).collect();
-    let one = ExperimentOptions {
-        seeds: 1,
-        out: out.clone(),
-        overrides: vec![],
-        progress: false,
-    };
+    let one = options(1, &out);
     let report = run_experiment(&grid, &one).expect("experiment");
     assert!(report.variants.iter().all(|v| v.seeds == 1), "{report:?}");
     for file in ["report.json", "report.md", "ap.png", "instability.png"] {
