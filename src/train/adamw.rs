@@ -14,10 +14,10 @@ use burn::optim::{
     AdamW, AdamWConfig, AdamWState, AdaptiveMomentumState, LearningRate, SimpleOptimizer,
 };
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{Tensor, TensorPrimitive};
+use burn::tensor::{DType, Tensor, TensorPrimitive};
 use burn_flex::FlexTensor;
 
-use crate::model::layers::fused_norm::{f32_values, flex_tensor, values};
+use crate::model::layers::fused_norm::{flex_tensor, values};
 
 /// Elements from which a parameter's pass is split over the cores (below, a thread costs more
 /// than it saves).
@@ -60,23 +60,37 @@ impl FusedAdamW {
         OptimizerAdaptor::from(self)
     }
 
-    /// One update on flex: the new parameter and state, or `None` for a non-f32 tensor.
+    /// One update on flex, written over the parameter's and moments' own buffers (copied
+    /// first only where another tensor shares them); the arguments back for a non-f32 tensor.
     fn flex_step<const D: usize>(
         &self,
         lr: LearningRate,
         tensor: Tensor<Flex, D>,
         grad: Tensor<Flex, D>,
         state: Option<AdamWState<Flex, D>>,
-    ) -> Option<(Tensor<Flex, D>, AdamWState<Flex, D>)> {
+    ) -> Result<(Tensor<Flex, D>, AdamWState<Flex, D>), Args<Flex, D>> {
+        let f32 = |t: &Tensor<Flex, D>| t.dtype() == DType::F32;
+        let all_f32 = f32(&tensor)
+            && f32(&grad)
+            && state
+                .as_ref()
+                .is_none_or(|s| f32(&s.momentum.moment_1) && f32(&s.momentum.moment_2));
+        if !all_f32 {
+            return Err((tensor, grad, state));
+        }
         let shape = tensor.dims().to_vec();
-        let flat = |t: Tensor<Flex, D>| f32_values(&t.into_primitive().tensor());
-        let (param, grad) = (flat(tensor)?, flat(grad)?);
-        let (moments, time) = match state {
+        let n = shape.iter().product::<usize>();
+        let mut param = owned(tensor);
+        let grad = grad.into_primitive().tensor().to_contiguous();
+        let (mut m, mut v, time) = match state {
             Some(s) => {
-                let m = s.momentum;
-                (Some((flat(m.moment_1)?, flat(m.moment_2)?)), m.time + 1)
+                let s = s.momentum;
+                (owned(s.moment_1), owned(s.moment_2), s.time + 1)
             }
-            None => (None, 1),
+            None => {
+                let zeros = || flex_tensor(vec![0f32; n], shape.clone());
+                (zeros(), zeros(), 1)
+            }
         };
         let time_i32 = time as i32;
         let update = Update {
@@ -93,28 +107,22 @@ impl FusedAdamW {
                 (decay != 0.0).then_some((1.0 - decay) as f32)
             },
             lr: lr as f32,
+            fresh: time == 1,
         };
-        let n = values(&param).len();
-        let (mut p, mut m, mut v) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
-        let old = moments.as_ref().map(|(m, v)| (values(m), values(v)));
         let chunk = if n >= PARALLEL_FROM {
             n.div_ceil(crate::backend::item_threads().max(1))
         } else {
             n.max(1)
         };
-        let (params, grads) = (values(&param), values(&grad));
+        let grads = values(&grad);
         std::thread::scope(|scope| {
-            let mut parts = p
+            let mut parts = param
+                .storage_mut::<f32>()
                 .chunks_mut(chunk)
-                .zip(m.chunks_mut(chunk))
-                .zip(v.chunks_mut(chunk))
-                .enumerate()
-                .map(|(i, ((p, m), v))| {
-                    let at = i * chunk..(i * chunk + p.len());
-                    let old = old.map(|(om, ov)| (&om[at.clone()], &ov[at.clone()]));
-                    let inputs = (&params[at.clone()], &grads[at], old);
-                    move || update.apply(inputs, (p, m, v))
-                });
+                .zip(m.storage_mut::<f32>().chunks_mut(chunk))
+                .zip(v.storage_mut::<f32>().chunks_mut(chunk))
+                .zip(grads.chunks(chunk))
+                .map(|(((p, m), v), g)| move || update.apply(g, (p, m, v)));
             let first = parts.next();
             for part in parts {
                 scope.spawn(part);
@@ -123,8 +131,7 @@ impl FusedAdamW {
                 part();
             }
         });
-        let tensor = |values: Vec<f32>| -> Tensor<Flex, D> {
-            let t: FlexTensor = flex_tensor(values, shape.clone());
+        let tensor = |t: FlexTensor| -> Tensor<Flex, D> {
             Tensor::from_primitive(TensorPrimitive::Float(t))
         };
         let momentum = AdaptiveMomentumState {
@@ -133,9 +140,20 @@ impl FusedAdamW {
             moment_2: tensor(v),
             max_moment_2: None,
         };
-        Some((tensor(p), AdamWState { momentum }))
+        Ok((tensor(param), AdamWState { momentum }))
     }
 }
+
+/// A contiguous f32 flex tensor of `t`'s values that no other tensor shares: `t`'s own buffer
+/// when it is contiguous and its only owner, else a copy.
+fn owned<const D: usize>(t: Tensor<Flex, D>) -> FlexTensor {
+    let mut t = t.into_primitive().tensor().to_contiguous();
+    t.storage_mut::<f32>();
+    t
+}
+
+/// A parameter, its gradient and its state.
+type Args<B, const D: usize> = (Tensor<B, D>, Tensor<B, D>, Option<AdamWState<B, D>>);
 
 /// The scalars of one AdamW update.
 #[derive(Clone, Copy)]
@@ -150,31 +168,29 @@ struct Update {
     /// `1 − lr · weight_decay`, absent without decay.
     keep: Option<f32>,
     lr: f32,
+    /// The first step: no moments yet.
+    fresh: bool,
 }
 
 impl Update {
-    /// Writes the new parameters and moments of one slice, in the order of burn's tensor ops:
-    /// `m = m·β₁ + g·(1−β₁)`, `v = v·β₂ + (g·g)·(1−β₂)` (without old moments, the second terms
+    /// Updates one slice of parameters and moments in place, in the order of burn's tensor ops:
+    /// `m = m·β₁ + g·(1−β₁)`, `v = v·β₂ + (g·g)·(1−β₂)` (on the first step, the second terms
     /// alone), `Δ = (m / c₁) / (√(v / c₂) + ε)`, `p = p·keep − Δ·lr`.
-    #[allow(clippy::type_complexity)]
-    fn apply(
-        self,
-        (params, grads, old): (&[f32], &[f32], Option<(&[f32], &[f32])>),
-        (p, m, v): (&mut [f32], &mut [f32], &mut [f32]),
-    ) {
+    fn apply(self, grads: &[f32], (p, m, v): (&mut [f32], &mut [f32], &mut [f32])) {
         for i in 0..p.len() {
             let g = grads[i];
-            let (m1, m2) = match old {
-                Some((om, ov)) => (
-                    om[i] * self.beta_1 + g * self.factor_1,
-                    ov[i] * self.beta_2 + (g * g) * self.factor_2,
-                ),
-                None => (g * self.factor_1, (g * g) * self.factor_2),
+            let (m1, m2) = if self.fresh {
+                (g * self.factor_1, (g * g) * self.factor_2)
+            } else {
+                (
+                    m[i] * self.beta_1 + g * self.factor_1,
+                    v[i] * self.beta_2 + (g * g) * self.factor_2,
+                )
             };
             let delta = (m1 / self.correction_1) / ((m2 / self.correction_2).sqrt() + self.epsilon);
             let decayed = match self.keep {
-                Some(keep) => params[i] * keep,
-                None => params[i],
+                Some(keep) => p[i] * keep,
+                None => p[i],
             };
             p[i] = decayed - delta * self.lr;
             m[i] = m1;
@@ -194,13 +210,12 @@ impl<B: Backend> SimpleOptimizer<B> for FusedAdamW {
         state: Option<Self::State<D>>,
     ) -> (Tensor<B, D>, Option<Self::State<D>>) {
         // Rust has no specialisation: flex is recognised by type at run time.
-        type Args<B, const D: usize> = (Tensor<B, D>, Tensor<B, D>, Option<AdamWState<B, D>>);
         let args: Box<dyn Any> = Box::new((tensor, grad, state));
         let args = match args.downcast::<Args<Flex, D>>() {
             Ok(flex) => {
                 let (tensor, grad, state) = *flex;
-                match self.flex_step(lr, tensor.clone(), grad.clone(), state.clone()) {
-                    Some((t, s)) => {
+                match self.flex_step(lr, tensor, grad, state) {
+                    Ok((t, s)) => {
                         let out: Box<dyn Any> = Box::new((t, Some(s)));
                         if let Ok(out) = out.downcast::<(Tensor<B, D>, Option<AdamWState<B, D>>)>()
                         {
@@ -208,7 +223,7 @@ impl<B: Backend> SimpleOptimizer<B> for FusedAdamW {
                         }
                         unreachable!("B is flex")
                     }
-                    None => Box::new((tensor, grad, state)) as Box<dyn Any>,
+                    Err(args) => Box::new(args) as Box<dyn Any>,
                 }
             }
             Err(other) => other,

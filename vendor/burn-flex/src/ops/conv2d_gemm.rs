@@ -35,7 +35,8 @@ use super::depthwise::{self, Depthwise};
 use super::norm::{NormAct, with_act};
 use super::simd::gather;
 use super::module::{cast_from_f32, cast_to_f32};
-use super::threads::split_mut;
+use super::scratch::Buffer;
+use super::threads::{split_mut, split_mut_scratch};
 use super::winograd::{self, Winograd};
 
 /// Whether [`conv2d`] handles this convolution: every f32 and f64 one. Short reductions too: a
@@ -137,9 +138,10 @@ fn gemm_forward<T: Element + bytemuck::Pod + Float + 'static>(
     let out_image = g.c_out * out_hw;
     let mut y = vec![T::zero(); g.batch * out_image];
     let batches = g.batch.div_ceil(ib);
-    split_mut(&mut y, batches, ib * out_image, g.flops(), |range, y| {
-        let mut columns = Columns::new(g, ib);
-        let mut product = vec![T::zero(); if ib > 1 { cout_g * ib * out_hw } else { 0 }];
+    let product_len = if ib > 1 { cout_g * ib * out_hw } else { 0 };
+    let scratch = Columns::<T>::len(g, ib) + product_len;
+    split_mut_scratch(&mut y, batches, ib * out_image, g.flops(), scratch, |range, y, scratch| {
+        let (mut columns, product) = Columns::split(g, ib, scratch);
         for (batch, y) in range.zip(y.chunks_mut(ib * out_image)) {
             let (b0, nb) = (batch * ib, ib.min(g.batch - batch * ib));
             let n = nb * out_hw;
@@ -149,7 +151,7 @@ fn gemm_forward<T: Element + bytemuck::Pod + Float + 'static>(
                 let dst = if nb == 1 {
                     &mut y[grp * cout_g * out_hw..]
                 } else {
-                    &mut product[..]
+                    &mut *product
                 };
                 // SAFETY: each matrix lies inside its slice (shapes from the geometry).
                 unsafe {
@@ -490,20 +492,24 @@ pub(super) unsafe fn gemm_into<T: 'static + Float>(
 }
 
 /// One thread's im2col buffer, for up to `images` images side by side.
-struct Columns<T> {
-    buf: Vec<T>,
+struct Columns<'b, T> {
+    buf: &'b mut [T],
 }
 
-impl<T: Float> Columns<T> {
-    fn new(g: &Geometry, images: usize) -> Self {
-        let len = if g.pointwise() && images == 1 {
+impl<'b, T: Float> Columns<'b, T> {
+    /// The buffer's elements: none for a single pointwise image (its input is its matrix).
+    fn len(g: &Geometry, images: usize) -> usize {
+        if g.pointwise() && images == 1 {
             0
         } else {
             g.in_per_group() * g.k_h * g.k_w * images * g.out_h * g.out_w
-        };
-        Self {
-            buf: vec![T::zero(); len],
         }
+    }
+
+    /// The first [`Columns::len`] elements of `scratch` as the buffer, and the rest.
+    fn split(g: &Geometry, images: usize, scratch: &'b mut [T]) -> (Self, &'b mut [T]) {
+        let (buf, rest) = scratch.split_at_mut(Self::len(g, images));
+        (Self { buf }, rest)
     }
 
     /// The im2col matrix of channels `c0..c0 + channels` of images `b0..b0 + nb` of `x`, their
@@ -529,7 +535,7 @@ impl<T: Float> Columns<T> {
                 img,
                 c0,
                 channels,
-                &mut self.buf,
+                self.buf,
                 n,
                 i * g.out_h * g.out_w,
             );
@@ -673,9 +679,10 @@ const TRANSPOSED_WEIGHT_GRAD_MAX_OUT: usize = 64;
 const WEIGHT_GRAD_BLOCKS: usize = 4;
 
 /// `dW_g = Σ_b dY_{b,g} · im2col(X_{b,g})ᵀ`: image batches summed in order within each of
-/// [`WEIGHT_GRAD_BLOCKS`] blocks (computed in parallel), then the blocks in order. With few
-/// output channels a block accumulates `dW_gᵀ` (`[rows, C_out]`): gemm then packs `dY` instead
-/// of transposing the whole im2col matrix into panels, and reads that unpacked once.
+/// [`WEIGHT_GRAD_BLOCKS`] blocks (computed in parallel, the first product of a block written
+/// rather than added), then the blocks in order from zero (split over output channels). With
+/// few output channels a block accumulates `dW_gᵀ` (`[rows, C_out]`): gemm then packs `dY`
+/// instead of transposing the whole im2col matrix into panels, and reads that unpacked once.
 fn gemm_weight_grad<T: Element + bytemuck::Pod + Float + 'static>(
     g: &Geometry,
     x: &[T],
@@ -684,84 +691,83 @@ fn gemm_weight_grad<T: Element + bytemuck::Pod + Float + 'static>(
     let (cin_g, cout_g) = (g.in_per_group(), g.out_per_group());
     let rows = cin_g * g.k_h * g.k_w;
     let out_hw = g.out_h * g.out_w;
+    let size = g.c_out * rows;
     let ib = g.images_per_gemm();
-    let blocks = WEIGHT_GRAD_BLOCKS.min(g.batch);
-    let per_block = g.batch.div_ceil(blocks);
+    let per_block = g.batch.div_ceil(WEIGHT_GRAD_BLOCKS.min(g.batch));
+    // Blocks with images only: an empty one would add zero.
+    let blocks = g.batch.div_ceil(per_block);
     let transposed = cout_g <= TRANSPOSED_WEIGHT_GRAD_MAX_OUT;
-    let mut partial = vec![T::zero(); blocks * g.c_out * rows];
-    split_mut(
-        &mut partial,
-        blocks,
-        g.c_out * rows,
-        g.flops(),
-        |blocks, dw_blocks| {
-            let mut columns = Columns::new(g, ib);
-            let mut dy_buf = vec![T::zero(); if ib > 1 { cout_g * ib * out_hw } else { 0 }];
-            for (blk, dw) in blocks.zip(dw_blocks.chunks_mut(g.c_out * rows)) {
-                let end = ((blk + 1) * per_block).min(g.batch);
-                for b0 in (blk * per_block..end).step_by(ib) {
-                    let nb = ib.min(end - b0);
-                    let n = nb * out_hw;
-                    for grp in 0..g.groups {
-                        let col = columns.of(g, x, b0, nb, grp * cin_g, cin_g);
-                        let dy_g = image_rows(
-                            dy,
-                            (g.c_out, out_hw),
-                            b0,
-                            nb,
-                            grp * cout_g,
-                            cout_g,
-                            &mut dy_buf,
-                        );
-                        let dw_g = &mut dw[grp * cout_g * rows..(grp + 1) * cout_g * rows];
-                        // SAFETY: each matrix lies inside its slice (shapes from the geometry).
-                        unsafe {
-                            if transposed {
-                                gemm_into(
-                                    [rows, cout_g, n],
-                                    dw_g.as_mut_ptr(),
-                                    cout_g as isize,
-                                    true,
-                                    (col.as_ptr(), 1, n as isize),
-                                    (dy_g.as_ptr(), n as isize, 1),
-                                );
-                            } else {
-                                gemm_into(
-                                    [cout_g, rows, n],
-                                    dw_g.as_mut_ptr(),
-                                    rows as isize,
-                                    true,
-                                    (dy_g.as_ptr(), 1, n as isize),
-                                    (col.as_ptr(), n as isize, 1),
-                                );
-                            }
+    let mut partial = Buffer::take(blocks * size * core::mem::size_of::<T>());
+    let partial = partial.slice::<T>(blocks * size);
+    let dy_len = if ib > 1 { cout_g * ib * out_hw } else { 0 };
+    let scratch = Columns::<T>::len(g, ib) + dy_len;
+    split_mut_scratch(partial, blocks, size, g.flops(), scratch, |blocks, dw_blocks, scratch| {
+        let (mut columns, dy_buf) = Columns::split(g, ib, scratch);
+        for (blk, dw) in blocks.zip(dw_blocks.chunks_mut(size)) {
+            let (start, end) = (blk * per_block, ((blk + 1) * per_block).min(g.batch));
+            for b0 in (start..end).step_by(ib) {
+                let nb = ib.min(end - b0);
+                let n = nb * out_hw;
+                for grp in 0..g.groups {
+                    let col = columns.of(g, x, b0, nb, grp * cin_g, cin_g);
+                    let dy_g = image_rows(
+                        dy,
+                        (g.c_out, out_hw),
+                        b0,
+                        nb,
+                        grp * cout_g,
+                        cout_g,
+                        &mut *dy_buf,
+                    );
+                    let dw_g = &mut dw[grp * cout_g * rows..(grp + 1) * cout_g * rows];
+                    let add = b0 > start;
+                    // SAFETY: each matrix lies inside its slice (shapes from the geometry).
+                    unsafe {
+                        if transposed {
+                            gemm_into(
+                                [rows, cout_g, n],
+                                dw_g.as_mut_ptr(),
+                                cout_g as isize,
+                                add,
+                                (col.as_ptr(), 1, n as isize),
+                                (dy_g.as_ptr(), n as isize, 1),
+                            );
+                        } else {
+                            gemm_into(
+                                [cout_g, rows, n],
+                                dw_g.as_mut_ptr(),
+                                rows as isize,
+                                add,
+                                (dy_g.as_ptr(), 1, n as isize),
+                                (col.as_ptr(), n as isize, 1),
+                            );
                         }
                     }
                 }
             }
-        },
-    );
-    // The blocks summed in order (each group's `dW_gᵀ` transposed back).
-    let mut dw = vec![T::zero(); g.c_out * rows];
-    for block in partial.chunks_exact(g.c_out * rows) {
-        if !transposed {
-            for (d, &v) in dw.iter_mut().zip(block) {
-                *d = *d + v;
-            }
-            continue;
         }
-        for (dw_g, dwt_g) in dw
-            .chunks_exact_mut(cout_g * rows)
-            .zip(block.chunks_exact(cout_g * rows))
-        {
-            for (r, dwt_row) in dwt_g.chunks_exact(cout_g).enumerate() {
-                for (co, &v) in dwt_row.iter().enumerate() {
-                    let d = &mut dw_g[co * rows + r];
-                    *d = *d + v;
+    });
+    // Each output channel's row summed over the blocks in order (each group's `dW_gᵀ`
+    // transposed back).
+    let partial = &*partial;
+    let mut dw = vec![T::zero(); size];
+    split_mut(&mut dw, g.c_out, rows, blocks * size, |channels, dw| {
+        for (co, d) in channels.zip(dw.chunks_exact_mut(rows)) {
+            let (grp, c) = (co / cout_g, co % cout_g);
+            for block in partial.chunks_exact(size) {
+                let block = &block[grp * cout_g * rows..(grp + 1) * cout_g * rows];
+                if transposed {
+                    for (r, d) in d.iter_mut().enumerate() {
+                        *d = *d + block[r * cout_g + c];
+                    }
+                } else {
+                    for (d, &v) in d.iter_mut().zip(&block[c * rows..(c + 1) * rows]) {
+                        *d = *d + v;
+                    }
                 }
             }
         }
-    }
+    });
     dw
 }
 
@@ -778,11 +784,13 @@ fn gemm_input_grad<T: Element + bytemuck::Pod + Float + 'static>(
     let ib = g.images_per_gemm();
     let mut dx = vec![T::zero(); g.batch * image];
     let batches = g.batch.div_ceil(ib);
-    split_mut(&mut dx, batches, ib * image, g.flops(), |range, dx| {
-        // A single pointwise image's columns are its input gradient itself.
-        let direct = g.pointwise() && ib == 1;
-        let mut col = vec![T::zero(); if direct { 0 } else { rows * ib * out_hw }];
-        let mut dy_buf = vec![T::zero(); if ib > 1 { cout_g * ib * out_hw } else { 0 }];
+    // A single pointwise image's columns are its input gradient itself.
+    let direct = g.pointwise() && ib == 1;
+    let col_len = if direct { 0 } else { rows * ib * out_hw };
+    let dy_len = if ib > 1 { cout_g * ib * out_hw } else { 0 };
+    let scratch = col_len + dy_len;
+    split_mut_scratch(&mut dx, batches, ib * image, g.flops(), scratch, |range, dx, scratch| {
+        let (col, dy_buf) = scratch.split_at_mut(col_len);
         for (batch, dx) in range.zip(dx.chunks_mut(ib * image)) {
             let (b0, nb) = (batch * ib, ib.min(g.batch - batch * ib));
             let n = nb * out_hw;
@@ -795,7 +803,7 @@ fn gemm_input_grad<T: Element + bytemuck::Pod + Float + 'static>(
                     nb,
                     grp * cout_g,
                     cout_g,
-                    &mut dy_buf,
+                    &mut *dy_buf,
                 );
                 let dst = if direct {
                     &mut dx[grp * rows * out_hw..(grp + 1) * rows * out_hw]
@@ -815,7 +823,7 @@ fn gemm_input_grad<T: Element + bytemuck::Pod + Float + 'static>(
                 }
                 if !direct {
                     for (i, dx) in dx.chunks_mut(image).take(nb).enumerate() {
-                        col2im(g, &col, (n, i * out_hw), grp * cin_g, cin_g, dx);
+                        col2im(g, col, (n, i * out_hw), grp * cin_g, cin_g, dx);
                     }
                 }
             }

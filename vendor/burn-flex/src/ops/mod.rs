@@ -101,6 +101,8 @@ pub mod conv;
 pub mod conv2d_gemm;
 // densekd patch: depthwise convolutions on stride phases, forward and backward.
 mod depthwise;
+// densekd patch: the convolution kernels' working memory, kept from call to call.
+mod scratch;
 // densekd patch: AVX-512 detection and strided copies shared by the depthwise and
 // max-pooling kernels.
 mod simd;

@@ -9,6 +9,8 @@
 use core::cell::Cell;
 use core::ops::Range;
 
+use super::scratch::Buffer;
+
 std::thread_local! {
     static THREADS: Cell<usize> = const { Cell::new(0) };
 }
@@ -37,6 +39,19 @@ pub(crate) fn split_mut<T: Send>(
     flops: usize,
     f: impl Fn(Range<usize>, &mut [T]) + Sync,
 ) {
+    split_mut_scratch::<T, u8>(out, items, per_item, flops, 0, |range, out, _| f(range, out));
+}
+
+/// [`split_mut`] with `scratch` elements of working memory for each block, taken from the
+/// calling thread's [`Buffer`]s: as the last use left them, so `f` writes before it reads.
+pub(crate) fn split_mut_scratch<T: Send, S: bytemuck::Pod + Send>(
+    out: &mut [T],
+    items: usize,
+    per_item: usize,
+    flops: usize,
+    scratch: usize,
+    f: impl Fn(Range<usize>, &mut [T], &mut [S]) + Sync,
+) {
     let threads = match THREADS.get() {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
@@ -46,21 +61,31 @@ pub(crate) fn split_mut<T: Send>(
     } else {
         threads.min(items)
     };
+    let bytes = |blocks: usize| blocks * scratch * core::mem::size_of::<S>();
     if threads <= 1 || per_item == 0 {
-        f(0..items, out);
+        let mut buffer = Buffer::take(bytes(1));
+        f(0..items, out, buffer.slice(scratch));
         return;
     }
     let per_thread = items.div_ceil(threads);
+    let blocks = items.div_ceil(per_thread);
+    let mut buffer = Buffer::take(bytes(blocks));
+    let mut scratches = buffer.slice::<S>(blocks * scratch);
     std::thread::scope(|scope| {
         let f = &f;
-        let mut blocks = out.chunks_mut(per_thread * per_item).enumerate();
-        let first = blocks.next();
-        for (t, block) in blocks {
-            let start = t * per_thread;
-            scope.spawn(move || f(start..(start + per_thread).min(items), block));
+        let mut first = None;
+        for (t, block) in out.chunks_mut(per_thread * per_item).enumerate() {
+            let (mine, rest) = core::mem::take(&mut scratches).split_at_mut(scratch);
+            scratches = rest;
+            let range = t * per_thread..((t + 1) * per_thread).min(items);
+            if t == 0 {
+                first = Some((range, block, mine));
+            } else {
+                scope.spawn(move || f(range, block, mine));
+            }
         }
-        if let Some((_, block)) = first {
-            f(0..per_thread.min(items), block);
+        if let Some((range, block, mine)) = first {
+            f(range, block, mine);
         }
     });
 }

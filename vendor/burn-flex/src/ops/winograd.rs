@@ -17,7 +17,8 @@ use alloc::vec::Vec;
 use num_traits::Float;
 
 use super::simd::gather;
-use super::threads::split_mut;
+use super::scratch::Buffer;
+use super::threads::{split_mut, split_mut_scratch};
 
 /// Elements of the transformed input and products of one chunk of images (16 ×
 /// (c_in + c_out) × tiles): 8 MiB of f32, so that they are read back from cache.
@@ -94,8 +95,14 @@ impl Winograd {
 
 /// `y = conv(x, w)` (no bias) for NCHW `x` and `[c_out, c_in, 3, 3]` `w`: chunks of images
 /// split over threads, each thread transforming and multiplying its chunks in turn.
-pub(super) fn forward<T: Float + Send + Sync + 'static>(wg: &Winograd, x: &[T], w: &[T]) -> Vec<T> {
-    let u = weight_transform(wg, w);
+pub(super) fn forward<T: Float + bytemuck::Pod + Send + Sync + 'static>(
+    wg: &Winograd,
+    x: &[T],
+    w: &[T],
+) -> Vec<T> {
+    let mut u = Buffer::take(16 * wg.c_out * wg.c_in * core::mem::size_of::<T>());
+    let u = u.slice::<T>(16 * wg.c_out * wg.c_in);
+    weight_transform(wg, w, u);
     let [out_h, out_w] = wg.output();
     let [th, tw] = wg.tiles();
     let tiles = th * tw;
@@ -111,9 +118,10 @@ pub(super) fn forward<T: Float + Send + Sync + 'static>(wg: &Winograd, x: &[T], 
     let chunks = wg.batch.div_ceil(per_chunk);
     let mut y = vec![T::zero(); wg.batch * out_image];
     let flops = wg.batch * wg.c_out * wg.c_in * tiles * 16;
-    split_mut(&mut y, chunks, per_chunk * out_image, flops, |range, y| {
-        let mut v = vec![T::zero(); 16 * wg.c_in * per_chunk * tiles];
-        let mut m = vec![T::zero(); 16 * wg.c_out * per_chunk * tiles];
+    let (v_len, m_len) = (16 * wg.c_in * per_chunk * tiles, 16 * wg.c_out * per_chunk * tiles);
+    let scratch = v_len + m_len;
+    split_mut_scratch(&mut y, chunks, per_chunk * out_image, flops, scratch, |range, y, vm| {
+        let (v, m) = vm.split_at_mut(v_len);
         let mut scratch = Scratch::new(wg);
         let mut rows = Rows::new(tw);
         for (chunk, y) in range.zip(y.chunks_mut(per_chunk * out_image)) {
@@ -148,12 +156,13 @@ pub(super) fn forward<T: Float + Send + Sync + 'static>(wg: &Winograd, x: &[T], 
 }
 
 /// The input gradient `dx = conv(dy, flip(wᵀ))` with padding `2 − p`.
-pub(super) fn input_grad<T: Float + Send + Sync + 'static>(
+pub(super) fn input_grad<T: Float + bytemuck::Pod + Send + Sync + 'static>(
     wg: &Winograd,
     w: &[T],
     dy: &[T],
 ) -> Vec<T> {
-    let mut flipped = vec![T::zero(); w.len()];
+    let mut buffer = Buffer::take(core::mem::size_of_val(w));
+    let flipped = buffer.slice::<T>(w.len());
     for co in 0..wg.c_out {
         for ci in 0..wg.c_in {
             let src = &w[(co * wg.c_in + ci) * 9..][..9];
@@ -163,17 +172,16 @@ pub(super) fn input_grad<T: Float + Send + Sync + 'static>(
             }
         }
     }
-    forward(&wg.transposed(), dy, &flipped)
+    forward(&wg.transposed(), dy, flipped)
 }
 
-/// `U_ξ = G g Gᵀ` for every weight, laid out `[c_out][16][c_in]` (output channels split over
-/// threads).
-fn weight_transform<T: Float + Send + Sync>(wg: &Winograd, w: &[T]) -> Vec<T> {
+/// `U_ξ = G g Gᵀ` for every weight into `u`, laid out `[c_out][16][c_in]` (output channels
+/// split over threads).
+fn weight_transform<T: Float + Send + Sync>(wg: &Winograd, w: &[T], u: &mut [T]) {
     let half = T::from(0.5).expect("½ is representable");
     let c_in = wg.c_in;
-    let mut u = vec![T::zero(); 16 * wg.c_out * c_in];
     let flops = 16 * wg.c_out * c_in;
-    split_mut(&mut u, wg.c_out, 16 * c_in, flops, |outputs, u| {
+    split_mut(u, wg.c_out, 16 * c_in, flops, |outputs, u| {
         for (co, u) in outputs.zip(u.chunks_mut(16 * c_in)) {
             for (ci, g) in w[co * c_in * 9..(co + 1) * c_in * 9].chunks_exact(9).enumerate() {
                 // G g: 4 rows of 3.
@@ -195,7 +203,6 @@ fn weight_transform<T: Float + Send + Sync>(wg: &Winograd, w: &[T]) -> Vec<T> {
             }
         }
     });
-    u
 }
 
 /// Row buffers of [`input_transform`]: a padded input plane's even and odd columns, and

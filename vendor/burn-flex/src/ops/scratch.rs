@@ -1,0 +1,73 @@
+//! densekd patch: working memory of the convolution kernels, kept from call to call.
+//!
+//! The kernels' intermediate buffers (im2col matrices, Winograd transforms, per-block weight
+//! gradients) were fresh zeroed allocations in every call: a ResNet-18 train step zeroed
+//! hundreds of megabytes on one core while the other waited. Every kernel writes each
+//! element of its working memory before it reads it, so a buffer is handed out as the last
+//! use left it (filled with NaN bit patterns in debug builds, so that a read before a write
+//! fails the tests).
+
+use alloc::vec::Vec;
+use core::cell::RefCell;
+
+/// Buffers kept per thread beyond the ones in use.
+const KEPT: usize = 4;
+
+std::thread_local! {
+    static FREE: RefCell<Vec<Vec<u64>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Working memory taken from the calling thread's free buffers; it goes back when dropped.
+pub(crate) struct Buffer {
+    words: Vec<u64>,
+}
+
+impl Buffer {
+    /// A buffer of at least `bytes` bytes: the smallest free one that is large enough, else
+    /// the largest grown (only a new part is zeroed).
+    pub fn take(bytes: usize) -> Self {
+        let need = bytes.div_ceil(8);
+        if need == 0 {
+            return Self { words: Vec::new() };
+        }
+        let mut words = FREE.with_borrow_mut(|free| {
+            let fits = (0..free.len())
+                .filter(|&i| free[i].len() >= need)
+                .min_by_key(|&i| free[i].len());
+            let largest = (0..free.len()).max_by_key(|&i| free[i].len());
+            fits.or(largest).map(|i| free.swap_remove(i))
+        })
+        .unwrap_or_default();
+        if words.len() < need {
+            words.resize(need, 0);
+        }
+        if cfg!(debug_assertions) {
+            words[..need].fill(u64::MAX);
+        }
+        Self { words }
+    }
+
+    /// The first `len` elements of the buffer as `T` (f32 or f64, whose any bit pattern is a
+    /// value).
+    pub fn slice<T: bytemuck::Pod>(&mut self, len: usize) -> &mut [T] {
+        &mut bytemuck::cast_slice_mut(&mut self.words)[..len]
+    }
+}
+
+impl Drop for Buffer {
+    fn drop(&mut self) {
+        let words = core::mem::take(&mut self.words);
+        if words.is_empty() {
+            return;
+        }
+        FREE.with_borrow_mut(|free| {
+            free.push(words);
+            if free.len() > KEPT {
+                let smallest = (0..free.len()).min_by_key(|&i| free[i].len());
+                if let Some(i) = smallest {
+                    free.swap_remove(i);
+                }
+            }
+        });
+    }
+}
