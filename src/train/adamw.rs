@@ -68,7 +68,7 @@ impl FusedAdamW {
         tensor: Tensor<Flex, D>,
         grad: Tensor<Flex, D>,
         state: Option<AdamWState<Flex, D>>,
-    ) -> Result<(Tensor<Flex, D>, AdamWState<Flex, D>), Args<Flex, D>> {
+    ) -> Result<Updated<D>, Box<Args<Flex, D>>> {
         let f32 = |t: &Tensor<Flex, D>| t.dtype() == DType::F32;
         let all_f32 = f32(&tensor)
             && f32(&grad)
@@ -76,7 +76,7 @@ impl FusedAdamW {
                 .as_ref()
                 .is_none_or(|s| f32(&s.momentum.moment_1) && f32(&s.momentum.moment_2));
         if !all_f32 {
-            return Err((tensor, grad, state));
+            return Err(Box::new((tensor, grad, state)));
         }
         let shape = tensor.dims().to_vec();
         let n = shape.iter().product::<usize>();
@@ -155,6 +155,9 @@ fn owned<const D: usize>(t: Tensor<Flex, D>) -> FlexTensor {
 /// A parameter, its gradient and its state.
 type Args<B, const D: usize> = (Tensor<B, D>, Tensor<B, D>, Option<AdamWState<B, D>>);
 
+/// An updated parameter and its state on flex.
+type Updated<const D: usize> = (Tensor<Flex, D>, AdamWState<Flex, D>);
+
 /// The scalars of one AdamW update.
 #[derive(Clone, Copy)]
 struct Update {
@@ -223,7 +226,7 @@ impl<B: Backend> SimpleOptimizer<B> for FusedAdamW {
                         }
                         unreachable!("B is flex")
                     }
-                    Err(args) => Box::new(args) as Box<dyn Any>,
+                    Err(args) => args as Box<dyn Any>,
                 }
             }
             Err(other) => other,
