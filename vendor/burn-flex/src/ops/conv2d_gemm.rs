@@ -27,15 +27,16 @@ use burn_backend::ops::ConvOptions;
 use burn_backend::ops::conv::calculate_conv_output_size;
 use burn_backend::{DType, Element};
 use burn_std::{Bytes, Shape};
+use core::mem::MaybeUninit;
 use num_traits::Float;
 
 use crate::{FlexTensor, Layout};
 
 use super::depthwise::{self, Depthwise};
-use super::norm::{NormAct, with_act};
-use super::simd::gather;
 use super::module::{cast_from_f32, cast_to_f32};
-use super::scratch::Buffer;
+use super::norm::{NormAct, with_act};
+use super::scratch::{Buffer, written_by};
+use super::simd::gather;
 use super::threads::{split_mut, split_mut_scratch};
 use super::winograd::{self, Winograd};
 
@@ -136,46 +137,58 @@ fn gemm_forward<T: Element + bytemuck::Pod + Float + 'static>(
     let out_hw = g.out_h * g.out_w;
     let ib = g.images_per_gemm();
     let out_image = g.c_out * out_hw;
-    let mut y = vec![T::zero(); g.batch * out_image];
     let batches = g.batch.div_ceil(ib);
     let product_len = if ib > 1 { cout_g * ib * out_hw } else { 0 };
     let scratch = Columns::<T>::len(g, ib) + product_len;
-    split_mut_scratch(&mut y, batches, ib * out_image, g.flops(), scratch, |range, y, scratch| {
-        let (mut columns, product) = Columns::split(g, ib, scratch);
-        for (batch, y) in range.zip(y.chunks_mut(ib * out_image)) {
-            let (b0, nb) = (batch * ib, ib.min(g.batch - batch * ib));
-            let n = nb * out_hw;
-            for grp in 0..g.groups {
-                let col = columns.of(g, xs, b0, nb, grp * cin_g, cin_g);
-                let w_g = &ws[grp * cout_g * rows..(grp + 1) * cout_g * rows];
-                let dst = if nb == 1 {
-                    &mut y[grp * cout_g * out_hw..]
-                } else {
-                    &mut *product
-                };
-                // SAFETY: each matrix lies inside its slice (shapes from the geometry).
-                unsafe {
-                    gemm_into(
-                        [cout_g, n, rows],
-                        dst.as_mut_ptr(),
-                        n as isize,
-                        false,
-                        (w_g.as_ptr(), 1, rows as isize),
-                        (col.as_ptr(), 1, n as isize),
-                    );
-                }
-                if nb > 1 {
-                    for (c, row) in product[..cout_g * n].chunks(n).enumerate() {
-                        for (i, part) in row.chunks(out_hw).enumerate() {
-                            let at = (i * g.c_out + grp * cout_g + c) * out_hw;
-                            y[at..at + out_hw].copy_from_slice(part);
+    // Each image's groups write all its outputs: their products, or copies of them.
+    let write = |y: &mut [MaybeUninit<T>]| {
+        split_mut_scratch(
+            y,
+            batches,
+            ib * out_image,
+            g.flops(),
+            scratch,
+            |range, y, scratch| {
+                let (mut columns, product) = Columns::split(g, ib, scratch);
+                for (batch, y) in range.zip(y.chunks_mut(ib * out_image)) {
+                    let (b0, nb) = (batch * ib, ib.min(g.batch - batch * ib));
+                    let n = nb * out_hw;
+                    for grp in 0..g.groups {
+                        let col = columns.of(g, xs, b0, nb, grp * cin_g, cin_g);
+                        let w_g = &ws[grp * cout_g * rows..(grp + 1) * cout_g * rows];
+                        let dst = if nb == 1 {
+                            y[grp * cout_g * out_hw..].as_mut_ptr().cast::<T>()
+                        } else {
+                            product.as_mut_ptr()
+                        };
+                        // SAFETY: each matrix lies inside its slice (shapes from the geometry).
+                        unsafe {
+                            gemm_into(
+                                [cout_g, n, rows],
+                                dst,
+                                n as isize,
+                                false,
+                                (w_g.as_ptr(), 1, rows as isize),
+                                (col.as_ptr(), 1, n as isize),
+                            );
+                        }
+                        if nb > 1 {
+                            for (c, row) in product[..cout_g * n].chunks(n).enumerate() {
+                                for (i, part) in row.chunks(out_hw).enumerate() {
+                                    let at = (i * g.c_out + grp * cout_g + c) * out_hw;
+                                    for (d, &v) in y[at..at + out_hw].iter_mut().zip(part) {
+                                        d.write(v);
+                                    }
+                                }
+                            }
                         }
                     }
                 }
-            }
-        }
-    });
-    y
+            },
+        )
+    };
+    // SAFETY: `write` writes every output.
+    unsafe { written_by(g.batch * out_image, write) }
 }
 
 /// Output positions below which a product takes several images' columns.
@@ -530,15 +543,7 @@ impl<'b, T: Float> Columns<'b, T> {
         let n = nb * g.out_h * g.out_w;
         for i in 0..nb {
             let img = &x[(b0 + i) * image..(b0 + i + 1) * image];
-            im2col(
-                g,
-                img,
-                c0,
-                channels,
-                self.buf,
-                n,
-                i * g.out_h * g.out_w,
-            );
+            im2col(g, img, c0, channels, self.buf, n, i * g.out_h * g.out_w);
         }
         &self.buf[..channels * g.k_h * g.k_w * n]
     }
@@ -701,52 +706,59 @@ fn gemm_weight_grad<T: Element + bytemuck::Pod + Float + 'static>(
     let partial = partial.slice::<T>(blocks * size);
     let dy_len = if ib > 1 { cout_g * ib * out_hw } else { 0 };
     let scratch = Columns::<T>::len(g, ib) + dy_len;
-    split_mut_scratch(partial, blocks, size, g.flops(), scratch, |blocks, dw_blocks, scratch| {
-        let (mut columns, dy_buf) = Columns::split(g, ib, scratch);
-        for (blk, dw) in blocks.zip(dw_blocks.chunks_mut(size)) {
-            let (start, end) = (blk * per_block, ((blk + 1) * per_block).min(g.batch));
-            for b0 in (start..end).step_by(ib) {
-                let nb = ib.min(end - b0);
-                let n = nb * out_hw;
-                for grp in 0..g.groups {
-                    let col = columns.of(g, x, b0, nb, grp * cin_g, cin_g);
-                    let dy_g = image_rows(
-                        dy,
-                        (g.c_out, out_hw),
-                        b0,
-                        nb,
-                        grp * cout_g,
-                        cout_g,
-                        &mut *dy_buf,
-                    );
-                    let dw_g = &mut dw[grp * cout_g * rows..(grp + 1) * cout_g * rows];
-                    let add = b0 > start;
-                    // SAFETY: each matrix lies inside its slice (shapes from the geometry).
-                    unsafe {
-                        if transposed {
-                            gemm_into(
-                                [rows, cout_g, n],
-                                dw_g.as_mut_ptr(),
-                                cout_g as isize,
-                                add,
-                                (col.as_ptr(), 1, n as isize),
-                                (dy_g.as_ptr(), n as isize, 1),
-                            );
-                        } else {
-                            gemm_into(
-                                [cout_g, rows, n],
-                                dw_g.as_mut_ptr(),
-                                rows as isize,
-                                add,
-                                (dy_g.as_ptr(), 1, n as isize),
-                                (col.as_ptr(), n as isize, 1),
-                            );
+    split_mut_scratch(
+        partial,
+        blocks,
+        size,
+        g.flops(),
+        scratch,
+        |blocks, dw_blocks, scratch| {
+            let (mut columns, dy_buf) = Columns::split(g, ib, scratch);
+            for (blk, dw) in blocks.zip(dw_blocks.chunks_mut(size)) {
+                let (start, end) = (blk * per_block, ((blk + 1) * per_block).min(g.batch));
+                for b0 in (start..end).step_by(ib) {
+                    let nb = ib.min(end - b0);
+                    let n = nb * out_hw;
+                    for grp in 0..g.groups {
+                        let col = columns.of(g, x, b0, nb, grp * cin_g, cin_g);
+                        let dy_g = image_rows(
+                            dy,
+                            (g.c_out, out_hw),
+                            b0,
+                            nb,
+                            grp * cout_g,
+                            cout_g,
+                            &mut *dy_buf,
+                        );
+                        let dw_g = &mut dw[grp * cout_g * rows..(grp + 1) * cout_g * rows];
+                        let add = b0 > start;
+                        // SAFETY: each matrix lies inside its slice (shapes from the geometry).
+                        unsafe {
+                            if transposed {
+                                gemm_into(
+                                    [rows, cout_g, n],
+                                    dw_g.as_mut_ptr(),
+                                    cout_g as isize,
+                                    add,
+                                    (col.as_ptr(), 1, n as isize),
+                                    (dy_g.as_ptr(), n as isize, 1),
+                                );
+                            } else {
+                                gemm_into(
+                                    [cout_g, rows, n],
+                                    dw_g.as_mut_ptr(),
+                                    rows as isize,
+                                    add,
+                                    (dy_g.as_ptr(), 1, n as isize),
+                                    (col.as_ptr(), n as isize, 1),
+                                );
+                            }
                         }
                     }
                 }
             }
-        }
-    });
+        },
+    );
     // Each output channel's row summed over the blocks in order (each group's `dW_gᵀ`
     // transposed back).
     let partial = &*partial;
@@ -789,46 +801,52 @@ fn gemm_input_grad<T: Element + bytemuck::Pod + Float + 'static>(
     let col_len = if direct { 0 } else { rows * ib * out_hw };
     let dy_len = if ib > 1 { cout_g * ib * out_hw } else { 0 };
     let scratch = col_len + dy_len;
-    split_mut_scratch(&mut dx, batches, ib * image, g.flops(), scratch, |range, dx, scratch| {
-        let (col, dy_buf) = scratch.split_at_mut(col_len);
-        for (batch, dx) in range.zip(dx.chunks_mut(ib * image)) {
-            let (b0, nb) = (batch * ib, ib.min(g.batch - batch * ib));
-            let n = nb * out_hw;
-            for grp in 0..g.groups {
-                let w_g = &w[grp * cout_g * rows..(grp + 1) * cout_g * rows];
-                let dy_g = image_rows(
-                    dy,
-                    (g.c_out, out_hw),
-                    b0,
-                    nb,
-                    grp * cout_g,
-                    cout_g,
-                    &mut *dy_buf,
-                );
-                let dst = if direct {
-                    &mut dx[grp * rows * out_hw..(grp + 1) * rows * out_hw]
-                } else {
-                    &mut col[..rows * n]
-                };
-                // SAFETY: each matrix lies inside its slice (shapes from the geometry).
-                unsafe {
-                    gemm_into(
-                        [rows, n, cout_g],
-                        dst.as_mut_ptr(),
-                        n as isize,
-                        false,
-                        (w_g.as_ptr(), rows as isize, 1),
-                        (dy_g.as_ptr(), 1, n as isize),
+    split_mut_scratch(
+        &mut dx,
+        batches,
+        ib * image,
+        g.flops(),
+        scratch,
+        |range, dx, scratch| {
+            let (col, dy_buf) = scratch.split_at_mut(col_len);
+            for (batch, dx) in range.zip(dx.chunks_mut(ib * image)) {
+                let (b0, nb) = (batch * ib, ib.min(g.batch - batch * ib));
+                let n = nb * out_hw;
+                for grp in 0..g.groups {
+                    let w_g = &w[grp * cout_g * rows..(grp + 1) * cout_g * rows];
+                    let dy_g = image_rows(
+                        dy,
+                        (g.c_out, out_hw),
+                        b0,
+                        nb,
+                        grp * cout_g,
+                        cout_g,
+                        &mut *dy_buf,
                     );
-                }
-                if !direct {
-                    for (i, dx) in dx.chunks_mut(image).take(nb).enumerate() {
-                        col2im(g, col, (n, i * out_hw), grp * cin_g, cin_g, dx);
+                    let dst = if direct {
+                        &mut dx[grp * rows * out_hw..(grp + 1) * rows * out_hw]
+                    } else {
+                        &mut col[..rows * n]
+                    };
+                    // SAFETY: each matrix lies inside its slice (shapes from the geometry).
+                    unsafe {
+                        gemm_into(
+                            [rows, n, cout_g],
+                            dst.as_mut_ptr(),
+                            n as isize,
+                            false,
+                            (w_g.as_ptr(), rows as isize, 1),
+                            (dy_g.as_ptr(), 1, n as isize),
+                        );
+                    }
+                    if !direct {
+                        for (i, dx) in dx.chunks_mut(image).take(nb).enumerate() {
+                            col2im(g, col, (n, i * out_hw), grp * cin_g, cin_g, dx);
+                        }
                     }
                 }
             }
-        }
-    });
+        },
+    );
     dx
 }
-

@@ -7,11 +7,12 @@
 
 use alloc::vec;
 use alloc::vec::Vec;
-use core::mem::{ManuallyDrop, MaybeUninit};
 use burn_backend::{DType, Element};
 use burn_std::{Bytes, Shape, bf16, f16};
 
 use crate::{FlexTensor, Layout};
+
+use super::scratch::written_by;
 
 /// Types that can be used with gemm-based matmul.
 /// Only implement for types that `gemm::gemm` dispatches on via TypeId (f32, f64, f16).
@@ -285,23 +286,6 @@ fn matmul_2d_strided<T: GemmScalar>(lhs: FlexTensor, rhs: FlexTensor) -> FlexTen
         })
     };
     FlexTensor::new(Bytes::from_elems(out), Layout::contiguous(out_shape), T::dtype())
-}
-
-/// densekd patch: a buffer of `n` elements that `fill` initialises, not zeroed first. A product
-/// overwrites its whole output, so zeroing it was a pass of its own over every matmul result
-/// (2.4 % of a DETR training step in `perf`).
-///
-/// # Safety
-///
-/// `fill` must write every element of the slice it is given.
-unsafe fn written_by<T>(n: usize, fill: impl FnOnce(&mut [MaybeUninit<T>])) -> Vec<T> {
-    let mut out: Vec<MaybeUninit<T>> = Vec::with_capacity(n);
-    // SAFETY: `MaybeUninit` needs no initialisation.
-    unsafe { out.set_len(n) };
-    fill(&mut out);
-    let mut out = ManuallyDrop::new(out);
-    // SAFETY: every element was written (the caller's contract); same allocation and layout.
-    unsafe { Vec::from_raw_parts(out.as_mut_ptr().cast::<T>(), out.len(), out.capacity()) }
 }
 
 /// Strided gemm call for one matrix. Wraps `gemm::gemm` with GemmScalar zero/one.

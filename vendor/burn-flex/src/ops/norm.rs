@@ -16,6 +16,7 @@
 use alloc::vec;
 use alloc::vec::Vec;
 
+use super::scratch::written_by;
 use super::simd::vectorized;
 use super::threads::split_mut;
 
@@ -69,7 +70,10 @@ macro_rules! with_act {
     ($act:expr, |$f:ident, $keep:ident| $body:expr) => {
         match $act {
             NormAct::Identity => {
-                let ($f, $keep) = (|y| NormAct::Identity.apply(y), |y| NormAct::Identity.passes(y));
+                let ($f, $keep) = (
+                    |y| NormAct::Identity.apply(y),
+                    |y| NormAct::Identity.passes(y),
+                );
                 $body
             }
             NormAct::Relu => {
@@ -130,7 +134,10 @@ impl NormShape {
     fn check(&self, len: usize) {
         assert_eq!(len, self.n * self.c * self.s, "norm: input size");
         if let NormGroups::Image(g) = self.groups {
-            assert!(g > 0 && self.c % g == 0, "norm: groups must divide channels");
+            assert!(
+                g > 0 && self.c % g == 0,
+                "norm: groups must divide channels"
+            );
         }
     }
 }
@@ -146,7 +153,8 @@ fn row_sum(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
             *a += f(v);
         }
     }
-    let mut total = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    let mut total =
+        ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
     for &v in tail {
         total += f(v);
     }
@@ -172,8 +180,7 @@ fn row_sums2(a: &[f32], b: &[f32], f: impl Fn(f32) -> f32) -> [f32; 2] {
             acc[1][i] += xa[i] * f(xb[i]);
         }
     }
-    let fold =
-        |s: &[f32; 8]| ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
+    let fold = |s: &[f32; 8]| ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
     let (mut sa, mut sb) = (fold(&acc[0]), fold(&acc[1]));
     for (&va, &vb) in ta.iter().zip(tb) {
         sa += va;
@@ -247,33 +254,47 @@ pub fn norm_forward_f32(
     let work = x.len();
     let mut sums = vec![0.0f32; rows];
     split_mut(&mut sums, rows, 1, work, |range, out| {
-        vectorized(#[inline(always)] || {
-            for (o, r) in out.iter_mut().zip(range) {
-                *o = row_sum(&x[r * s..(r + 1) * s], |v| v);
-            }
-        })
+        vectorized(
+            #[inline(always)]
+            || {
+                for (o, r) in out.iter_mut().zip(range) {
+                    *o = row_sum(&x[r * s..(r + 1) * s], |v| v);
+                }
+            },
+        )
     });
     let mean = group_means(shape, &sums);
     split_mut(&mut sums, rows, 1, work, |range, out| {
-        vectorized(#[inline(always)] || {
-            for (o, r) in out.iter_mut().zip(range) {
-                let mu = mean[shape.group_of(r)];
-                *o = row_sum(&x[r * s..(r + 1) * s], |v| (v - mu) * (v - mu));
-            }
-        })
+        vectorized(
+            #[inline(always)]
+            || {
+                for (o, r) in out.iter_mut().zip(range) {
+                    let mu = mean[shape.group_of(r)];
+                    *o = row_sum(&x[r * s..(r + 1) * s], |v| (v - mu) * (v - mu));
+                }
+            },
+        )
     });
     let var = group_means(shape, &sums);
-    let mut y = vec![0.0f32; x.len()];
-    with_act!(act, |f, _keep| split_mut(&mut y, rows, s, work, |range, out| {
-        vectorized(#[inline(always)] || {
-            for (o, r) in out.chunks_exact_mut(s).zip(range) {
-                let (scale, shift) = row_affine(shape, r, (&mean, &var), (gamma, beta), eps);
-                for (o, &v) in o.iter_mut().zip(&x[r * s..(r + 1) * s]) {
-                    *o = f(v * scale + shift);
-                }
-            }
+    // SAFETY: the blocks cover every row, and each row's loop writes all its elements.
+    let y = unsafe {
+        written_by(x.len(), |y| {
+            with_act!(act, |f, _keep| split_mut(y, rows, s, work, |range, out| {
+                vectorized(
+                    #[inline(always)]
+                    || {
+                        for (o, r) in out.chunks_exact_mut(s).zip(range) {
+                            let (scale, shift) =
+                                row_affine(shape, r, (&mean, &var), (gamma, beta), eps);
+                            for (o, &v) in o.iter_mut().zip(&x[r * s..(r + 1) * s]) {
+                                o.write(f(v * scale + shift));
+                            }
+                        }
+                    },
+                )
+            }))
         })
-    }));
+    };
     (y, mean, var)
 }
 
@@ -317,17 +338,20 @@ fn backward_masked(
     let mut sums = vec![[0.0f32; 2]; rows];
     split_mut(&mut sums, rows, 1, work, |range, out| {
         let mut buf = Vec::new();
-        vectorized(#[inline(always)] || {
-            for (o, r) in out.iter_mut().zip(range) {
-                let (g, x_r) = (shape.group_of(r), &x[r * s..(r + 1) * s]);
-                let affine = row_affine(shape, r, (mean, var), (gamma, beta), eps);
-                let dy_r = &dy[r * s..(r + 1) * s];
-                let d = masked_row((dy_r, x_r), affine, &keep, masking, &mut buf);
-                let mu = mean[g];
-                let [a, b] = row_sums2(d, x_r, |v| v - mu);
-                *o = [a, b * rstd(var[g], eps)];
-            }
-        })
+        vectorized(
+            #[inline(always)]
+            || {
+                for (o, r) in out.iter_mut().zip(range) {
+                    let (g, x_r) = (shape.group_of(r), &x[r * s..(r + 1) * s]);
+                    let affine = row_affine(shape, r, (mean, var), (gamma, beta), eps);
+                    let dy_r = &dy[r * s..(r + 1) * s];
+                    let d = masked_row((dy_r, x_r), affine, &keep, masking, &mut buf);
+                    let mu = mean[g];
+                    let [a, b] = row_sums2(d, x_r, |v| v - mu);
+                    *o = [a, b * rstd(var[g], eps)];
+                }
+            },
+        )
     });
     let (mut dgamma, mut dbeta) = (vec![0.0f32; c], vec![0.0f32; c]);
     for (r, [a, b]) in sums.iter().enumerate() {
@@ -335,30 +359,41 @@ fn backward_masked(
         dgamma[r % c] += b;
     }
     let weighted = |i: usize| -> Vec<f32> {
-        let per_row: Vec<f32> = sums.iter().enumerate().map(|(r, v)| v[i] * gamma[r % c]).collect();
+        let per_row: Vec<f32> = sums
+            .iter()
+            .enumerate()
+            .map(|(r, v)| v[i] * gamma[r % c])
+            .collect();
         group_means(shape, &per_row)
     };
     let (mean_g, mean_gx) = (weighted(0), weighted(1));
     // dx = r·(γ·dy − mean(γ·dy) − x̂·mean(γ·dy·x̂)), as dy·p + x·q + k per row.
-    let mut dx = vec![0.0f32; x.len()];
-    split_mut(&mut dx, rows, s, work, |range, out| {
-        let mut buf = Vec::new();
-        vectorized(#[inline(always)] || {
-            for (o, r) in out.chunks_exact_mut(s).zip(range) {
-                let g = shape.group_of(r);
-                let rs = rstd(var[g], eps);
-                let p = rs * gamma[r % c];
-                let q = -rs * rs * mean_gx[g];
-                let k = -rs * mean_g[g] - mean[g] * q;
-                let x_r = &x[r * s..(r + 1) * s];
-                let affine = row_affine(shape, r, (mean, var), (gamma, beta), eps);
-                let dy_r = &dy[r * s..(r + 1) * s];
-                let d = masked_row((dy_r, x_r), affine, &keep, masking, &mut buf);
-                for (o, (&d, &v)) in o.iter_mut().zip(d.iter().zip(x_r)) {
-                    *o = d * p + v * q + k;
-                }
-            }
+    // SAFETY: the blocks cover every row, and each row's loop writes all its elements.
+    let dx = unsafe {
+        written_by(x.len(), |dx| {
+            split_mut(dx, rows, s, work, |range, out| {
+                let mut buf = Vec::new();
+                vectorized(
+                    #[inline(always)]
+                    || {
+                        for (o, r) in out.chunks_exact_mut(s).zip(range) {
+                            let g = shape.group_of(r);
+                            let rs = rstd(var[g], eps);
+                            let p = rs * gamma[r % c];
+                            let q = -rs * rs * mean_gx[g];
+                            let k = -rs * mean_g[g] - mean[g] * q;
+                            let x_r = &x[r * s..(r + 1) * s];
+                            let affine = row_affine(shape, r, (mean, var), (gamma, beta), eps);
+                            let dy_r = &dy[r * s..(r + 1) * s];
+                            let d = masked_row((dy_r, x_r), affine, &keep, masking, &mut buf);
+                            for (o, (&d, &v)) in o.iter_mut().zip(d.iter().zip(x_r)) {
+                                o.write(d * p + v * q + k);
+                            }
+                        }
+                    },
+                )
+            })
         })
-    });
+    };
     (dx, dgamma, dbeta)
 }

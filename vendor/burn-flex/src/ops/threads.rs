@@ -39,7 +39,9 @@ pub(crate) fn split_mut<T: Send>(
     flops: usize,
     f: impl Fn(Range<usize>, &mut [T]) + Sync,
 ) {
-    split_mut_scratch::<T, u8>(out, items, per_item, flops, 0, |range, out, _| f(range, out));
+    split_mut_scratch::<T, u8>(out, items, per_item, flops, 0, |range, out, _| {
+        f(range, out)
+    });
 }
 
 /// [`split_mut`] with `scratch` elements of working memory for each block, taken from the

@@ -14,10 +14,11 @@
 
 use alloc::vec;
 use alloc::vec::Vec;
+use core::mem::MaybeUninit;
 use num_traits::Float;
 
+use super::scratch::{Buffer, written_by};
 use super::simd::gather;
-use super::scratch::Buffer;
 use super::threads::{split_mut, split_mut_scratch};
 
 /// Elements of the transformed input and products of one chunk of images (16 ×
@@ -116,43 +117,62 @@ pub(super) fn forward<T: Float + bytemuck::Pod + Send + Sync + 'static>(
         .clamp(1, MAX_CHUNK_IMAGES)
         .min(wg.batch);
     let chunks = wg.batch.div_ceil(per_chunk);
-    let mut y = vec![T::zero(); wg.batch * out_image];
     let flops = wg.batch * wg.c_out * wg.c_in * tiles * 16;
-    let (v_len, m_len) = (16 * wg.c_in * per_chunk * tiles, 16 * wg.c_out * per_chunk * tiles);
+    let (v_len, m_len) = (
+        16 * wg.c_in * per_chunk * tiles,
+        16 * wg.c_out * per_chunk * tiles,
+    );
     let scratch = v_len + m_len;
-    split_mut_scratch(&mut y, chunks, per_chunk * out_image, flops, scratch, |range, y, vm| {
-        let (v, m) = vm.split_at_mut(v_len);
-        let mut scratch = Scratch::new(wg);
-        let mut rows = Rows::new(tw);
-        for (chunk, y) in range.zip(y.chunks_mut(per_chunk * out_image)) {
-            let (b0, nb) = (chunk * per_chunk, y.len() / out_image);
-            let n = nb * tiles;
-            let (v, m) = (&mut v[..16 * wg.c_in * n], &mut m[..16 * wg.c_out * n]);
-            input_transform(wg, &x[b0 * in_image..(b0 + nb) * in_image], nb, v, &mut scratch);
-            for xi in 0..16 {
-                // U_ξ: c_out rows of c_in, 16·c_in apart.
-                let u = &u[xi * wg.c_in..];
-                let v = &v[xi * wg.c_in * n..(xi + 1) * wg.c_in * n];
-                let m = &mut m[xi * wg.c_out * n..(xi + 1) * wg.c_out * n];
-                // SAFETY: `u` holds c_out rows 16·c_in apart of c_in each, `v` is c_in × n and
-                // `m` c_out × n, both row-major.
-                unsafe {
-                    super::conv2d_gemm::gemm_into(
-                        [wg.c_out, n, wg.c_in],
-                        m.as_mut_ptr(),
-                        n as isize,
-                        false,
-                        (u.as_ptr(), 1, (16 * wg.c_in) as isize),
-                        (v.as_ptr(), 1, n as isize),
+    // Every output plane's rows are written by the output transform.
+    let write = |y: &mut [MaybeUninit<T>]| {
+        split_mut_scratch(
+            y,
+            chunks,
+            per_chunk * out_image,
+            flops,
+            scratch,
+            |range, y, vm| {
+                let (v, m) = vm.split_at_mut(v_len);
+                let mut scratch = Scratch::new(wg);
+                let mut rows = Rows::new(tw);
+                for (chunk, y) in range.zip(y.chunks_mut(per_chunk * out_image)) {
+                    let (b0, nb) = (chunk * per_chunk, y.len() / out_image);
+                    let n = nb * tiles;
+                    let (v, m) = (&mut v[..16 * wg.c_in * n], &mut m[..16 * wg.c_out * n]);
+                    input_transform(
+                        wg,
+                        &x[b0 * in_image..(b0 + nb) * in_image],
+                        nb,
+                        v,
+                        &mut scratch,
                     );
+                    for xi in 0..16 {
+                        // U_ξ: c_out rows of c_in, 16·c_in apart.
+                        let u = &u[xi * wg.c_in..];
+                        let v = &v[xi * wg.c_in * n..(xi + 1) * wg.c_in * n];
+                        let m = &mut m[xi * wg.c_out * n..(xi + 1) * wg.c_out * n];
+                        // SAFETY: `u` holds c_out rows 16·c_in apart of c_in each, `v` is c_in × n and
+                        // `m` c_out × n, both row-major.
+                        unsafe {
+                            super::conv2d_gemm::gemm_into(
+                                [wg.c_out, n, wg.c_in],
+                                m.as_mut_ptr(),
+                                n as isize,
+                                false,
+                                (u.as_ptr(), 1, (16 * wg.c_in) as isize),
+                                (v.as_ptr(), 1, n as isize),
+                            );
+                        }
+                    }
+                    for (plane, y) in y.chunks_mut(out_h * out_w).enumerate() {
+                        output_transform(wg, m, n, plane, y, &mut rows);
+                    }
                 }
-            }
-            for (plane, y) in y.chunks_mut(out_h * out_w).enumerate() {
-                output_transform(wg, m, n, plane, y, &mut rows);
-            }
-        }
-    });
-    y
+            },
+        )
+    };
+    // SAFETY: `write` writes every output.
+    unsafe { written_by(wg.batch * out_image, write) }
 }
 
 /// The input gradient `dx = conv(dy, flip(wᵀ))` with padding `2 − p`.
@@ -183,7 +203,10 @@ fn weight_transform<T: Float + Send + Sync>(wg: &Winograd, w: &[T], u: &mut [T])
     let flops = 16 * wg.c_out * c_in;
     split_mut(u, wg.c_out, 16 * c_in, flops, |outputs, u| {
         for (co, u) in outputs.zip(u.chunks_mut(16 * c_in)) {
-            for (ci, g) in w[co * c_in * 9..(co + 1) * c_in * 9].chunks_exact(9).enumerate() {
+            for (ci, g) in w[co * c_in * 9..(co + 1) * c_in * 9]
+                .chunks_exact(9)
+                .enumerate()
+            {
                 // G g: 4 rows of 3.
                 let mut gg = [[T::zero(); 3]; 4];
                 for c in 0..3 {
@@ -331,10 +354,7 @@ impl<T: Float> Rows<T> {
     fn new(tw: usize) -> Self {
         let row = || vec![T::zero(); tw];
         Self {
-            along: [
-                [row(), row(), row(), row()],
-                [row(), row(), row(), row()],
-            ],
+            along: [[row(), row(), row(), row()], [row(), row(), row(), row()]],
             out: [row(), row()],
         }
     }
@@ -347,7 +367,7 @@ fn output_transform<T: Float>(
     m: &[T],
     n: usize,
     plane: usize,
-    y: &mut [T],
+    y: &mut [MaybeUninit<T>],
     rows: &mut Rows<T>,
 ) {
     let [out_h, out_w] = wg.output();
@@ -385,9 +405,9 @@ fn output_transform<T: Float>(
             let row = &mut y[oh * out_w..(oh + 1) * out_w];
             let [even, odd] = &rows.out;
             for (pair, (&e, &o)) in row.chunks_mut(2).zip(even.iter().zip(odd)) {
-                pair[0] = e;
+                pair[0].write(e);
                 if let Some(last) = pair.get_mut(1) {
-                    *last = o;
+                    last.write(o);
                 }
             }
         }
