@@ -37,7 +37,7 @@ use super::module::{cast_from_f32, cast_to_f32};
 use super::norm::{NormAct, with_act};
 use super::scratch::{Buffer, written_by};
 use super::simd::gather;
-use super::threads::{split_mut, split_mut_scratch};
+use super::threads::{PASS_FLOPS, split_mut, split_mut_scratch};
 use super::winograd::{self, Winograd};
 
 /// Whether [`conv2d`] handles this convolution: every f32 and f64 one. Short reductions too: a
@@ -763,23 +763,29 @@ fn gemm_weight_grad<T: Element + bytemuck::Pod + Float + 'static>(
     // transposed back).
     let partial = &*partial;
     let mut dw = vec![T::zero(); size];
-    split_mut(&mut dw, g.c_out, rows, blocks * size, |channels, dw| {
-        for (co, d) in channels.zip(dw.chunks_exact_mut(rows)) {
-            let (grp, c) = (co / cout_g, co % cout_g);
-            for block in partial.chunks_exact(size) {
-                let block = &block[grp * cout_g * rows..(grp + 1) * cout_g * rows];
-                if transposed {
-                    for (r, d) in d.iter_mut().enumerate() {
-                        *d = *d + block[r * cout_g + c];
-                    }
-                } else {
-                    for (d, &v) in d.iter_mut().zip(&block[c * rows..(c + 1) * rows]) {
-                        *d = *d + v;
+    split_mut(
+        &mut dw,
+        g.c_out,
+        rows,
+        blocks * size * PASS_FLOPS,
+        |channels, dw| {
+            for (co, d) in channels.zip(dw.chunks_exact_mut(rows)) {
+                let (grp, c) = (co / cout_g, co % cout_g);
+                for block in partial.chunks_exact(size) {
+                    let block = &block[grp * cout_g * rows..(grp + 1) * cout_g * rows];
+                    if transposed {
+                        for (r, d) in d.iter_mut().enumerate() {
+                            *d = *d + block[r * cout_g + c];
+                        }
+                    } else {
+                        for (d, &v) in d.iter_mut().zip(&block[c * rows..(c + 1) * rows]) {
+                            *d = *d + v;
+                        }
                     }
                 }
             }
-        }
-    });
+        },
+    );
     dw
 }
 

@@ -18,7 +18,7 @@ use alloc::vec::Vec;
 
 use super::scratch::written_by;
 use super::simd::vectorized;
-use super::threads::split_mut;
+use super::threads::{PASS_FLOPS, split_mut};
 
 /// Which rows of an `[N, C, S]` tensor share statistics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -251,7 +251,7 @@ pub fn norm_forward_f32(
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     shape.check(x.len());
     let (rows, s) = (shape.rows(), shape.s);
-    let work = x.len();
+    let work = x.len() * PASS_FLOPS;
     let mut sums = vec![0.0f32; rows];
     split_mut(&mut sums, rows, 1, work, |range, out| {
         vectorized(
@@ -333,7 +333,7 @@ fn backward_masked(
     shape.check(x.len());
     assert_eq!(dy.len(), x.len(), "norm: gradient size");
     let (rows, s, c) = (shape.rows(), shape.s, shape.c);
-    let work = 2 * x.len();
+    let work = 2 * x.len() * PASS_FLOPS;
     // Per row: Σ dy and Σ dy · x̂.
     let mut sums = vec![[0.0f32; 2]; rows];
     split_mut(&mut sums, rows, 1, work, |range, out| {

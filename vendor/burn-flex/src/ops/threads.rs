@@ -30,6 +30,11 @@ pub fn threads() -> usize {
 /// thread costs tens of microseconds.
 const MIN_PARALLEL_FLOPS: usize = 4_000_000;
 
+/// Multiply-adds that one element of a memory-bound pass (a normalisation, a sum of blocks)
+/// counts as: reading and writing it takes about as long as this many multiply-adds in gemm's
+/// kernel. Counted as one, the batch norms of ResNet-18's later stages ran on one core.
+pub(crate) const PASS_FLOPS: usize = 32;
+
 /// Runs `f` on contiguous blocks of `items` items, each with its `per_item`-long slices of
 /// `out`, one block per thread (the first on the calling thread).
 pub(crate) fn split_mut<T: Send>(

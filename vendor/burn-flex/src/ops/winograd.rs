@@ -19,7 +19,7 @@ use num_traits::Float;
 
 use super::scratch::{Buffer, written_by};
 use super::simd::gather;
-use super::threads::{split_mut, split_mut_scratch};
+use super::threads::{PASS_FLOPS, split_mut, split_mut_scratch};
 
 /// Elements of the transformed input and products of one chunk of images (16 ×
 /// (c_in + c_out) × tiles): 8 MiB of f32, so that they are read back from cache.
@@ -200,7 +200,7 @@ pub(super) fn input_grad<T: Float + bytemuck::Pod + Send + Sync + 'static>(
 fn weight_transform<T: Float + Send + Sync>(wg: &Winograd, w: &[T], u: &mut [T]) {
     let half = T::from(0.5).expect("½ is representable");
     let c_in = wg.c_in;
-    let flops = 16 * wg.c_out * c_in;
+    let flops = 16 * wg.c_out * c_in * PASS_FLOPS;
     split_mut(u, wg.c_out, 16 * c_in, flops, |outputs, u| {
         for (co, u) in outputs.zip(u.chunks_mut(16 * c_in)) {
             for (ci, g) in w[co * c_in * 9..(co + 1) * c_in * 9]
