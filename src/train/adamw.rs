@@ -69,12 +69,12 @@ impl FusedAdamW {
         grad: Tensor<Flex, D>,
         state: Option<AdamWState<Flex, D>>,
     ) -> Result<Updated<D>, Box<Args<Flex, D>>> {
-        let f32 = |t: &Tensor<Flex, D>| t.dtype() == DType::F32;
-        let all_f32 = f32(&tensor)
-            && f32(&grad)
+        let is_f32 = |t: &Tensor<Flex, D>| t.dtype() == DType::F32;
+        let all_f32 = is_f32(&tensor)
+            && is_f32(&grad)
             && state
                 .as_ref()
-                .is_none_or(|s| f32(&s.momentum.moment_1) && f32(&s.momentum.moment_2));
+                .is_none_or(|s| is_f32(&s.momentum.moment_1) && is_f32(&s.momentum.moment_2));
         if !all_f32 {
             return Err(Box::new((tensor, grad, state)));
         }
