@@ -138,7 +138,7 @@ fn gemm_forward<T: Element + bytemuck::Pod + Float + 'static>(
     let ib = g.images_per_gemm();
     let out_image = g.c_out * out_hw;
     let batches = g.batch.div_ceil(ib);
-    let product_len = if ib > 1 { cout_g * ib * out_hw } else { 0 };
+    let product_len = g.batched_rows_len(ib);
     let scratch = Columns::<T>::len(g, ib) + product_len;
     // Each image's groups write all its outputs: their products, or copies of them.
     let write = |y: &mut [MaybeUninit<T>]| {
@@ -251,6 +251,16 @@ impl Geometry {
             * self.in_per_group()
             * self.k_h
             * self.k_w
+    }
+
+    /// Elements of a buffer for the output-channel rows of one group over `images` images
+    /// side by side; none for one image, whose rows are used in place.
+    fn batched_rows_len(&self, images: usize) -> usize {
+        if images > 1 {
+            self.out_per_group() * images * self.out_h * self.out_w
+        } else {
+            0
+        }
     }
 
     /// Images per GEMM: as many as bring a product to about [`GEMM_COLUMNS`] output positions,
@@ -702,9 +712,9 @@ fn gemm_weight_grad<T: Element + bytemuck::Pod + Float + 'static>(
     // Blocks with images only: an empty one would add zero.
     let blocks = g.batch.div_ceil(per_block);
     let transposed = cout_g <= TRANSPOSED_WEIGHT_GRAD_MAX_OUT;
-    let mut partial = Buffer::take(blocks * size * core::mem::size_of::<T>());
-    let partial = partial.slice::<T>(blocks * size);
-    let dy_len = if ib > 1 { cout_g * ib * out_hw } else { 0 };
+    let mut partial = Buffer::take(blocks * size);
+    let partial = partial.as_mut();
+    let dy_len = g.batched_rows_len(ib);
     let scratch = Columns::<T>::len(g, ib) + dy_len;
     split_mut_scratch(
         partial,
@@ -805,7 +815,7 @@ fn gemm_input_grad<T: Element + bytemuck::Pod + Float + 'static>(
     // A single pointwise image's columns are its input gradient itself.
     let direct = g.pointwise() && ib == 1;
     let col_len = if direct { 0 } else { rows * ib * out_hw };
-    let dy_len = if ib > 1 { cout_g * ib * out_hw } else { 0 };
+    let dy_len = g.batched_rows_len(ib);
     let scratch = col_len + dy_len;
     split_mut_scratch(
         &mut dx,

@@ -10,6 +10,7 @@
 
 use alloc::vec::Vec;
 use core::cell::RefCell;
+use core::marker::PhantomData;
 use core::mem::{ManuallyDrop, MaybeUninit};
 
 /// Buffers kept per thread beyond the ones in use.
@@ -19,18 +20,25 @@ std::thread_local! {
     static FREE: RefCell<Vec<Vec<u64>>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Working memory taken from the calling thread's free buffers; it goes back when dropped.
-pub(crate) struct Buffer {
+/// `len` elements of working memory taken from the calling thread's free buffers; they go
+/// back when dropped.
+pub(crate) struct Buffer<T> {
     words: Vec<u64>,
+    len: usize,
+    element: PhantomData<T>,
 }
 
-impl Buffer {
-    /// A buffer of at least `bytes` bytes: the smallest free one that is large enough, else
-    /// the largest grown (only a new part is zeroed).
-    pub fn take(bytes: usize) -> Self {
-        let need = bytes.div_ceil(8);
+impl<T: bytemuck::Pod> Buffer<T> {
+    /// `len` elements (f32 or f64, whose any bit pattern is a value): the smallest free buffer
+    /// that is large enough, else the largest grown (only a new part is zeroed).
+    pub fn take(len: usize) -> Self {
+        let need = (len * core::mem::size_of::<T>()).div_ceil(8);
         if need == 0 {
-            return Self { words: Vec::new() };
+            return Self {
+                words: Vec::new(),
+                len,
+                element: PhantomData,
+            };
         }
         let mut words = FREE
             .with_borrow_mut(|free| {
@@ -47,17 +55,20 @@ impl Buffer {
         if cfg!(debug_assertions) {
             words[..need].fill(u64::MAX);
         }
-        Self { words }
+        Self {
+            words,
+            len,
+            element: PhantomData,
+        }
     }
 
-    /// The first `len` elements of the buffer as `T` (f32 or f64, whose any bit pattern is a
-    /// value).
-    pub fn slice<T: bytemuck::Pod>(&mut self, len: usize) -> &mut [T] {
-        &mut bytemuck::cast_slice_mut(&mut self.words)[..len]
+    /// The elements.
+    pub fn as_mut(&mut self) -> &mut [T] {
+        &mut bytemuck::cast_slice_mut(&mut self.words)[..self.len]
     }
 }
 
-impl Drop for Buffer {
+impl<T> Drop for Buffer<T> {
     fn drop(&mut self) {
         let words = core::mem::take(&mut self.words);
         if words.is_empty() {

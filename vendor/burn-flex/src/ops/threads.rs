@@ -68,16 +68,14 @@ pub(crate) fn split_mut_scratch<T: Send, S: bytemuck::Pod + Send>(
     } else {
         threads.min(items)
     };
-    let bytes = |blocks: usize| blocks * scratch * core::mem::size_of::<S>();
     if threads <= 1 || per_item == 0 {
-        let mut buffer = Buffer::take(bytes(1));
-        f(0..items, out, buffer.slice(scratch));
+        f(0..items, out, Buffer::<S>::take(scratch).as_mut());
         return;
     }
     let per_thread = items.div_ceil(threads);
     let blocks = items.div_ceil(per_thread);
-    let mut buffer = Buffer::take(bytes(blocks));
-    let mut scratches = buffer.slice::<S>(blocks * scratch);
+    let mut buffer = Buffer::<S>::take(blocks * scratch);
+    let mut scratches = buffer.as_mut();
     std::thread::scope(|scope| {
         let f = &f;
         let mut first = None;

@@ -101,8 +101,8 @@ pub(super) fn forward<T: Float + bytemuck::Pod + Send + Sync + 'static>(
     x: &[T],
     w: &[T],
 ) -> Vec<T> {
-    let mut u = Buffer::take(16 * wg.c_out * wg.c_in * core::mem::size_of::<T>());
-    let u = u.slice::<T>(16 * wg.c_out * wg.c_in);
+    let mut u = Buffer::take(16 * wg.c_out * wg.c_in);
+    let u = u.as_mut();
     weight_transform(wg, w, u);
     let [out_h, out_w] = wg.output();
     let [th, tw] = wg.tiles();
@@ -181,8 +181,8 @@ pub(super) fn input_grad<T: Float + bytemuck::Pod + Send + Sync + 'static>(
     w: &[T],
     dy: &[T],
 ) -> Vec<T> {
-    let mut buffer = Buffer::take(core::mem::size_of_val(w));
-    let flipped = buffer.slice::<T>(w.len());
+    let mut flipped = Buffer::take(w.len());
+    let flipped = flipped.as_mut();
     for co in 0..wg.c_out {
         for ci in 0..wg.c_in {
             let src = &w[(co * wg.c_in + ci) * 9..][..9];
